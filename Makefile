@@ -1,0 +1,27 @@
+# Two commands (see README): `make demo` runs the main job, `make test` runs every test.
+# Both set up from a fresh clone: a virtualenv from requirements-dev.txt and Azurite from npm.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup clean
+
+setup: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+demo: setup
+	$(PY) -m pkictl demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Azure SDK (and local) implementations of the handlers' ports. SDK errors are translated here, once."""

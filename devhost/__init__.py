@@ -1,0 +1,1 @@
+"""Development host: runs the local stack (Azurite now; emulators and the function runner later)."""

@@ -1,0 +1,59 @@
+"""Ports shared by several handlers. Use-case specific ports live next to their handler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pki.keys import KeyType, PublicKey
+from pki.signing import SignFn
+
+
+@dataclass(frozen=True)
+class Document:
+    """A JSON record and the ETag it was read or written at."""
+
+    name: str
+    data: dict[str, Any]
+    etag: str
+
+
+class DocumentStore(Protocol):
+    """JSON documents with optimistic concurrency and index tags (blob storage in production)."""
+
+    def get(self, name: str) -> Document | None:
+        """The document, or ``None`` when there is none."""
+
+    def create(self, name: str, data: Mapping[str, Any], *, tags: Mapping[str, str] | None = None) -> Document:
+        """Write only if absent; ``AlreadyExists`` otherwise."""
+
+    def replace(self, current: Document, data: Mapping[str, Any], *,
+                tags: Mapping[str, str] | None = None) -> Document:
+        """Write only if unchanged since ``current`` was read; ``Conflict`` otherwise."""
+
+    def find(self, tag_filter: str) -> Iterator[str]:
+        """Names of documents whose index tags match a filter such as ``"status" = 'active'``."""
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """One version of a key held by a key store. The private half never leaves the store."""
+
+    name: str
+    version: str
+    key_type: KeyType
+    public_key: PublicKey = field(repr=False, compare=False)
+
+
+class KeyStore(Protocol):
+    """Where CA keys live (Azure Key Vault in production) and sign."""
+
+    def create_key(self, name: str, key_type: KeyType) -> KeyRef:
+        """A new version of key ``name``."""
+
+    def get_key(self, name: str, version: str | None = None) -> KeyRef:
+        """A version of key ``name`` (the latest when ``version`` is None); ``NotFound`` if absent."""
+
+    def signer(self, key: KeyRef) -> SignFn:
+        """``sign(algorithm, digest)`` with Key Vault semantics for that exact version."""

@@ -1,0 +1,115 @@
+"""Use case: create the company root CA once (key in the key store, self-signed certificate in state).
+
+The root record is a small state machine (``pending -> key_created -> active``) written with
+conditional writes, so an interrupted run resumes where it stopped and two concurrent runs
+converge on one root instead of two.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+
+from cryptography import x509
+
+from pki import export, profiles
+from pki.keys import KeyType, PrivateKey
+from pki.signing import remote_key
+
+from .errors import AlreadyExists, Conflict, NotFound
+from .ports import Document, DocumentStore, KeyRef, KeyStore
+
+ROOT_DOCUMENT = "root-ca.json"
+_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class RootRequest:
+    key_name: str
+    key_type: KeyType
+    validity_years: int
+    common_name: str
+    organization: str | None = None
+    country: str | None = None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "key_type": self.key_type.value}
+
+
+@dataclass(frozen=True)
+class RootCa:
+    certificate: x509.Certificate
+    key: KeyRef
+    record: dict
+
+
+def _stamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pending(request: RootRequest, now: dt.datetime, previous: list | None = None) -> dict:
+    return {"status": "pending", "request": request.as_dict(), "createdAt": _stamp(now), "updatedAt": _stamp(now),
+            "previous": previous or []}
+
+
+def load_root(store: DocumentStore, keys: KeyStore) -> RootCa:
+    """The active root CA; ``NotFound`` telling how to make one."""
+    doc = store.get(ROOT_DOCUMENT)
+    if doc is None or doc.data.get("status") != "active":
+        raise NotFound("no root CA yet: run `pkictl root create`")
+    key = keys.get_key(doc.data["key"]["name"], doc.data["key"]["version"])
+    return RootCa(x509.load_pem_x509_certificate(doc.data["certificatePem"].encode()), key, doc.data)
+
+
+def root_signer(root: RootCa, keys: KeyStore) -> PrivateKey:
+    """A stand-in private key that signs with the root's key in the key store."""
+    return remote_key(root.key.public_key, keys.signer(root.key))
+
+
+def _finish(doc: Document, request: RootRequest, store: DocumentStore, keys: KeyStore, now: dt.datetime) -> RootCa:
+    data = dict(doc.data)
+    if data["status"] == "pending":
+        key = keys.create_key(request.key_name, request.key_type)
+        data.update(status="key_created", key={"name": key.name, "version": key.version}, updatedAt=_stamp(now))
+        doc = store.replace(doc, data)
+    key = keys.get_key(data["key"]["name"], data["key"]["version"])
+    certificate = profiles.issue_root(
+        key=remote_key(key.public_key, keys.signer(key)), common_name=request.common_name,
+        organization=request.organization, country=request.country, now=now,
+        validity_days=request.validity_years * 365 + request.validity_years // 4)
+    data.update(status="active", certificatePem=export.cert_pem(certificate).decode(),
+                summary=export.summary(certificate), updatedAt=_stamp(now))
+    doc = store.replace(doc, data)
+    return RootCa(certificate, key, doc.data)
+
+
+def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, now: dt.datetime,
+                force: bool = False) -> RootCa:
+    """Create (or resume creating) the root CA; with ``force``, replace an active one (kept in ``previous``)."""
+    replaced = False
+    for _ in range(_ATTEMPTS):
+        doc = store.get(ROOT_DOCUMENT)
+        active = doc is not None and doc.data.get("status") == "active"
+        other = doc is not None and not active and doc.data.get("request") != request.as_dict()
+        if active and replaced:
+            return load_root(store, keys)  # a concurrent forced run finished the replacement
+        if active and not force:
+            summary = doc.data["summary"]
+            raise AlreadyExists(f"a root CA exists already ({summary['subject']}, serial {summary['serial']}, "
+                                f"notAfter {summary['notAfter']}); pass --force to replace it")
+        if other and not force:
+            raise Conflict("an interrupted root CA creation with other parameters is on record "
+                           f"({doc.data.get('request')}); re-run it with those, or pass --force")
+        try:
+            if doc is None:
+                doc = store.create(ROOT_DOCUMENT, _pending(request, now))
+            elif active or other:
+                previous = list(doc.data.get("previous", []))
+                if active:
+                    previous.append({"key": doc.data["key"], "summary": doc.data["summary"]})
+                doc = store.replace(doc, _pending(request, now, previous))
+                replaced = True
+            return _finish(doc, request, store, keys, now)
+        except (AlreadyExists, Conflict):
+            continue  # lost a race with a concurrent run: read again and resume from its state
+    raise Conflict("the root CA record kept changing under this run; another `root create` is running")

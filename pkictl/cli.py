@@ -1,0 +1,251 @@
+"""``python -m pkictl``: exit 0 on success, 1 when a problem was found, 2 on bad usage or bad input."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from handlers.errors import AlreadyExists, Conflict, InvalidMessage, NotFound, TransientError
+from pki import PkiError, export
+from pki.csr import accept_csr
+from pki.doctor import diagnose
+from pki.ids import check_registration_id
+from pki.keys import CA_ROOT_KEY_TYPES, KeyType
+from pki.pem import load_certificate, load_certificates, load_csr
+from settings import SettingsError
+
+OK, PROBLEM, USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input given on the command line (a file that cannot be read, a bad date)."""
+
+
+def _now(value: str | None) -> dt.datetime:
+    if not value:
+        return dt.datetime.now(dt.timezone.utc)
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--now: {value!r} is not an ISO date such as 2027-01-31 or 2027-01-31T12:00:00Z") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _read(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror or exc}") from None
+
+
+class Cli:
+    """The commands; ``env`` is the settings source and ``wire`` builds clients only when a command needs them."""
+
+    def __init__(self, env: Mapping[str, str], out: TextIO, wire: Callable | None = None):
+        self.env = env
+        self.out = out
+        self._wire = wire
+        self._wiring = None
+
+    @property
+    def wiring(self):
+        if self._wiring is None:
+            if self._wire is None:
+                from .wiring import wire
+                self._wire = wire
+            self._wiring = self._wire(self.env)
+        return self._wiring
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    # -- root CA ---------------------------------------------------------------------------
+    def root_create(self, args: argparse.Namespace) -> int:
+        from handlers.root_ca import RootRequest, create_root
+
+        w = self.wiring
+        request = RootRequest(
+            key_name=w.settings.root_key_name,
+            key_type=KeyType.parse(args.key_type or w.settings.root_key_type.value, field="--key-type",
+                                   allowed=CA_ROOT_KEY_TYPES),
+            validity_years=args.validity_years or w.settings.root_validity_years,
+            common_name=args.common_name or w.settings.root_common_name,
+            organization=args.organization or w.settings.root_organization,
+            country=args.country)
+        root = create_root(request, store=w.store, keys=w.keys, now=_now(None), force=args.force)
+        summary = root.record["summary"]
+        self.say(f"root CA created: {summary['subject']}")
+        self.say(f"  key:        {request.key_type.value}, {root.key.name} version {root.key.version} (never exported)")
+        self.say(f"  serial:     {summary['serial']}")
+        self.say(f"  notAfter:   {summary['notAfter']}")
+        self.say(f"  SHA-1:      {summary['thumbprintSha1']}")
+        self.say("next: `pkictl root show --pem > root.pem`, upload it to DPS, then `pkictl verification-cert --code ...`")
+        return OK
+
+    def root_show(self, args: argparse.Namespace) -> int:
+        from handlers.root_ca import load_root
+
+        root = load_root(self.wiring.store, self.wiring.keys)
+        if args.pem:
+            self.out.write(export.cert_pem(root.certificate).decode())
+        elif args.json:
+            self.say(json.dumps({**export.summary(root.certificate), "keyName": root.key.name,
+                                 "keyVersion": root.key.version, "keyType": root.key.key_type.value}, indent=2))
+        else:
+            for key, value in export.summary(root.certificate).items():
+                self.say(f"{key + ':':18}{value}")
+            self.say(f"{'key:':18}{root.key.key_type.value}, {root.key.name} version {root.key.version}")
+        return OK
+
+    def verification_cert(self, args: argparse.Namespace) -> int:
+        from handlers.verification_cert import root_verification_certificate
+
+        cert = root_verification_certificate(args.code, store=self.wiring.store, keys=self.wiring.keys,
+                                             now=_now(None))
+        pem = export.cert_pem(cert).decode()
+        if args.out:
+            Path(args.out).write_text(pem)
+            self.say(f"verification certificate for code {args.code} written to {args.out}; upload it to DPS "
+                     "(Certificates > your root > Verify)")
+        else:
+            self.out.write(pem)
+        return OK
+
+    # -- offline checks --------------------------------------------------------------------
+    def doctor(self, args: argparse.Namespace) -> int:
+        device = load_certificates(_read(args.cert, "--cert"), field="--cert")
+        presented = device[1:]  # a --cert file may carry the whole chain, as a device sends it
+        if args.chain:
+            presented += load_certificates(_read(args.chain, "--chain"), field="--chain")
+        root = load_certificate(_read(args.root, "--root"), field="--root") if args.root else None
+        group = []
+        for path in args.group_cert or []:
+            group += load_certificates(_read(path, "--group-cert"), field="--group-cert")
+        registration_id = (check_registration_id(args.registration_id, field="--registration-id")
+                           if args.registration_id is not None else None)
+        findings = diagnose(device[0], presented=presented, root=root, registration_id=registration_id,
+                            group_certificates=group or None, now=_now(args.now))
+        errors = [f for f in findings if f.severity == "error"]
+        if args.json:
+            self.say(json.dumps({"ok": not errors, "findings": [f.__dict__ for f in findings]}, indent=2))
+        else:
+            self.say(f"device: {device[0].subject.rfc4514_string()} (serial {device[0].serial_number:X})")
+            for finding in findings:
+                self.say(str(finding))
+            self.say("no problems found" if not findings else
+                     f"{len(errors)} problem(s), {len(findings) - len(errors)} warning(s)")
+        return PROBLEM if errors else OK
+
+    def csr_check(self, args: argparse.Namespace) -> int:
+        device_id = check_registration_id(args.device_id, field="--device-id")
+        csr = load_csr(_read(args.csr, "--csr"), field="--csr")
+        accept_csr(csr, device_id, field="--csr")
+        self.say(f"ok: the CSR is signed by its key and names {device_id}")
+        return OK
+
+    def id_check(self, args: argparse.Namespace) -> int:
+        check_registration_id(args.id, field="id")
+        self.say(f"ok: {args.id} is a valid DPS registration id")
+        return OK
+
+    def demo(self, args: argparse.Namespace) -> int:
+        from .demo import run_demo
+
+        return run_demo(self.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pkictl", description="Operate the IoT X.509 PKI (Azure IoT DPS).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    root = commands.add_parser("root", help="the company root CA").add_subparsers(dest="sub", required=True,
+                                                                                   metavar="SUBCOMMAND")
+    create = root.add_parser("create", help="create the root key (in the key store) and its self-signed certificate")
+    create.add_argument("--key-type", choices=[k.value for k in CA_ROOT_KEY_TYPES],
+                        help="key algorithm (default: setting ROOT_CA_KEY_TYPE, else ec-p384)")
+    create.add_argument("--validity-years", type=int, choices=range(1, 51), metavar="N",
+                        help="validity in years, 1-50 (default: ROOT_CA_VALIDITY_YEARS, else 20)")
+    create.add_argument("--common-name", help="subject CN (default: ROOT_CA_COMMON_NAME)")
+    create.add_argument("--organization", help="subject O (default: ROOT_CA_ORGANIZATION)")
+    create.add_argument("--country", help="subject C, ISO 3166 alpha-2")
+    create.add_argument("--force", action="store_true", help="replace an existing root (new key version)")
+    create.set_defaults(run=Cli.root_create)
+    show = root.add_parser("show", help="print the root certificate or its summary")
+    form = show.add_mutually_exclusive_group()
+    form.add_argument("--pem", action="store_true", help="the certificate in PEM (for upload to DPS)")
+    form.add_argument("--json", action="store_true", help="the summary as JSON")
+    show.set_defaults(run=Cli.root_show)
+
+    verification = commands.add_parser("verification-cert", help="proof-of-possession certificate for DPS")
+    verification.add_argument("--code", required=True, help="the verification code DPS shows")
+    verification.add_argument("--out", metavar="FILE", help="write the PEM here instead of stdout")
+    verification.set_defaults(run=Cli.verification_cert)
+
+    doctor = commands.add_parser("doctor", help="find why DPS would refuse a device certificate (401002 and more)")
+    doctor.add_argument("--cert", required=True, metavar="FILE",
+                        help="device certificate, PEM or DER (may be followed by the chain it sends)")
+    doctor.add_argument("--chain", metavar="FILE", help="the certificates the device sends after its own")
+    doctor.add_argument("--root", metavar="FILE", help="the root CA certificate DPS trusts")
+    doctor.add_argument("--registration-id", metavar="ID", help="the id the device registers with")
+    doctor.add_argument("--group-cert", metavar="FILE", action="append",
+                        help="the enrollment group's signing certificate(s); repeatable")
+    doctor.add_argument("--now", metavar="DATE", help="check as of this date (ISO 8601)")
+    doctor.add_argument("--json", action="store_true", help="findings as JSON")
+    doctor.set_defaults(run=Cli.doctor)
+
+    csr = commands.add_parser("csr", help="device CSRs").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    check = csr.add_parser("check", help="check a device CSR as a batch would")
+    check.add_argument("--csr", required=True, metavar="FILE", help="PEM or DER certificate request")
+    check.add_argument("--device-id", required=True, metavar="ID", help="the device's registration id")
+    check.set_defaults(run=Cli.csr_check)
+
+    ident = commands.add_parser("id", help="registration ids").add_subparsers(dest="sub", required=True,
+                                                                               metavar="SUBCOMMAND")
+    id_check = ident.add_parser("check", help="check a registration id against DPS's rules")
+    id_check.add_argument("id")
+    id_check.set_defaults(run=Cli.id_check)
+
+    demo = commands.add_parser("demo", help="run the main job on a throwaway local stack (Azurite)")
+    demo.set_defaults(run=Cli.demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
+         out: TextIO | None = None, err: TextIO | None = None, wire: Callable | None = None) -> int:
+    """Run one command; errors are printed as one line each, never as a traceback."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage already
+        return int(exc.code or 0)
+    if env is None:
+        from .wiring import default_env
+        try:
+            env = default_env()
+        except SettingsError as exc:
+            print(f"error: {exc}", file=err)
+            return USAGE
+    cli = Cli(env, out, wire)
+    try:
+        return args.run(cli, args)
+    except (UsageError, SettingsError, PkiError, InvalidMessage, ValueError) as exc:
+        print(f"error: {exc}", file=err)
+        return USAGE
+    except (AlreadyExists, Conflict, NotFound) as exc:
+        print(f"error: {exc}", file=err)
+        return PROBLEM
+    except TransientError as exc:
+        print(f"error: temporarily unavailable, try again: {exc}", file=err)
+        return PROBLEM
+    except Exception as exc:  # noqa: BLE001 - the CLI's last word; PKICTL_DEBUG=1 shows the traceback
+        if env.get("PKICTL_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (set PKICTL_DEBUG=1 for details)", file=err)
+        return PROBLEM

@@ -1,0 +1,148 @@
+"""App settings, read once at start-up into frozen dataclasses.
+
+The Functions host passes settings as environment variables; off Azure, ``local.settings.json``
+``Values`` fill in what the environment does not set (as Core Tools does). A missing or
+malformed setting fails at start-up with its name and the rule, never deep inside a handler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pki.keys import CA_ROOT_KEY_TYPES, KeyType
+
+STORAGE = "AzureWebJobsStorage"
+_CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")  # blob container naming rules
+_KEY_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault object names
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"setting {name}: {message}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Either a connection string (Azurite, local) or identity-based endpoints (Azure)."""
+
+    connection_string: str | None = None
+    blob_service_uri: str | None = None
+    queue_service_uri: str | None = None
+    managed_identity_client_id: str | None = None
+
+    def __repr__(self) -> str:  # the connection string may carry an account key: never show it
+        where = self.blob_service_uri or ("connection string" if self.connection_string else "unset")
+        return f"StorageSettings({where})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage: StorageSettings
+    state_container: str = "pki-state"
+    key_vault_url: str | None = None
+    local_keystore_dir: Path = Path(".pki-local/keystore")
+    root_key_name: str = "pki-root-ca"
+    root_common_name: str = "IoT PKI Root CA"
+    root_organization: str | None = None
+    root_key_type: KeyType = KeyType.EC_P384
+    root_validity_years: int = 20
+
+
+def _storage(env: Mapping[str, str]) -> StorageSettings:
+    connection = env.get(STORAGE, "").strip()
+    account = env.get(f"{STORAGE}__accountName", "").strip()
+    blob_uri = env.get(f"{STORAGE}__blobServiceUri", "").strip()
+    queue_uri = env.get(f"{STORAGE}__queueServiceUri", "").strip()
+    client_id = env.get(f"{STORAGE}__clientId", "").strip() or None
+    if connection:
+        parts = dict(p.split("=", 1) for p in connection.split(";") if "=" in p)
+        if parts.get("UseDevelopmentStorage", "").lower() != "true" and not (
+            ("AccountName" in parts and ("AccountKey" in parts or "SharedAccessSignature" in parts))
+            or "BlobEndpoint" in parts
+        ):
+            raise SettingsError(STORAGE, "is not a storage connection string (needs AccountName and AccountKey, "
+                                "BlobEndpoint, or UseDevelopmentStorage=true)")
+        return StorageSettings(connection_string=connection)
+    if account and not blob_uri:
+        if not re.fullmatch(r"[a-z0-9]{3,24}", account):
+            raise SettingsError(f"{STORAGE}__accountName", f"{account!r} is not a storage account name")
+        blob_uri = f"https://{account}.blob.core.windows.net"
+        queue_uri = queue_uri or f"https://{account}.queue.core.windows.net"
+    if blob_uri:
+        if not blob_uri.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise SettingsError(f"{STORAGE}__blobServiceUri", "must be an https:// URL")
+        return StorageSettings(blob_service_uri=blob_uri.rstrip("/"),
+                               queue_service_uri=(queue_uri or blob_uri.replace(".blob.", ".queue.")).rstrip("/"),
+                               managed_identity_client_id=client_id)
+    raise SettingsError(STORAGE, "is not set: give a connection string (local, Azurite) or "
+                        f"{STORAGE}__accountName / __blobServiceUri for an identity-based connection")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, f"{raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _match(env: Mapping[str, str], name: str, default: str, pattern: re.Pattern, rule: str) -> str:
+    value = env.get(name, "").strip() or default
+    if not pattern.fullmatch(value):
+        raise SettingsError(name, f"{value!r} {rule}")
+    return value
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Parse every setting this app reads; ``SettingsError`` names the first bad one."""
+    key_vault_url = env.get("KEY_VAULT_URL", "").strip() or None
+    if key_vault_url and not key_vault_url.startswith("https://"):
+        raise SettingsError("KEY_VAULT_URL", "must be an https:// vault URL such as https://myvault.vault.azure.net")
+    try:
+        root_key_type = KeyType.parse(env.get("ROOT_CA_KEY_TYPE", "").strip() or "ec-p384",
+                                      field="ROOT_CA_KEY_TYPE", allowed=CA_ROOT_KEY_TYPES)
+    except ValueError as exc:
+        raise SettingsError("ROOT_CA_KEY_TYPE", str(exc).split(": ", 1)[-1]) from None
+    return Settings(
+        storage=_storage(env),
+        state_container=_match(env, "STATE_CONTAINER", "pki-state", _CONTAINER,
+                               "is not a blob container name (3-63 of a-z, 0-9, '-')"),
+        key_vault_url=key_vault_url,
+        local_keystore_dir=Path(env.get("LOCAL_KEYSTORE_DIR", "").strip() or ".pki-local/keystore"),
+        root_key_name=_match(env, "ROOT_CA_KEY_NAME", "pki-root-ca", _KEY_NAME,
+                             "is not a Key Vault key name (1-127 of a-z, A-Z, 0-9, '-')"),
+        root_common_name=env.get("ROOT_CA_COMMON_NAME", "").strip() or "IoT PKI Root CA",
+        root_organization=env.get("ROOT_CA_ORGANIZATION", "").strip() or None,
+        root_key_type=root_key_type,
+        root_validity_years=_int(env, "ROOT_CA_VALIDITY_YEARS", 20, 1, 50),
+    )
+
+
+def environment(local_settings: Path | None = Path("local.settings.json"),
+                environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The process environment over ``local.settings.json`` Values (environment wins, as in Azure)."""
+    values: dict[str, str] = {}
+    if local_settings is not None and local_settings.is_file():
+        try:
+            document = json.loads(local_settings.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SettingsError(str(local_settings), f"cannot be read as JSON ({exc})") from None
+        raw = document.get("Values", {}) if isinstance(document, dict) else None
+        if not isinstance(raw, dict):
+            raise SettingsError(str(local_settings), "must be an object with a 'Values' object")
+        values = {str(k): str(v) for k, v in raw.items()}
+    values.update(os.environ if environ is None else environ)
+    return values
