@@ -8,6 +8,7 @@ converge on one root instead of two.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import asdict, dataclass
 
 from cryptography import x509
@@ -16,11 +17,14 @@ from pki import export, profiles
 from pki.keys import KeyType, PrivateKey
 from pki.signing import remote_key
 
-from .errors import AlreadyExists, Conflict, NotFound
+from .errors import AlreadyExists, Conflict, NotFound, TransientError
 from .ports import Document, DocumentStore, KeyRef, KeyStore
 
 ROOT_DOCUMENT = "root-ca.json"
 _ATTEMPTS = 5
+# Whoever writes the pending record holds a lease on the slow steps (key creation, signing), so a
+# concurrent run waits instead of making a second key version; a crashed run's lease runs out.
+LEASE = dt.timedelta(minutes=2)
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,13 @@ def _stamp(now: dt.datetime) -> str:
     return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _pending(request: RootRequest, now: dt.datetime, previous: list | None = None) -> dict:
+def _lease(owner: str, now: dt.datetime) -> dict:
+    return {"owner": owner, "until": _stamp(now + LEASE)}
+
+
+def _pending(request: RootRequest, now: dt.datetime, owner: str, previous: list | None = None) -> dict:
     return {"status": "pending", "request": request.as_dict(), "createdAt": _stamp(now), "updatedAt": _stamp(now),
-            "previous": previous or []}
+            "previous": previous or [], "lease": _lease(owner, now)}
 
 
 def load_root(store: DocumentStore, keys: KeyStore) -> RootCa:
@@ -78,7 +86,7 @@ def _finish(doc: Document, request: RootRequest, store: DocumentStore, keys: Key
         organization=request.organization, country=request.country, now=now,
         validity_days=request.validity_years * 365 + request.validity_years // 4)
     data.update(status="active", certificatePem=export.cert_pem(certificate).decode(),
-                summary=export.summary(certificate), updatedAt=_stamp(now))
+                summary=export.summary(certificate), updatedAt=_stamp(now), lease=None)
     doc = store.replace(doc, data)
     return RootCa(certificate, key, doc.data)
 
@@ -87,6 +95,7 @@ def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, n
                 force: bool = False) -> RootCa:
     """Create (or resume creating) the root CA; with ``force``, replace an active one (kept in ``previous``)."""
     replaced = False
+    owner = secrets.token_hex(8)
     for _ in range(_ATTEMPTS):
         doc = store.get(ROOT_DOCUMENT)
         active = doc is not None and doc.data.get("status") == "active"
@@ -100,15 +109,21 @@ def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, n
         if other and not force:
             raise Conflict("an interrupted root CA creation with other parameters is on record "
                            f"({doc.data.get('request')}); re-run it with those, or pass --force")
+        lease = (doc.data.get("lease") or {}) if doc is not None and not active else {}
+        if lease and lease.get("owner") != owner and lease.get("until", "") > _stamp(now):
+            raise TransientError(f"another root CA creation is in progress (lease until {lease['until']}); "
+                                 "try again after it")
         try:
             if doc is None:
-                doc = store.create(ROOT_DOCUMENT, _pending(request, now))
+                doc = store.create(ROOT_DOCUMENT, _pending(request, now, owner))
             elif active or other:
                 previous = list(doc.data.get("previous", []))
                 if active:
                     previous.append({"key": doc.data["key"], "summary": doc.data["summary"]})
-                doc = store.replace(doc, _pending(request, now, previous))
+                doc = store.replace(doc, _pending(request, now, owner, previous))
                 replaced = True
+            elif lease.get("owner") != owner:  # take over a crashed run's work
+                doc = store.replace(doc, {**doc.data, "lease": _lease(owner, now)})
             return _finish(doc, request, store, keys, now)
         except (AlreadyExists, Conflict):
             continue  # lost a race with a concurrent run: read again and resume from its state

@@ -1,0 +1,182 @@
+"""pkictl as people use it: real files, real exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pkictl.cli import build_parser, main
+
+from .test_csr import break_signature, make_csr
+from .x509_helpers import NOW, make_chain, write_pem
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(argv, env=None):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, env=env if env is not None else {}, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("doctor")
+    chain = make_chain(device_days=30)
+    write_pem(d, "device.pem", chain.device)
+    write_pem(d, "device-with-chain.pem", chain.device, chain.intermediate)
+    write_pem(d, "intermediate.pem", chain.intermediate)
+    write_pem(d, "root.pem", chain.root)
+    (d / "broken.pem").write_text("-----BEGIN CERTIFICATE-----\nnot really base64!\n-----END CERTIFICATE-----\n")
+    (d / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    (d / "good.csr").write_bytes(make_csr("device-001"))
+    (d / "broken.csr").write_bytes(break_signature(make_csr("device-001")))
+    return d
+
+
+def doctor(files, *extra):
+    return run(["doctor", "--cert", str(files / "device.pem"), "--root", str(files / "root.pem"),
+                "--now", NOW.isoformat(), *extra])
+
+
+def test_doctor_healthy_chain_exits_0(files):
+    code, out, _ = doctor(files, "--chain", str(files / "intermediate.pem"), "--registration-id", "device-001")
+    assert code == 0
+    assert "no problems found" in out
+
+
+def test_doctor_finds_a_missing_intermediate(files):
+    code, out, _ = doctor(files, "--registration-id", "device-001")
+    assert code == 1
+    assert "ERROR [missing-intermediate]" in out
+    assert "fix: send the device certificate followed by the intermediate" in out
+
+
+def test_doctor_finds_a_wrong_cn(files):
+    code, out, _ = doctor(files, "--chain", str(files / "intermediate.pem"), "--registration-id", "device-002")
+    assert code == 1
+    assert "ERROR [cn-mismatch]" in out and "fix: register as 'device-001'" in out
+
+
+def test_doctor_finds_an_expired_certificate(files):
+    later = (NOW + dt.timedelta(days=60)).date().isoformat()
+    code, out, _ = run(["doctor", "--cert", str(files / "device-with-chain.pem"), "--root", str(files / "root.pem"),
+                        "--now", later])
+    assert code == 1
+    assert "ERROR [device-expired]" in out and "fix: issue a new device certificate" in out
+
+
+def test_doctor_json(files):
+    code, out, _ = doctor(files, "--json")
+    assert code == 1
+    assert '"code": "missing-intermediate"' in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["doctor", "--cert", "{d}/broken.pem"], "error: --cert: malformed PEM certificate"),
+    (["doctor", "--cert", "{d}/key.pem"], "error: --cert: expected '-----BEGIN CERTIFICATE-----', found '-----BEGIN PRIVATE KEY-----'"),
+    (["doctor", "--cert", "{d}/absent.pem"], "error: --cert {d}/absent.pem: No such file or directory"),
+    (["doctor", "--cert", "{d}/device.pem", "--registration-id", "Device-1"], "must be lowercase"),
+    (["doctor", "--cert", "{d}/device.pem", "--now", "yesterday"], "--now: 'yesterday' is not an ISO date"),
+    (["csr", "check", "--csr", "{d}/broken.csr", "--device-id", "device-001"], "error: --csr: signature does not verify"),
+    (["csr", "check", "--csr", "{d}/good.csr", "--device-id", "device-002"], "does not match deviceId 'device-002'"),
+    (["id", "check", "Device-1"], "error: id: 'Device-1' is not a valid DPS registration id: must be lowercase"),
+    (["id", "check", "a" * 65], "must be at most 64 characters, got 65"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(files, argv, message):
+    code, out, err = run([a.replace("{d}", str(files)) for a in argv])
+    assert code == 2
+    assert message.replace("{d}", str(files)) in err
+    assert "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_good_csr_and_id_pass(files):
+    assert run(["csr", "check", "--csr", str(files / "good.csr"), "--device-id", "device-001"])[0] == 0
+    assert run(["id", "check", "device-001"])[0] == 0
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = [["root", "create"], ["root", "show"], ["verification-cert"], ["doctor"], ["csr", "check"],
+                ["id", "check"], ["demo"], []]
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([*command, "--help"])
+        assert done.value.code == 0
+    assert "usage: pkictl" in capsys.readouterr().out
+
+
+def test_bad_usage_exits_2():
+    assert run(["root", "create", "--key-type", "rsa-1024"])[0] == 2
+    assert run(["frobnicate"])[0] == 2
+
+
+def test_commands_needing_storage_name_the_missing_setting():
+    code, _, err = run(["root", "show"], env={})
+    assert code == 2
+    assert "setting AzureWebJobsStorage: is not set" in err
+
+
+def _pkictl(args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "pkictl", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env}, timeout=120)
+
+
+@pytest.mark.integration
+def test_root_create_then_show_pem_is_a_ca_certificate_openssl_reads(azurite_env, tmp_path):
+    created = _pkictl(["root", "create", "--key-type", "ec-p384", "--validity-years", "15"], azurite_env, tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert "root CA created" in created.stdout
+    shown = _pkictl(["root", "show", "--pem"], azurite_env, tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    text = subprocess.run(["openssl", "x509", "-noout", "-text"], input=shown.stdout, capture_output=True, text=True,
+                          check=True).stdout
+    assert "X509v3 Basic Constraints: critical\n                CA:TRUE" in text
+    assert "X509v3 Key Usage: critical\n                Certificate Sign, CRL Sign" in text
+    assert "ASN1 OID: secp384r1" in text
+    again = _pkictl(["root", "create"], azurite_env, tmp_path)
+    assert again.returncode == 1
+    assert "pass --force to replace it" in again.stderr
+    summary = _pkictl(["root", "show", "--json"], azurite_env, tmp_path)
+    assert '"keyType": "ec-p384"' in summary.stdout
+    assert "PRIVATE KEY" not in created.stdout + shown.stdout + summary.stdout
+
+
+@pytest.mark.integration
+def test_verification_cert_is_signed_by_the_root(azurite_env, tmp_path):
+    assert _pkictl(["root", "create", "--key-type", "rsa-3072"], azurite_env, tmp_path).returncode == 0
+    root = _pkictl(["root", "show", "--pem"], azurite_env, tmp_path).stdout
+    (tmp_path / "root.pem").write_text(root)
+    made = _pkictl(["verification-cert", "--code", "0A1B2C3D4E5F", "--out", "pop.pem"], azurite_env, tmp_path)
+    assert made.returncode == 0, made.stderr
+    verify = subprocess.run(["openssl", "verify", "-CAfile", "root.pem", "pop.pem"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    subject = subprocess.run(["openssl", "x509", "-noout", "-subject", "-in", "pop.pem"], cwd=tmp_path,
+                             capture_output=True, text=True).stdout
+    assert "CN = 0A1B2C3D4E5F" in subject
+
+
+@pytest.mark.integration
+def test_local_settings_json_is_read_when_the_environment_is_silent(azurite_env, tmp_path):
+    import json
+
+    (tmp_path / "local.settings.json").write_text(json.dumps({"IsEncrypted": False, "Values": azurite_env}))
+    result = _pkictl(["root", "show"], {}, tmp_path)
+    assert result.returncode == 1
+    assert "no root CA yet: run `pkictl root create`" in result.stderr
+
+
+@pytest.mark.integration
+def test_the_demo_runs_end_to_end_and_leaves_nothing_running():
+    out = io.StringIO()
+    assert main(["demo"], env={}, out=out) == 0
+    assert "demo complete" in out.getvalue()
+    assert "BEGIN CERTIFICATE" in out.getvalue()

@@ -1,0 +1,120 @@
+"""The root CA use case with fakes: made once, resumable, safe under concurrency."""
+
+import threading
+
+import pytest
+
+from clients.local_keystore import LocalKeyStore
+from handlers.errors import AlreadyExists, Conflict, NotFound, TransientError
+from handlers.root_ca import LEASE, ROOT_DOCUMENT, RootRequest, create_root, load_root
+from handlers.verification_cert import root_verification_certificate
+from pki.keys import KeyType
+
+from .fakes import MemoryDocumentStore
+from .x509_helpers import NOW, assert_ca_cert, cn
+
+REQUEST = RootRequest(key_name="root", key_type=KeyType.EC_P384, validity_years=20, common_name="Contoso Root",
+                      organization="Contoso", country="DE")
+
+
+class CountingKeys(LocalKeyStore):
+    def __init__(self, *args, fail_signing: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.created = 0
+        self.fail_signing = fail_signing
+
+    def create_key(self, name, key_type):
+        self.created += 1
+        return super().create_key(name, key_type)
+
+    def signer(self, key):
+        sign = super().signer(key)
+
+        def maybe_failing(algorithm, digest):
+            if self.fail_signing:
+                self.fail_signing -= 1
+                raise ConnectionError("key store unreachable")
+            return sign(algorithm, digest)
+        return maybe_failing
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return CountingKeys(tmp_path / "keys", b"test-passphrase-123")
+
+
+def test_root_is_created_once_and_loads_back(keys):
+    store = MemoryDocumentStore()
+    root = create_root(REQUEST, store=store, keys=keys, now=NOW)
+    assert_ca_cert(root.certificate, issuer=None, path_length=None)
+    assert cn(root.certificate) == "Contoso Root"
+    assert root.record["status"] == "active"
+    assert load_root(store, keys).certificate == root.certificate
+    with pytest.raises(AlreadyExists, match="pass --force"):
+        create_root(REQUEST, store=store, keys=keys, now=NOW)
+    assert keys.created == 1
+
+
+def test_force_replaces_the_root_and_keeps_the_old_one_on_record(keys):
+    store = MemoryDocumentStore()
+    first = create_root(REQUEST, store=store, keys=keys, now=NOW)
+    second = create_root(REQUEST, store=store, keys=keys, now=NOW, force=True)
+    assert second.certificate != first.certificate
+    assert second.key.version != first.key.version
+    assert second.record["previous"][0]["summary"]["serial"] == first.record["summary"]["serial"]
+
+
+def test_an_interrupted_run_resumes_with_the_key_it_made_once_its_lease_ran_out(keys):
+    store = MemoryDocumentStore()
+    keys.fail_signing = 1
+    with pytest.raises(ConnectionError):
+        create_root(REQUEST, store=store, keys=keys, now=NOW)
+    assert store.get(ROOT_DOCUMENT).data["status"] == "key_created"
+    with pytest.raises(TransientError, match="in progress"):
+        create_root(REQUEST, store=store, keys=keys, now=NOW)
+    root = create_root(REQUEST, store=store, keys=keys, now=NOW + LEASE)
+    assert keys.created == 1
+    assert root.key.version == store.get(ROOT_DOCUMENT).data["key"]["version"]
+
+
+def test_an_interrupted_run_with_other_parameters_needs_force(keys):
+    store = MemoryDocumentStore()
+    keys.fail_signing = 1
+    with pytest.raises(ConnectionError):
+        create_root(REQUEST, store=store, keys=keys, now=NOW)
+    other = RootRequest(key_name="root", key_type=KeyType.RSA_3072, validity_years=10, common_name="Other")
+    with pytest.raises(Conflict, match="other parameters"):
+        create_root(other, store=store, keys=keys, now=NOW)
+    root = create_root(other, store=store, keys=keys, now=NOW + LEASE, force=True)
+    assert root.key.key_type is KeyType.RSA_3072
+
+
+def test_concurrent_creations_converge_on_one_root(keys):
+    store = MemoryDocumentStore()
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(create_root(REQUEST, store=store, keys=keys, now=NOW))
+        except (AlreadyExists, TransientError) as exc:  # "made already" or "in progress, retry"
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = load_root(store, keys)
+    assert all(r.certificate == final.certificate for r in results)
+    assert len(results) + len(errors) == 4 and results
+    assert keys.created == 1
+
+
+def test_verification_certificate_needs_a_root_and_is_signed_by_it(keys):
+    store = MemoryDocumentStore()
+    with pytest.raises(NotFound, match="pkictl root create"):
+        root_verification_certificate("ABC123", store=store, keys=keys, now=NOW)
+    root = create_root(REQUEST, store=store, keys=keys, now=NOW)
+    cert = root_verification_certificate("ABC123", store=store, keys=keys, now=NOW)
+    assert cn(cert) == "ABC123"
+    cert.verify_directly_issued_by(root.certificate)
