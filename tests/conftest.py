@@ -39,3 +39,20 @@ def azurite_env(azurite, tmp_path) -> dict[str, str]:
         "LOCAL_KEYSTORE_DIR": str(tmp_path / "keystore"),
         "LOCAL_KEYSTORE_PASSPHRASE": secrets.token_urlsafe(16),
     }
+
+
+@pytest.fixture(scope="session")
+def emulators(tmp_path_factory):
+    """The emulator stack (Key Vault, IoT Hub, two DPS instances, DPS device endpoint), once per session."""
+    from emulators.stack import EmulatorStack
+
+    with EmulatorStack(tmp_path_factory.mktemp("emulators"), dps_instances=2) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(emulators):
+    """The session's emulator stack with no injected faults before and after the test."""
+    emulators.clear_faults()
+    yield emulators
+    emulators.clear_faults()

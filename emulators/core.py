@@ -1,0 +1,324 @@
+"""A small threaded HTTPS server for the emulators: routing, JSON, fault injection, optional mutual TLS.
+
+TLS is pyOpenSSL rather than the ``ssl`` module because DPS's attestation needs the chain the
+device *presented* (leaf and intermediates, unverified), which Python 3.11's ``ssl`` does not
+expose publicly, and because a server that accepts any client certificate for later checks
+needs a verify callback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+
+from .tls import ServerIdentity
+
+log = logging.getLogger("emulators")
+ADMIN_PREFIX = "/_emulator/"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    peer_chain: list[x509.Certificate] = field(default_factory=list)  # leaf first, as presented; mTLS only
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        return self.headers.get(name.lower(), default)
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"null")
+        except ValueError:
+            raise HttpError(400, {"error": {"code": "BadRequest", "message": "body is not JSON"}}) from None
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any = None  # dict/list -> JSON; bytes -> as is; None -> empty
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HttpError(Exception):
+    """Raise from a route to answer with ``status`` and a JSON ``body``."""
+
+    def __init__(self, status: int, body: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(status)
+        self.response = Response(status, body, headers or {})
+
+
+Route = tuple[str, re.Pattern, Callable[..., Response]]
+
+
+def route(method: str, pattern: str, handler: Callable[..., Response]) -> Route:
+    """``pattern`` is a regex over the path with named groups passed to ``handler`` as keywords."""
+    return method, re.compile(pattern + r"/?"), handler
+
+
+@dataclass
+class Faults:
+    """Injected misbehaviour: latency, a rate cap (429 beyond it), and a fraction of 503s."""
+
+    latency_ms: float = 0.0
+    rate_per_s: float | None = None
+    retry_after: bool = True
+    error_503_fraction: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"latency_ms": self.latency_ms, "rate_per_s": self.rate_per_s, "retry_after": self.retry_after,
+                "error_503_fraction": self.error_503_fraction}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Faults:
+        unknown = set(data) - set(cls().as_dict())
+        if unknown:
+            raise ValueError(f"unknown fault settings: {', '.join(sorted(unknown))}")
+        return cls(**{**cls().as_dict(), **data})
+
+
+class FaultGate:
+    """Applies ``Faults`` to each request; counts what it did."""
+
+    def __init__(self, faults: Faults | None = None, seed: int | None = None):
+        self.faults = faults or Faults()
+        self._lock = threading.Lock()
+        self._window_start = time.monotonic()
+        self._window_count = 0
+        self._random = random.Random(seed)
+        self.stats = {"requests": 0, "throttled": 0, "failed_503": 0}
+
+    def check(self) -> Response | None:
+        faults = self.faults
+        if faults.latency_ms:
+            time.sleep(faults.latency_ms / 1000)
+        with self._lock:
+            self.stats["requests"] += 1
+            if faults.rate_per_s:
+                now = time.monotonic()
+                # A 100 ms window: a cap of R/s admits R/10 per window, like a service's rolling limit.
+                if now - self._window_start >= 0.1:
+                    self._window_start, self._window_count = now, 0
+                if self._window_count >= max(1.0, faults.rate_per_s / 10):
+                    self.stats["throttled"] += 1
+                    headers = {"Retry-After": "1"} if faults.retry_after else {}
+                    return Response(429, {"error": {"code": "Throttled", "message": "Rate limit is exceeded."}},
+                                    headers)
+                self._window_count += 1
+            if faults.error_503_fraction and self._random.random() < faults.error_503_fraction:
+                self.stats["failed_503"] += 1
+                return Response(503, {"error": {"code": "ServiceUnavailable", "message": "injected 503"}})
+        return None
+
+
+class _TlsIO(io.RawIOBase):
+    """File-like view of a pyOpenSSL connection for ``http.server``."""
+
+    def __init__(self, conn: SSL.Connection):
+        self._conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._conn.recv_into(buffer)
+        except SSL.ZeroReturnError:
+            return 0
+        except (SSL.SysCallError, SSL.Error):
+            return 0
+
+    def write(self, data) -> int:
+        self._conn.sendall(bytes(data))
+        return len(data)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: EmulatorServer
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.peer_chain: list[x509.Certificate] = []
+        try:
+            self.connection.do_handshake()
+        except (SSL.Error, OSError):
+            self.close_connection = True
+            self.rfile = io.BytesIO()
+            self.wfile = io.BytesIO()
+            return
+        if self.server.client_auth:
+            leaf = self.connection.get_peer_certificate(as_cryptography=True)
+            chain = self.connection.get_peer_cert_chain(as_cryptography=True) or []
+            self.peer_chain = ([leaf] if leaf is not None else []) + [c for c in chain if c != leaf]
+        self.rfile = io.BufferedReader(_TlsIO(self.connection))
+        self.wfile = _TlsIO(self.connection)
+
+    def finish(self) -> None:
+        pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
+        log.debug("%s %s", self.server.name, format % args)
+
+    def _serve(self) -> None:
+        split = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        request = Request(method=self.command, path=split.path, query=dict(parse_qsl(split.query)),
+                          headers={k.lower(): v for k, v in self.headers.items()}, body=body,
+                          peer_chain=self.peer_chain)
+        response = self.server.dispatch(request)
+        payload = response.body
+        content_type = "application/json; charset=utf-8"
+        if isinstance(payload, (dict, list)):
+            payload = json.dumps(payload).encode()
+        elif payload is None:
+            payload = b""
+        elif isinstance(payload, str):
+            payload, content_type = payload.encode(), "text/plain; charset=utf-8"
+        self.send_response(response.status)
+        headers = {"Content-Type": content_type, **response.headers, "Content-Length": str(len(payload))}
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _serve
+
+
+class EmulatorServer(socketserver.ThreadingTCPServer):
+    """One emulated service on one loopback port."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, name: str, routes: list[Route], identity: ServerIdentity, *, client_auth: bool = False,
+                 port: int = 0, faults: Faults | None = None):
+        self.name = name
+        self.routes = routes
+        self.client_auth = client_auth
+        self.gate = FaultGate(faults)
+        self._connections: set[SSL.Connection] = set()
+        self._lock = threading.Lock()
+        self._context = self._make_context(identity, client_auth)
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.port = self.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _make_context(identity: ServerIdentity, client_auth: bool) -> SSL.Context:
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.use_certificate(crypto.X509.from_cryptography(identity.certificate))
+        context.add_extra_chain_cert(crypto.X509.from_cryptography(identity.ca))
+        context.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))
+        if client_auth:
+            # Accept any client certificate in the handshake; the service checks the chain itself and
+            # answers like DPS does (401002) instead of failing the handshake.
+            context.set_verify(SSL.VERIFY_PEER, lambda *_: True)
+        return context
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def get_request(self):
+        sock, address = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = SSL.Connection(self._context, sock)
+        conn.set_accept_state()
+        with self._lock:
+            self._connections.add(conn)
+        return conn, address
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._connections.discard(request)
+        try:
+            request.shutdown()
+        except (SSL.Error, OSError):
+            pass
+        try:
+            request.sock_shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        request.close()
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("%s: connection from %s ended with an error", self.name, client_address, exc_info=True)
+
+    def dispatch(self, request: Request) -> Response:
+        try:
+            if request.path.startswith(ADMIN_PREFIX):
+                return self._admin(request)
+            refused = self.gate.check()
+            if refused is not None:
+                return refused
+            for method, pattern, handler in self.routes:
+                match = pattern.fullmatch(request.path)
+                if match and method == request.method:
+                    return handler(request, **match.groupdict())
+            return Response(404, {"error": {"code": "NotFound", "message": f"no route {request.method} {request.path}"}})
+        except HttpError as exc:
+            return exc.response
+        except Exception as exc:  # noqa: BLE001 - an emulator bug must answer 500, not hang the client
+            log.exception("%s: %s %s failed", self.name, request.method, request.path)
+            return Response(500, {"error": {"code": "InternalError", "message": f"{type(exc).__name__}: {exc}"}})
+
+    def _admin(self, request: Request) -> Response:
+        if request.path == ADMIN_PREFIX + "faults":
+            if request.method == "PUT":
+                try:
+                    self.gate.faults = Faults.from_dict(request.json() or {})
+                except (TypeError, ValueError) as exc:
+                    return Response(400, {"error": str(exc)})
+            return Response(200, self.gate.faults.as_dict())
+        if request.path == ADMIN_PREFIX + "stats":
+            return Response(200, dict(self.gate.stats))
+        return Response(404, {"error": "unknown admin path"})
+
+    def start(self) -> EmulatorServer:
+        self._thread = threading.Thread(target=self.serve_forever, name=f"emulator-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        with self._lock:
+            open_connections = list(self._connections)
+        for conn in open_connections:  # keep-alive connections block their threads in recv
+            try:
+                conn.sock_shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
