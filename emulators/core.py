@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from .tls import ServerIdentity
 
@@ -233,9 +233,9 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
     def _make_context(identity: ServerIdentity, client_auth: bool) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.use_certificate(crypto.X509.from_cryptography(identity.certificate))
-        context.add_extra_chain_cert(crypto.X509.from_cryptography(identity.ca))
-        context.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))
+        context.use_certificate(identity.certificate)
+        context.add_extra_chain_cert(identity.ca)
+        context.use_privatekey(identity.key)
         if client_auth:
             # Accept any client certificate in the handshake; the service checks the chain itself and
             # answers like DPS does (401002) instead of failing the handshake.

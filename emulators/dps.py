@@ -1,24 +1,525 @@
-"""DPS emulator (stub: to be implemented)."""
+"""DPS emulator: the service API of one DPS instance, and the device registration endpoint of all of them.
+
+Service API (``DpsInstance``, what ``azure.iot.deviceprovisioning.DeviceProvisioningClient`` calls, SAS
+auth, ``api-version`` required; the SDK sends 2021-10-01):
+``GET/PUT/DELETE /enrollmentGroups/{id}``, ``POST /enrollmentGroups/query``,
+``GET/PUT/DELETE /enrollments/{id}``, ``POST /enrollments/query``,
+``GET/DELETE /registrations/{id}``, ``POST /registrations/{enrollmentGroupId}/query``.
+
+Device API (``DpsDeviceEndpoint``, mutual TLS, X.509 attestation; device SDKs send 2019-03-31 or 2021-06-01):
+``PUT /{idScope}/registrations/{registrationId}/register`` and
+``GET /{idScope}/registrations/{registrationId}/operations/{operationId}``.
+
+Errors use DPS's shape ``{"errorCode", "trackingId", "message", "timestampUtc"}``.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import copy
+import datetime as dt
+import re
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import NameOID
+
+from pki.export import thumbprints
+from pki.ids import registration_id_problem
+
+from .core import HttpError, Request, Response, Route, der, route
+from .iothub import IotHubEmulator, iso, sas_problem, utc_now
+
+# DPS error codes are the HTTP status followed by three digits
+# (learn.microsoft.com/azure/iot-dps/how-to-troubleshoot-dps). 401002 is DPS's X.509 attestation failure
+# (DESIGN.md section 4) and 400004 its invalid-argument code (seen in Azure/azure-sdk-for-python#35368);
+# DPS documents no detail digits for the others, so these are the emulator's picks under the right status.
+INVALID_ARGUMENT = 400004
+# A full instance is a verdict on the request, so 400, not 409: the DPS SDK maps 409 to ResourceExistsError and
+# clients/errors.py maps that to AlreadyExists, which callers treat as "done", and a quota must not read as success.
+GROUP_QUOTA_EXCEEDED = 400010
+UNAUTHORIZED = 401002
+ENROLLMENT_DISABLED = 401005
+NOT_FOUND = 404201
+UNKNOWN_ID_SCOPE = 404104
+ALREADY_EXISTS = 409201
+PRECONDITION_FAILED = 412001
+
+# The message DPS sends with 401002 when no enrollment group's certificate is in the device's chain.
+CHAIN_MISMATCH = "Signing certificate info did not match chain elements"
+# Enrollment and group ids: "a case-insensitive string (up to 128 characters long) of alphanumeric characters
+# plus certain special characters : . _ -. No special characters allowed at start or end" (the SDK's docs).
+_RECORD_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9:._-]{0,126}[A-Za-z0-9])?")
+_ALLOCATION_POLICIES = {"hashed": "hashed", "geolatency": "geoLatency", "static": "static", "custom": "custom"}
+# How long a device should wait before polling its registration operation (the Retry-After DPS sends).
+DEFAULT_RETRY_AFTER_S = 1
+# A chain longer than this is not a device chain; stops the issuer walk on a crafted loop.
+MAX_CHAIN_DEPTH = 8
+
+
+def dps_error(status: int, code: int, message: str) -> HttpError:
+    return HttpError(status, {"errorCode": code, "trackingId": str(uuid.uuid4()), "message": message,
+                              "timestampUtc": iso(utc_now())})
+
+
+def _etag_matches(if_match: str, etag: str) -> bool:
+    return if_match.strip() == "*" or if_match.strip().removeprefix("W/").strip('"') == etag.strip('"')
+
+
+def _certificate_info(cert: x509.Certificate) -> dict:
+    """What DPS returns instead of the certificate it was given (X509CertificateInfo)."""
+    def name(value: x509.Name) -> str:  # .NET's form: most specific RDN first, ", " between them
+        return ", ".join(rdn.rfc4514_string() for rdn in reversed(value.rdns))
+
+    prints = thumbprints(cert)
+    return {"subjectName": name(cert.subject), "sha1Thumbprint": prints["sha1"],
+            "sha256Thumbprint": prints["sha256"], "issuerName": name(cert.issuer),
+            "notBeforeUtc": iso(cert.not_valid_before_utc), "notAfterUtc": iso(cert.not_valid_after_utc),
+            "serialNumber": format(cert.serial_number, "X"), "version": cert.version.value + 1}
+
+
+def _parse_certificate(entry: Any, where: str, previous: x509.Certificate | None) -> x509.Certificate:
+    """The certificate of one attestation slot: PEM or base64 DER, as DPS accepts.
+
+    A slot holding only ``info`` (what a GET returns, sent back by a get-modify-put update) keeps the stored
+    certificate when the thumbprint is the same.
+    """
+    if not isinstance(entry, dict):
+        raise dps_error(400, INVALID_ARGUMENT, f"{where} must be an object with a certificate")
+    text = entry.get("certificate")
+    if not text:
+        info = entry.get("info") or {}
+        if previous is not None and info.get("sha256Thumbprint") == thumbprints(previous)["sha256"]:
+            return previous
+        raise dps_error(400, INVALID_ARGUMENT, f"{where}.certificate is required")
+    try:
+        if not isinstance(text, str):
+            raise ValueError("not a string")
+        if "-----BEGIN" in text:
+            return x509.load_pem_x509_certificate(text.encode())
+        return x509.load_der_x509_certificate(base64.b64decode(text, validate=True))
+    except (ValueError, binascii.Error):
+        raise dps_error(400, INVALID_ARGUMENT,
+                        f"{where}.certificate is not an X.509 certificate (PEM or base64 DER)") from None
+
+
+@dataclass
+class _Record:
+    """An enrollment or enrollment group: its JSON (without certificate bodies) and parsed certificates."""
+
+    body: dict
+    certificates: dict[str, x509.Certificate]  # "primary" / "secondary"
+
+    @property
+    def enabled(self) -> bool:
+        return self.body.get("provisioningStatus", "enabled") == "enabled"
+
+    def holds(self, cert: x509.Certificate) -> bool:
+        return any(der(c) == der(cert) for c in self.certificates.values())
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between individual enrollments and enrollment groups."""
+
+    name: str  # in messages
+    id_field: str
+    certificate_field: str  # attestation.x509.<this>
+    item_type: str  # x-ms-item-type of query answers
+
+
+_GROUP = _Kind("enrollment group", "enrollmentGroupId", "signingCertificates", "enrollmentGroup")
+_INDIVIDUAL = _Kind("enrollment", "registrationId", "clientCertificates", "enrollment")
+
+
+@dataclass
+class _Registration:
+    state: dict
+    enrollment_group_id: str | None
+
+
+def _query_page(request: Request, items: list[dict], item_type: str) -> Response:
+    """One page of a query answer; ``x-ms-continuation`` is the offset of the next page."""
+    top = request.header("x-ms-max-item-count")
+    start = request.header("x-ms-continuation") or "0"
+    if (top is not None and (not top.isdigit() or int(top) < 1)) or not start.isdigit():
+        raise dps_error(400, INVALID_ARGUMENT, "x-ms-max-item-count must be a positive integer and "
+                        "x-ms-continuation a token from a previous page")
+    end = int(start) + int(top) if top else len(items)
+    headers = {"x-ms-item-type": item_type}
+    if top:
+        headers["x-ms-max-item-count"] = top
+    if end < len(items):
+        headers["x-ms-continuation"] = str(end)
+    return Response(200, items[int(start):end], headers)
+
+
+def _issuer_path(chain: list[x509.Certificate], now: dt.datetime) -> list[x509.Certificate]:
+    """The leaf, then each presented certificate that issued the previous one: signature verified, valid now."""
+    path = [chain[0]]
+    while len(path) < MAX_CHAIN_DEPTH and path[-1].issuer != path[-1].subject:
+        issuer = next((c for c in chain[1:] if c not in path and _issued(path[-1], c, now)), None)
+        if issuer is None:
+            break
+        path.append(issuer)
+    return path
+
+
+def _issued(cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc
+
+
+def _common_name(cert: x509.Certificate) -> str | None:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if len(names) == 1 else None
+
 
 class DpsInstance:
-    def __init__(self, name, id_scope, shared_access_key, hub, max_groups=100):
+    """One DPS instance in memory: enrollment groups, individual enrollments, registration states.
+
+    Thread-safe: every read and write holds ``_lock``. Linked to one ``IotHubEmulator``, where it creates the
+    devices it assigns.
+    """
+
+    def __init__(self, name: str, id_scope: str, shared_access_key: str, hub: IotHubEmulator,
+                 max_groups: int = 100, *, policy_name: str = "provisioningserviceowner"):
         self.name = name
         self.id_scope = id_scope
         self.shared_access_key = shared_access_key
         self.hub = hub
-        self.max_groups = max_groups
-        self.endpoint = ""
+        self.max_groups = max_groups  # DPS allows 100 enrollment groups per instance (DESIGN.md section 4)
+        self.policy_name = policy_name
+        self.endpoint = ""  # "https://127.0.0.1:PORT", set once the server listens
+        self._lock = threading.RLock()
+        self._groups: dict[str, _Record] = {}  # keyed by lower-case id: DPS ids are case-insensitive
+        self._enrollments: dict[str, _Record] = {}
+        self._registrations: dict[str, _Registration] = {}
 
-    def routes(self):
-        return []
+    def routes(self) -> list[Route]:
+        def records(collection: str, kind: _Kind, store: dict[str, _Record]) -> list[Route]:
+            one = rf"/{collection}/(?P<record_id>[^/]+)"
+            return [
+                route("POST", rf"/{collection}/query", lambda r: self._query(r, kind, store)),
+                route("GET", one, lambda r, record_id: self._get(r, kind, store, record_id)),
+                route("PUT", one, lambda r, record_id: self._put(r, kind, store, record_id)),
+                route("DELETE", one, lambda r, record_id: self._delete(r, kind, store, record_id)),
+            ]
+
+        registration = r"/registrations/(?P<registration_id>[^/]+)"
+        return [
+            *records("enrollmentGroups", _GROUP, self._groups),
+            *records("enrollments", _INDIVIDUAL, self._enrollments),
+            route("POST", r"/registrations/(?P<group_id>[^/]+)/query", self._query_registrations),
+            route("GET", registration, self._get_registration),
+            route("DELETE", registration, self._delete_registration),
+        ]
+
+    # --- service API ----------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not request.query.get("api-version"):
+            raise dps_error(400, INVALID_ARGUMENT, "api-version is required")
+        host = self.endpoint.removeprefix("https://")
+        problem = sas_problem(request.header("authorization"), resource=f"{host}{request.path}",
+                              key=self.shared_access_key, policy_name=self.policy_name)
+        if problem:
+            raise dps_error(401, UNAUTHORIZED, f"Unauthorized: {problem}")
+
+    @staticmethod
+    def _response(kind: _Kind, record: _Record) -> Response:
+        body = copy.deepcopy(record.body)
+        slots = body["attestation"]["x509"][kind.certificate_field]
+        for slot, cert in record.certificates.items():
+            slots[slot] = {"info": _certificate_info(cert)}
+        return Response(200, body, {"ETag": body["etag"]})
+
+    def _find(self, kind: _Kind, store: dict[str, _Record], record_id: str) -> _Record:
+        record = store.get(record_id.lower())
+        if record is None:
+            raise dps_error(404, NOT_FOUND, f"{kind.name} {record_id!r} not found")
+        return record
+
+    def _get(self, request: Request, kind: _Kind, store: dict[str, _Record], record_id: str) -> Response:
+        self._authorize(request)
+        with self._lock:
+            return self._response(kind, self._find(kind, store, unquote(record_id)))
+
+    def _query(self, request: Request, kind: _Kind, store: dict[str, _Record]) -> Response:
+        self._authorize(request)
+        spec = request.json()
+        query = spec.get("query") if isinstance(spec, dict) else None
+        collection = "enrollmentGroups" if kind is _GROUP else "enrollments"
+        # DPS's query language selects whole collections only: "*" or "SELECT * FROM <collection>".
+        if not isinstance(query, str) or not re.fullmatch(rf"\*|\s*SELECT\s+\*\s+FROM\s+{collection}\s*", query,
+                                                          re.I):
+            raise dps_error(400, INVALID_ARGUMENT, f"query must be '*' or 'SELECT * FROM {collection}', "
+                            f"got {query!r}")
+        with self._lock:
+            items = [self._response(kind, record).body for record in store.values()]
+        return _query_page(request, items, kind.item_type)
+
+    def _put(self, request: Request, kind: _Kind, store: dict[str, _Record], record_id: str) -> Response:
+        """Create (no If-Match; 409 if it exists, as DPS answers) or replace (If-Match: its etag or "*")."""
+        self._authorize(request)
+        record_id = unquote(record_id)
+        if not _RECORD_ID.fullmatch(record_id):
+            raise dps_error(400, INVALID_ARGUMENT, f"{kind.id_field} {record_id!r}: up to 128 of A-Z a-z 0-9 : . _ -,"
+                            " starting and ending with a letter or digit")
+        body = request.json()
+        if not isinstance(body, dict):
+            raise dps_error(400, INVALID_ARGUMENT, f"the body must be an {kind.name} JSON object")
+        if_match = request.header("if-match")
+        with self._lock:
+            existing = store.get(record_id.lower())
+            if existing is None and if_match is not None:
+                # RFC 7232 3.1: If-Match fails when there is no current representation.
+                raise dps_error(412, PRECONDITION_FAILED, f"{kind.name} {record_id!r} does not exist; "
+                                "send no If-Match to create it")
+            if existing is not None and if_match is None:
+                raise dps_error(409, ALREADY_EXISTS, f"{kind.name} {record_id!r} already exists; send its etag "
+                                "in If-Match to replace it")
+            if existing is not None and not _etag_matches(if_match, existing.body["etag"]):
+                raise dps_error(412, PRECONDITION_FAILED, f"{kind.name} {record_id!r} has etag "
+                                f"{existing.body['etag']}, the request sent If-Match {if_match}")
+            if existing is None and kind is _GROUP and len(store) >= self.max_groups:
+                raise dps_error(400, GROUP_QUOTA_EXCEEDED, f"this DPS instance already holds {len(store)} "
+                                f"enrollment groups, the maximum is {self.max_groups}")
+            record = self._validated(kind, record_id, body, existing)
+            store[record_id.lower()] = record
+            return self._response(kind, record)
+
+    def _validated(self, kind: _Kind, record_id: str, body: dict, existing: _Record | None) -> _Record:
+        body = copy.deepcopy(body)
+        given_id = body.setdefault(kind.id_field, record_id)
+        if not isinstance(given_id, str) or given_id.lower() != record_id.lower():
+            raise dps_error(400, INVALID_ARGUMENT, f"{kind.id_field} in the body ({given_id!r}) differs from the "
+                            f"one in the URI ({record_id!r})")
+        attestation = body.get("attestation")
+        if not isinstance(attestation, dict) or attestation.get("type") != "x509":
+            raise dps_error(400, INVALID_ARGUMENT, "attestation.type: the emulator supports 'x509' only")
+        slots = (attestation.get("x509") or {}).get(kind.certificate_field)
+        where = f"attestation.x509.{kind.certificate_field}"
+        if not isinstance(slots, dict) or not slots.get("primary"):
+            raise dps_error(400, INVALID_ARGUMENT, f"{where}.primary is required")
+        previous = existing.certificates if existing else {}
+        certificates = {slot: _parse_certificate(slots[slot], f"{where}.{slot}", previous.get(slot))
+                        for slot in ("primary", "secondary") if slots.get(slot)}
+        attestation["x509"] = {kind.certificate_field: {slot: {} for slot in certificates}}
+        status = body.setdefault("provisioningStatus", "enabled")
+        if status not in ("enabled", "disabled"):
+            raise dps_error(400, INVALID_ARGUMENT, f"provisioningStatus must be 'enabled' or 'disabled', "
+                            f"not {status!r}")
+        policy = body.get("allocationPolicy")
+        if policy is not None:
+            if str(policy).lower() not in _ALLOCATION_POLICIES:
+                raise dps_error(400, INVALID_ARGUMENT, f"allocationPolicy must be one of "
+                                f"{', '.join(_ALLOCATION_POLICIES.values())}, not {policy!r}")
+            body["allocationPolicy"] = _ALLOCATION_POLICIES[str(policy).lower()]
+        if body.get("iotHubs") and policy is None:
+            # DPS's own wording for this rule (Azure/azure-sdk-for-python#35368).
+            raise dps_error(400, INVALID_ARGUMENT, "Enrollment allocationPolicy must be specified when iotHubs "
+                            "are specified.")
+        if body.get("initialTwin") is not None and not isinstance(body["initialTwin"], dict):
+            raise dps_error(400, INVALID_ARGUMENT, "initialTwin must be an object")
+        body.setdefault("reprovisionPolicy", {"updateHubAssignment": True, "migrateDeviceData": True})
+        body.setdefault("capabilities", {"iotEdge": False})
+        now = iso(utc_now())
+        body["createdDateTimeUtc"] = existing.body["createdDateTimeUtc"] if existing else now
+        body["lastUpdatedDateTimeUtc"] = now
+        body["etag"] = f'"{uuid.uuid4()}"'  # a new etag on every write
+        return _Record(body, certificates)
+
+    def _delete(self, request: Request, kind: _Kind, store: dict[str, _Record], record_id: str) -> Response:
+        self._authorize(request)
+        record_id = unquote(record_id)
+        if_match = request.header("if-match")
+        with self._lock:
+            record = self._find(kind, store, record_id)
+            if if_match is not None and not _etag_matches(if_match, record.body["etag"]):
+                raise dps_error(412, PRECONDITION_FAILED, f"{kind.name} {record_id!r} has etag "
+                                f"{record.body['etag']}, the request sent If-Match {if_match}")
+            del store[record_id.lower()]
+        return Response(204)
+
+    def _find_registration(self, registration_id: str) -> _Registration:
+        registration = self._registrations.get(registration_id.lower())
+        if registration is None:
+            raise dps_error(404, NOT_FOUND, f"registration {registration_id!r} not found")
+        return registration
+
+    def _get_registration(self, request: Request, registration_id: str) -> Response:
+        self._authorize(request)
+        with self._lock:
+            state = copy.deepcopy(self._find_registration(unquote(registration_id)).state)
+        return Response(200, state, {"ETag": state["etag"]})
+
+    def _delete_registration(self, request: Request, registration_id: str) -> Response:
+        self._authorize(request)
+        registration_id = unquote(registration_id)
+        if_match = request.header("if-match")
+        with self._lock:
+            registration = self._find_registration(registration_id)
+            if if_match is not None and not _etag_matches(if_match, registration.state["etag"]):
+                raise dps_error(412, PRECONDITION_FAILED, f"registration {registration_id!r} has etag "
+                                f"{registration.state['etag']}, the request sent If-Match {if_match}")
+            del self._registrations[registration_id.lower()]
+        return Response(204)
+
+    def _query_registrations(self, request: Request, group_id: str) -> Response:
+        """The registration states of the devices that registered through one enrollment group."""
+        self._authorize(request)
+        group_id = unquote(group_id).lower()
+        with self._lock:
+            items = [copy.deepcopy(r.state) for r in self._registrations.values()
+                     if (r.enrollment_group_id or "").lower() == group_id]
+        return _query_page(request, items, "deviceRegistration")
+
+    # --- device registration --------------------------------------------------------------------------
+    def register(self, registration_id: str, chain: list[x509.Certificate], now: dt.datetime) -> dict:
+        """X.509 attestation as DPS does it; on success the device lands in the hub. The device API's
+        registrationState, or an ``HttpError`` with DPS's error body.
+
+        Order (learn.microsoft.com/azure/iot-dps/concepts-x509-attestation): the leaf's CN is the
+        registration id; an individual enrollment for that id decides alone (its certificate must be the
+        leaf; disabled refuses - the documented way to block one device of a group); otherwise the enrollment
+        group whose signing certificate is in the presented chain, each link's signature and validity checked.
+        """
+        problem = registration_id_problem(registration_id)
+        if problem:
+            raise dps_error(400, INVALID_ARGUMENT, f"registrationId {registration_id!r}: {problem}")
+        if not chain:
+            raise dps_error(401, UNAUTHORIZED, "Unauthorized: the device presented no client certificate")
+        leaf = chain[0]
+        common_name = _common_name(leaf)
+        if common_name != registration_id:
+            raise dps_error(401, UNAUTHORIZED, f"Unauthorized: the certificate's CN ({common_name!r}) is not the "
+                            f"registration id ({registration_id!r})")
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            raise dps_error(401, UNAUTHORIZED, f"Unauthorized: the device certificate is not valid at {iso(now)} "
+                            f"(valid {iso(leaf.not_valid_before_utc)} to {iso(leaf.not_valid_after_utc)})")
+        with self._lock:
+            enrollment = self._enrollments.get(registration_id.lower())
+            if enrollment is not None:
+                if not enrollment.holds(leaf):
+                    raise dps_error(401, UNAUTHORIZED, "Unauthorized: the device certificate is not the one in "
+                                    f"the individual enrollment {registration_id!r}")
+                if not enrollment.enabled:
+                    raise dps_error(401, ENROLLMENT_DISABLED, f"Enrollment {registration_id!r} is disabled")
+                return self._assign(registration_id, enrollment, None, now)
+            group_id, group = self._matching_group(_issuer_path(chain, now))
+            if group is None:
+                raise dps_error(401, UNAUTHORIZED, CHAIN_MISMATCH)
+            if not group.enabled:
+                raise dps_error(401, ENROLLMENT_DISABLED, f"Enrollment group {group_id!r} is disabled")
+            return self._assign(registration_id, group, group_id, now)
+
+    def _matching_group(self, path: list[x509.Certificate]) -> tuple[str, _Record | None]:
+        """The group holding the signing certificate closest to the leaf among those the device presented.
+
+        The certificate must be in the presented chain: a group holding the intermediate that signed the
+        device does not match when the device leaves that intermediate out (DPS's 401002).
+        """
+        for cert in path[1:]:
+            for record in self._groups.values():
+                if record.holds(cert):
+                    return record.body["enrollmentGroupId"], record
+        return "", None
+
+    def _assign(self, registration_id: str, enrollment: _Record, group_id: str | None, now: dt.datetime) -> dict:
+        body = enrollment.body
+        device_id = body.get("deviceId") or registration_id
+        previous = self._registrations.get(registration_id.lower())
+        migrate = (body.get("reprovisionPolicy") or {}).get("migrateDeviceData", True)
+        self.hub.provision_device(device_id, initial_twin=body.get("initialTwin"),
+                                  iot_edge=bool((body.get("capabilities") or {}).get("iotEdge")),
+                                  reset_twin=not migrate)
+        state = {
+            "registrationId": registration_id,
+            "createdDateTimeUtc": previous.state["createdDateTimeUtc"] if previous else iso(now),
+            "assignedHub": self.hub.hostname, "deviceId": device_id, "status": "assigned",
+            # Re-registering to the same (only) hub is "reprovisionedToInitialAssignment" in DPS's terms.
+            "substatus": "reprovisionedToInitialAssignment" if previous else "initialAssignment",
+            "lastUpdatedDateTimeUtc": iso(now), "etag": f'"{uuid.uuid4()}"',
+        }
+        self._registrations[registration_id.lower()] = _Registration(state, group_id)
+        device_state = copy.deepcopy(state)
+        if group_id is not None:
+            device_state["x509"] = {"enrollmentGroupId": group_id}
+        return device_state
+
+
+@dataclass
+class _Operation:
+    id_scope: str
+    registration_id: str
+    registration_state: dict
+    polls: int = 0
 
 
 class DpsDeviceEndpoint:
-    def __init__(self, instances):
-        self.instances = instances
+    """The device-facing endpoint (global.azure-devices-provisioning.net), routing by ID scope. Thread-safe."""
 
-    def routes(self):
-        return []
+    def __init__(self, instances: dict[str, DpsInstance], *, retry_after_s: int = DEFAULT_RETRY_AFTER_S):
+        self.instances = instances
+        self.retry_after_s = retry_after_s
+        self._operations: dict[str, _Operation] = {}
+        self._lock = threading.Lock()
+
+    def routes(self) -> list[Route]:
+        registration = r"/(?P<id_scope>[^/]+)/registrations/(?P<registration_id>[^/]+)"
+        return [
+            route("PUT", registration + r"/register", self._register),
+            route("GET", registration + r"/operations/(?P<operation_id>[^/]+)", self._operation),
+        ]
+
+    def _instance(self, request: Request, id_scope: str) -> DpsInstance:
+        if not request.query.get("api-version"):
+            raise dps_error(400, INVALID_ARGUMENT, "api-version is required")
+        instance = self.instances.get(unquote(id_scope))
+        if instance is None:
+            raise dps_error(404, UNKNOWN_ID_SCOPE, f"ID scope {unquote(id_scope)!r} not found")
+        return instance
+
+    def _register(self, request: Request, id_scope: str, registration_id: str) -> Response:
+        """Attest now (DPS answers an X.509 refusal on the register call itself); the device then polls."""
+        instance = self._instance(request, id_scope)
+        registration_id = unquote(registration_id)
+        body = request.json()
+        if body is not None and (not isinstance(body, dict)
+                                 or body.get("registrationId", registration_id) != registration_id):
+            raise dps_error(400, INVALID_ARGUMENT, "registrationId in the body differs from the one in the URI")
+        state = instance.register(registration_id, request.peer_chain, utc_now())
+        operation_id = f"5.{secrets.token_hex(8)}.{uuid.uuid4()}"
+        with self._lock:
+            self._operations[operation_id] = _Operation(instance.id_scope, registration_id, state)
+        return Response(202, {"operationId": operation_id, "status": "assigning"},
+                        {"Retry-After": str(self.retry_after_s)})
+
+    def _operation(self, request: Request, id_scope: str, registration_id: str, operation_id: str) -> Response:
+        """The first poll answers "assigning" (so clients must honour Retry-After and poll), then "assigned"."""
+        instance = self._instance(request, id_scope)
+        registration_id = unquote(registration_id)
+        if not request.peer_chain or _common_name(request.peer_chain[0]) != registration_id:
+            raise dps_error(401, UNAUTHORIZED, "Unauthorized: present the certificate of the registering device")
+        with self._lock:
+            operation = self._operations.get(unquote(operation_id))
+            if operation is None or (operation.id_scope, operation.registration_id) != (instance.id_scope,
+                                                                                        registration_id):
+                raise dps_error(404, NOT_FOUND, f"operation {unquote(operation_id)!r} not found for registration "
+                                f"{registration_id!r}")
+            operation.polls += 1
+            if operation.polls == 1:
+                return Response(200, {"operationId": unquote(operation_id), "status": "assigning"},
+                                {"Retry-After": str(self.retry_after_s)})
+            return Response(200, {"operationId": unquote(operation_id), "status": "assigned",
+                                  "registrationState": copy.deepcopy(operation.registration_state)})

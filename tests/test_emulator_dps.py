@@ -1,0 +1,166 @@
+"""The DPS service-API emulator, driven by the real ``DeviceProvisioningClient``."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import datetime, timezone
+
+import pytest
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
+from azure.iot.deviceprovisioning import DeviceProvisioningClient
+
+from clients.device_registration import register
+from emulators.core import EmulatorServer
+from emulators.dps import GROUP_QUOTA_EXCEEDED, DpsInstance
+from pki.export import cert_pem, chain_pem, key_pem, thumbprints
+from tests.x509_helpers import make_chain
+
+pytestmark = pytest.mark.integration
+
+
+def _client(connection_string: str, ca_path) -> DeviceProvisioningClient:
+    # from_connection_string builds an AzureNamedKeyCredential (SAS tokens signed with the key); the rest of
+    # the keywords reach the SDK's RequestsTransport, so connection_verify makes it trust the emulators' CA.
+    return DeviceProvisioningClient.from_connection_string(connection_string, connection_verify=str(ca_path))
+
+
+@pytest.fixture
+def dps(stack) -> DeviceProvisioningClient:
+    return _client(stack.dps_info()[0].connection_string, stack.ca_path)
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def _group(group_id: str, signing_pem: str, **extra) -> dict:
+    return {"enrollmentGroupId": group_id,
+            "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": signing_pem}}}},
+            **extra}
+
+
+def test_enrollment_group_lifecycle_with_etags(dps):
+    chain = make_chain()
+    group_id = _unique("group")
+    created = dps.enrollment_group.create_or_update(
+        id=group_id, enrollment_group=_group(group_id, cert_pem(chain.intermediate).decode(),
+                                             initialTwin={"tags": {"customer": "contoso"}}))
+    info = created["attestation"]["x509"]["signingCertificates"]["primary"]["info"]
+    assert "certificate" not in created["attestation"]["x509"]["signingCertificates"]["primary"]
+    assert info["sha1Thumbprint"] == thumbprints(chain.intermediate)["sha1"]
+    assert info["sha256Thumbprint"] == thumbprints(chain.intermediate)["sha256"]
+    assert info["subjectName"].startswith("CN=")
+    assert created["provisioningStatus"] == "enabled" and created["etag"]
+
+    fetched = dps.enrollment_group.get(group_id)
+    assert fetched["etag"] == created["etag"]
+    assert fetched["initialTwin"] == {"tags": {"customer": "contoso"}}
+
+    # Get-modify-put: the body carries the certificate as info only, which DPS accepts when it is unchanged.
+    fetched["initialTwin"] = {"tags": {"customer": "fabrikam"}}
+    updated = dps.enrollment_group.create_or_update(id=group_id, enrollment_group=fetched, if_match=fetched["etag"])
+    assert updated["etag"] != fetched["etag"]
+    assert updated["createdDateTimeUtc"] == created["createdDateTimeUtc"]
+
+    with pytest.raises(HttpResponseError) as stale:
+        dps.enrollment_group.create_or_update(id=group_id, enrollment_group=fetched, if_match=fetched["etag"])
+    assert stale.value.status_code == 412
+    with pytest.raises(ResourceExistsError):  # no If-Match on an existing group: DPS answers 409
+        dps.enrollment_group.create_or_update(id=group_id, enrollment_group=fetched)
+
+    updated["provisioningStatus"] = "disabled"
+    disabled = dps.enrollment_group.create_or_update(id=group_id, enrollment_group=updated, if_match=updated["etag"])
+    assert dps.enrollment_group.get(group_id)["provisioningStatus"] == "disabled"
+    assert group_id in {g["enrollmentGroupId"] for g in dps.enrollment_group.query({"query": "*"})}
+
+    dps.enrollment_group.delete(group_id, if_match=disabled["etag"])
+    with pytest.raises(ResourceNotFoundError):
+        dps.enrollment_group.get(group_id)
+
+
+def test_certificate_must_be_a_certificate(dps):
+    group_id = _unique("group")
+    not_a_cert = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+    with pytest.raises(HttpResponseError) as refused:
+        dps.enrollment_group.create_or_update(id=group_id, enrollment_group=_group(group_id, not_a_cert))
+    assert refused.value.status_code == 400
+    body = refused.value.response.json()
+    assert body["errorCode"] == 400004
+    assert "attestation.x509.signingCertificates.primary.certificate" in body["message"]
+
+
+def test_individual_enrollment_create_get_delete(dps):
+    registration_id = _unique("device")
+    device = make_chain(device_id=registration_id).device
+    enrollment = {"registrationId": registration_id, "provisioningStatus": "disabled",
+                  "attestation": {"type": "x509", "x509": {"clientCertificates": {
+                      "primary": {"certificate": cert_pem(device).decode()}}}}}
+    created = dps.enrollment.create_or_update(id=registration_id, enrollment=enrollment)
+    assert created["provisioningStatus"] == "disabled"
+    info = created["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+    assert info["sha256Thumbprint"] == thumbprints(device)["sha256"]
+    assert dps.enrollment.get(registration_id)["etag"] == created["etag"]
+    assert registration_id in {e["registrationId"] for e in dps.enrollment.query({"query": "*"})}
+
+    dps.enrollment.delete(registration_id, if_match=created["etag"])
+    with pytest.raises(ResourceNotFoundError):
+        dps.enrollment.get(registration_id)
+
+
+def test_group_limit_per_instance(stack):
+    """A small separate instance (max_groups=3) so the limit is reached in three calls."""
+    small = DpsInstance(name="small", id_scope="0neSMALL", shared_access_key=base64.b64encode(
+        secrets.token_bytes(32)).decode(), hub=stack.iothub, max_groups=3)
+    server = EmulatorServer("dps-small", small.routes(), stack.identity).start()
+    try:
+        small.endpoint = server.url
+        client = _client(f"HostName=127.0.0.1:{server.port};SharedAccessKeyName=provisioningserviceowner;"
+                         f"SharedAccessKey={small.shared_access_key}", stack.ca_path)
+        pem = cert_pem(make_chain().intermediate).decode()
+        for n in range(3):
+            client.enrollment_group.create_or_update(id=f"g{n}", enrollment_group=_group(f"g{n}", pem))
+        with pytest.raises(HttpResponseError) as full:
+            client.enrollment_group.create_or_update(id="g3", enrollment_group=_group("g3", pem))
+        assert full.value.status_code == 400
+        assert full.value.response.json()["errorCode"] == GROUP_QUOTA_EXCEEDED
+        # Updating one of the three is not a new group.
+        g0 = client.enrollment_group.get("g0")
+        client.enrollment_group.create_or_update(id="g0", enrollment_group=g0, if_match=g0["etag"])
+    finally:
+        server.stop()
+
+
+def test_wrong_key_is_unauthorized(stack):
+    info = stack.dps_info()[0]
+    wrong_key = base64.b64encode(secrets.token_bytes(32)).decode()
+    intruder = _client(info.connection_string.rsplit("SharedAccessKey=", 1)[0] + f"SharedAccessKey={wrong_key}",
+                       stack.ca_path)
+    with pytest.raises(ClientAuthenticationError):
+        intruder.enrollment_group.get("anything")
+
+
+def test_registration_state_after_a_device_registered(stack, dps, tmp_path):
+    registration_id, group_id = _unique("device"), _unique("group")
+    chain = make_chain(device_id=registration_id, now=datetime.now(timezone.utc))
+    dps.enrollment_group.create_or_update(id=group_id,
+                                          enrollment_group=_group(group_id, cert_pem(chain.intermediate).decode()))
+    (tmp_path / "chain.pem").write_bytes(chain_pem([chain.device, chain.intermediate]))
+    (tmp_path / "key.pem").write_bytes(key_pem(chain.device_key))
+    register(stack.device_endpoint_url, stack.dps[0].id_scope, registration_id, tmp_path / "chain.pem",
+             tmp_path / "key.pem", ca_path=stack.ca_path)
+
+    state = dps.device_registration_state.get(registration_id)
+    assert (state["status"], state["deviceId"], state["assignedHub"]) == ("assigned", registration_id,
+                                                                          stack.iothub.hostname)
+    assert state["substatus"] == "initialAssignment"
+    assert [s["registrationId"] for s in dps.device_registration_state.query(id=group_id)] == [registration_id]
+
+    dps.device_registration_state.delete(registration_id, if_match=state["etag"])
+    with pytest.raises(ResourceNotFoundError):
+        dps.device_registration_state.get(registration_id)
