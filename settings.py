@@ -48,6 +48,8 @@ class Settings:
     storage: StorageSettings
     state_container: str = "pki-state"
     key_vault_url: str | None = None
+    key_vault_sign_rate_per_s: float = 100.0
+    emulator_ca_path: Path | None = None
     local_keystore_dir: Path = Path(".pki-local/keystore")
     root_key_name: str = "pki-root-ca"
     root_common_name: str = "IoT PKI Root CA"
@@ -116,8 +118,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                                       field="ROOT_CA_KEY_TYPE", allowed=CA_ROOT_KEY_TYPES)
     except ValueError as exc:
         raise SettingsError("ROOT_CA_KEY_TYPE", str(exc).split(": ", 1)[-1]) from None
+    ca = env.get("EMULATOR_CA_PATH", "").strip()
+    if ca and not Path(ca).is_file():
+        raise SettingsError("EMULATOR_CA_PATH", f"{ca} is not a file (it is written by `pkictl local up`)")
     return Settings(
         storage=_storage(env),
+        key_vault_sign_rate_per_s=float(_int(env, "KEY_VAULT_SIGN_RATE_PER_S", 100, 1, 4000)),
+        emulator_ca_path=Path(ca) if ca else None,
         state_container=_match(env, "STATE_CONTAINER", "pki-state", _CONTAINER,
                                "is not a blob container name (3-63 of a-z, 0-9, '-')"),
         key_vault_url=key_vault_url,

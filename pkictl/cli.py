@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from cryptography import x509
+
 from handlers.errors import AlreadyExists, Conflict, InvalidMessage, NotFound, TransientError
 from pki import PkiError, export
 from pki.csr import accept_csr
@@ -153,10 +155,60 @@ class Cli:
         self.say(f"ok: {args.id} is a valid DPS registration id")
         return OK
 
+    def device_register(self, args: argparse.Namespace) -> int:
+        import tempfile
+
+        from clients.device_registration import DEFAULT_ENDPOINT, RegistrationError, register
+        from pki.ids import check_registration_id
+
+        certs = load_certificates(_read(args.cert, "--cert"), field="--cert")
+        if args.chain:
+            certs += load_certificates(_read(args.chain, "--chain"), field="--chain")
+        _read(args.key, "--key")
+        common_names = certs[0].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        registration_id = args.registration_id or (common_names[0].value if common_names else "")
+        check_registration_id(registration_id, field="--registration-id")
+        id_scope = args.id_scope or _single_id_scope(self.env)
+        endpoint = args.endpoint or self.env.get("DPS_DEVICE_ENDPOINT") or DEFAULT_ENDPOINT
+        with tempfile.TemporaryDirectory() as tmp:
+            chain_path = Path(tmp) / "chain.pem"
+            chain_path.write_bytes(export.chain_pem(certs))
+            try:
+                result = register(endpoint, id_scope, registration_id, chain_path, args.key,
+                                  ca_path=self.env.get("EMULATOR_CA_PATH") or None, timeout_s=args.timeout)
+            except RegistrationError as exc:
+                code = f" (DPS error {exc.error_code})" if exc.error_code else ""
+                self.say(f"registration of {registration_id} refused or failed{code}: {exc}")
+                if exc.error_code == 401002:
+                    self.say("hint: `pkictl doctor --cert CERT --chain CHAIN --root ROOT` names the cause")
+                return PROBLEM
+        self.say(f"{registration_id}: {result.status} to hub {result.assigned_hub} as device {result.device_id}")
+        return OK
+
+    def local(self, args: argparse.Namespace) -> int:
+        from . import local
+
+        if args.sub == "up":
+            return local.up(detach=args.detach, dps_instances=args.dps_instances, functions=not args.no_functions,
+                            out=self.out)
+        if args.sub == "down":
+            return local.down(self.out)
+        return local.status(self.out)
+
     def demo(self, args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return run_demo(self.out)
+
+
+def _single_id_scope(env: Mapping[str, str]) -> str:
+    try:
+        instances = json.loads(env.get("DPS_INSTANCES") or "[]")
+    except ValueError:
+        instances = []
+    if len(instances) == 1:
+        return instances[0]["idScope"]
+    raise UsageError("--id-scope is required (DPS_INSTANCES does not name exactly one DPS instance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     id_check = ident.add_parser("check", help="check a registration id against DPS's rules")
     id_check.add_argument("id")
     id_check.set_defaults(run=Cli.id_check)
+
+    device = commands.add_parser("device", help="devices").add_subparsers(dest="sub", required=True,
+                                                                            metavar="SUBCOMMAND")
+    register = device.add_parser("register", help="register with DPS over HTTPS with the device certificate "
+                                 "(mutual TLS), as a device does on first boot")
+    register.add_argument("--cert", required=True, metavar="FILE", help="device certificate (PEM, may include chain)")
+    register.add_argument("--key", required=True, metavar="FILE", help="device private key (PEM)")
+    register.add_argument("--chain", metavar="FILE", help="intermediate(s) to send after the device certificate")
+    register.add_argument("--id-scope", help="DPS id scope (default: the only one in DPS_INSTANCES)")
+    register.add_argument("--registration-id", metavar="ID", help="default: the certificate's CN")
+    register.add_argument("--endpoint", help="DPS device endpoint (default: DPS_DEVICE_ENDPOINT, else "
+                          "global.azure-devices-provisioning.net)")
+    register.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
+    register.set_defaults(run=Cli.device_register)
+
+    local = commands.add_parser("local", help="the local stack: Azurite, Key Vault/DPS/IoT Hub emulators, devhost"
+                                ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    local_up = local.add_parser("up", help="start the stack and write local.settings.json (Ctrl-C stops it)")
+    local_up.add_argument("--detach", action="store_true", help="return once everything is ready")
+    local_up.add_argument("--dps-instances", type=int, default=2, choices=range(1, 11), metavar="N",
+                          help="emulated DPS instances in the pool (1-10, default 2)")
+    local_up.add_argument("--no-functions", action="store_true", help="do not run function_app under devhost")
+    local_up.set_defaults(run=Cli.local)
+    local.add_parser("down", help="stop a detached stack").set_defaults(run=Cli.local)
+    local.add_parser("status", help="where the running stack is").set_defaults(run=Cli.local)
 
     demo = commands.add_parser("demo", help="run the main job on a throwaway local stack (Azurite)")
     demo.set_defaults(run=Cli.demo)

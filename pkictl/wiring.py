@@ -6,10 +6,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from clients.local_keystore import LocalKeyStore
+from clients.factory import key_store
 from clients.storage import state_store
 from handlers.ports import DocumentStore, KeyStore
-from settings import Settings, SettingsError, load_settings
+from settings import Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,7 @@ class Wiring:
 
 def wire(env: Mapping[str, str]) -> Wiring:
     settings = load_settings(env)
-    if settings.key_vault_url:
-        raise SettingsError("KEY_VAULT_URL", "is set, but this version signs with the local key store only "
-                            "(Key Vault signing arrives with customer onboarding); unset it for now")
-    passphrase = env.get("LOCAL_KEYSTORE_PASSPHRASE", "").encode() or None
-    keys = LocalKeyStore(settings.local_keystore_dir, passphrase)
+    keys = key_store(settings, local_passphrase=env.get("LOCAL_KEYSTORE_PASSPHRASE", "").encode() or None)
     return Wiring(settings=settings, store=state_store(settings), keys=keys)
 
 

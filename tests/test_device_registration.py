@@ -150,3 +150,25 @@ def test_unknown_id_scope_is_refused(stack, tmp_path):
         register(stack.device_endpoint_url, "0neNOSUCHSCOPE", device_id, *_files(tmp_path, _device_chain(device_id)),
                  ca_path=stack.ca_path)
     assert refused.value.status_code == 404
+
+
+def test_pkictl_device_register_succeeds_then_names_a_missing_intermediate(stack, dps, tmp_path):
+    import io
+
+    from pkictl.cli import main
+
+    device_id = f"device-{secrets.token_hex(4)}"
+    chain = _device_chain(device_id)
+    _enroll_group(dps, chain)
+    (tmp_path / "device.pem").write_bytes(cert_pem(chain.device))
+    (tmp_path / "chain.pem").write_bytes(cert_pem(chain.intermediate))
+    (tmp_path / "device.key").write_bytes(key_pem(chain.device_key))
+    env = {"DPS_DEVICE_ENDPOINT": stack.device_endpoint_url, "EMULATOR_CA_PATH": str(stack.ca_path)}
+    base = ["device", "register", "--cert", str(tmp_path / "device.pem"), "--key", str(tmp_path / "device.key"),
+            "--id-scope", stack.dps[0].id_scope]
+    out = io.StringIO()
+    assert main([*base, "--chain", str(tmp_path / "chain.pem")], env=env, out=out) == 0
+    assert f"{device_id}: assigned to hub {stack.iothub.hostname} as device {device_id}" in out.getvalue()
+    out = io.StringIO()
+    assert main(base, env=env, out=out) == 1
+    assert "DPS error 401002" in out.getvalue() and "pkictl doctor" in out.getvalue()

@@ -1,0 +1,274 @@
+"""Azure Key Vault behind the handlers' ports: CA keys that sign without leaving it, and secrets.
+
+On Azure the credential is ``DefaultAzureCredential``. Against the emulator (``emulators/keyvault.py``)
+pass ``connection_verify=<its CA file>``, ``verify_challenge_resource=False`` (its challenge names
+vault.azure.net, which is not 127.0.0.1) and a ``StaticTokenCredential``.
+
+Throttling (DESIGN.md section 3). Key Vault allows, per vault and 10 s, 4,000 signs with EC and
+RSA-2048 software keys, 1,000 with RSA-3072 and 500 with RSA-4096, and may answer 429 without
+Retry-After. azure-core's ``RetryPolicy`` (``azure/core/pipeline/policies/_retry.py``, 1.41) then
+gives up on a sign: ``is_retry`` retries a POST only on 500/503/504 or when Retry-After is present,
+its backoff is 0 before the first retry and has no jitter, and it allows 3 status retries. Two
+things fix that here, both through public means:
+
+- ``KeyVaultRetryPolicy``, a ``RetryPolicy`` subclass passed as ``retry_policy=`` to every SDK client:
+  429 is retried for every method (a throttled request was not executed), POST is retried like
+  GET for the side-effect-free sign, and the backoff follows Key Vault's guidance (1, 2, 4... s,
+  https://learn.microsoft.com/azure/key-vault/general/overview-throttling) with jitter so throttled
+  workers do not retry in lockstep. A Retry-After, when sent, still decides the wait.
+- a client-side token bucket per key-size class, as a ``per_retry_policies=`` pipeline policy of
+  the clients that sign: every attempt, retries included, takes a token, so a batch stays under
+  the limit instead of discovering it, and workers woken together by Retry-After are spaced out.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from azure.core.credentials import AccessToken, TokenCredential
+from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.policies import RetryPolicy, SansIOHTTPPolicy
+from azure.keyvault.keys import JsonWebKey, KeyClient, KeyCurveName, KeyOperation, KeyVaultKey
+from azure.keyvault.keys.crypto import CryptographyClient
+from azure.keyvault.secrets import SecretClient
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from handlers.ports import KeyRef
+from pki.keys import KeyType, PublicKey
+from pki.signing import SignFn
+
+from .errors import translated
+
+# A quarter of Key Vault's EC/RSA-2048 sign limit (4,000 per 10 s): the limit is per vault, shared by
+# every Functions instance the app scales out to. RSA-3072/4096 get the same fraction of theirs.
+DEFAULT_SIGN_RATE_PER_S = 100.0
+# Sign limits per vault and 10 s, software keys; HSM keys get half
+# (https://learn.microsoft.com/azure/key-vault/general/service-limits, DESIGN.md section 3).
+_SIGN_LIMIT_PER_10S = {KeyType.EC_P256: 4000, KeyType.EC_P384: 4000, KeyType.RSA_2048: 4000,
+                       KeyType.RSA_3072: 1000, KeyType.RSA_4096: 500}
+_CURVE_NAMES = {KeyType.EC_P256: KeyCurveName.p_256, KeyType.EC_P384: KeyCurveName.p_384}
+_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1}
+_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault object names (same rule as the local key store)
+# A CA key only signs (and verifies); Key Vault's default for RSA would also allow decrypt and unwrap.
+_KEY_OPERATIONS = [KeyOperation.sign, KeyOperation.verify]
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{what} name {name!r}: use 1-127 of a-z, A-Z, 0-9, '-'")
+
+
+class StaticTokenCredential:
+    """A fixed bearer token, valid for an hour from each request. For the Key Vault emulator only:
+    the emulator accepts any bearer token; Azure accepts none of these."""
+
+    def __init__(self, token: str = "emulator-token"):
+        self._token = token
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken(self._token, int(time.time()) + 3600)
+
+
+class KeyVaultRetryPolicy(RetryPolicy):
+    """azure-core's ``RetryPolicy`` plus what Key Vault's throttling needs (see the module docstring).
+
+    Overrides only the policy's public hooks: ``configure_retries`` (POST joins the retried methods
+    when ``retry_post``), ``is_retry`` (429 always retried) and ``get_backoff_time`` (jittered
+    exponential from the first retry). ``retry_total`` also bounds status retries, which
+    azure-core otherwise caps at 3.
+    """
+
+    def __init__(self, *, retry_post: bool = False, retry_total: int = 8, retry_backoff_factor: float = 1.0,
+                 retry_backoff_max: float = 30.0, **kwargs: Any):
+        super().__init__(retry_total=retry_total, retry_status=retry_total, retry_backoff_factor=retry_backoff_factor,
+                         retry_backoff_max=retry_backoff_max, **kwargs)
+        self._retry_post = retry_post
+
+    def configure_retries(self, options: dict[str, Any]) -> dict[str, Any]:
+        settings = super().configure_retries(options)
+        if self._retry_post:
+            settings["methods"] = frozenset(settings["methods"]) | {"POST"}
+        return settings
+
+    def is_retry(self, settings: dict[str, Any], response) -> bool:
+        if response.http_response.status_code == 429:
+            return settings["total"] > 0
+        return bool(super().is_retry(settings, response))
+
+    def get_backoff_time(self, settings: dict[str, Any]) -> float:
+        ceiling = min(settings["max_backoff"], settings["backoff"] * 2 ** (len(settings["history"]) - 1))
+        # "Equal jitter": never an immediate retry (Key Vault: "avoid immediate retries"), never in lockstep.
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class TokenBucket:
+    """Spaces acquisitions ``1 / rate_per_s`` apart; thread-safe.
+
+    A bucket of one token, so no bursts: Key Vault counts over 10 s, the budget is shared with other
+    instances, and a burst after an idle spell (or after workers wake from a Retry-After) is exactly
+    what gets throttled. A caller reserves its slot under the lock and sleeps outside it, so waiting
+    callers queue in arrival order without holding the lock.
+    """
+
+    def __init__(self, rate_per_s: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not rate_per_s > 0:
+            raise ValueError(f"rate_per_s: must be more than 0, got {rate_per_s}")
+        self.rate = float(rate_per_s)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = 1.0
+        self._stamp = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take the token, waiting for the next free slot; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate) - 1
+            self._stamp = now
+            wait = -self._tokens / self.rate
+        if wait > 0:
+            self._sleep(wait)
+        return max(wait, 0.0)
+
+
+class RateLimitPolicy(SansIOHTTPPolicy):
+    """Takes a token from ``bucket`` before each attempt (placed after the retry policy)."""
+
+    def __init__(self, bucket: TokenBucket):
+        self._bucket = bucket
+
+    def on_request(self, request: PipelineRequest) -> None:
+        self._bucket.acquire()
+
+
+def public_key_from_jwk(jwk: JsonWebKey) -> PublicKey:
+    """The ``cryptography`` public key of a Key Vault JWK (EC P-256/P-384 or RSA)."""
+    if jwk.kty in ("EC", "EC-HSM"):
+        curve = _CURVES.get(jwk.crv)
+        if curve is None:
+            raise ValueError(f"crv: {jwk.crv!r} is not a curve this service uses; use P-256 or P-384")
+        return ec.EllipticCurvePublicNumbers(int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"),
+                                             curve()).public_key()
+    if jwk.kty in ("RSA", "RSA-HSM"):
+        return rsa.RSAPublicNumbers(int.from_bytes(jwk.e, "big"), int.from_bytes(jwk.n, "big")).public_key()
+    raise ValueError(f"kty: {jwk.kty!r} is not a key type this service uses; use EC or RSA")
+
+
+def _client_options(connection_verify: str | None, verify_challenge_resource: bool,
+                    retry_policy: KeyVaultRetryPolicy, **pipeline: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {"verify_challenge_resource": verify_challenge_resource, "retry_policy": retry_policy,
+                               **pipeline}
+    if connection_verify is not None:
+        options["connection_verify"] = str(connection_verify)
+    return options
+
+
+class KeyVaultKeyStore:
+    """``KeyStore`` over Key Vault: keys are created non-exportable with sign/verify only, and sign there.
+
+    One ``CryptographyClient`` per key version is kept (it fetches the public key once). Retry
+    settings take azure-core's names; with the defaults a sign gives up after at most about two minutes
+    of throttling (1 + 2 + 4 + 8 + 16 + 30 + 30 + 30 s).
+    """
+
+    def __init__(self, vault_url: str, credential: TokenCredential, *, connection_verify: str | None = None,
+                 verify_challenge_resource: bool = True, sign_rate_per_s: float = DEFAULT_SIGN_RATE_PER_S,
+                 retry_total: int = 8, retry_backoff_factor: float = 1.0, retry_backoff_max: float = 30.0):
+        if not sign_rate_per_s > 0:
+            raise ValueError(f"sign_rate_per_s: must be more than 0, got {sign_rate_per_s}")
+        retry = {"retry_total": retry_total, "retry_backoff_factor": retry_backoff_factor,
+                 "retry_backoff_max": retry_backoff_max}
+        self._credential = credential
+        # create_key is a POST that makes a version: retried on 429 only (then it was not executed).
+        self._keys = KeyClient(vault_url, credential, **_client_options(
+            connection_verify, verify_challenge_resource, KeyVaultRetryPolicy(**retry)))
+        sign_retry = KeyVaultRetryPolicy(retry_post=True, **retry)
+        self._crypto_options = {
+            key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, per_retry_policies=[
+                RateLimitPolicy(TokenBucket(sign_rate_per_s * limit / _SIGN_LIMIT_PER_10S[KeyType.EC_P256]))])
+            for key_type, limit in _SIGN_LIMIT_PER_10S.items()
+        }
+        self._crypto: dict[tuple[str, str], CryptographyClient] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _ref(key: KeyVaultKey) -> KeyRef:
+        public_key = public_key_from_jwk(key.key)
+        return KeyRef(name=key.name, version=key.properties.version, key_type=KeyType.of(public_key),
+                      public_key=public_key)
+
+    def create_key(self, name: str, key_type: KeyType) -> KeyRef:
+        _check_name(name, "key")
+        with translated(f"key {name}"):
+            if key_type.is_ec:
+                key = self._keys.create_ec_key(name, curve=_CURVE_NAMES[key_type], key_operations=_KEY_OPERATIONS,
+                                               exportable=False)
+            else:
+                key = self._keys.create_rsa_key(name, size=key_type.rsa_bits, key_operations=_KEY_OPERATIONS,
+                                                exportable=False)
+        return self._ref(key)
+
+    def get_key(self, name: str, version: str | None = None) -> KeyRef:
+        _check_name(name, "key")
+        with translated(f"key {name}/{version}" if version else f"key {name}"):
+            key = self._keys.get_key(name, version)
+        return self._ref(key)
+
+    def _crypto_client(self, key: KeyRef) -> CryptographyClient:
+        with self._lock:
+            client = self._crypto.get((key.name, key.version))
+            if client is None:
+                key_id = f"{self._keys.vault_url}/keys/{key.name}/{key.version}"
+                client = CryptographyClient(key_id, self._credential, **self._crypto_options[key.key_type])
+                self._crypto[(key.name, key.version)] = client
+            return client
+
+    def signer(self, key: KeyRef) -> SignFn:
+        client = self._crypto_client(key)
+        what = f"key {key.name}/{key.version}: sign"
+
+        def sign(algorithm: str, digest: bytes) -> bytes:
+            with translated(what):
+                return client.sign(algorithm, digest).signature
+
+        return sign
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._crypto = list(self._crypto.values()), {}
+        for client in clients:
+            client.close()
+        self._keys.close()
+
+
+class KeyVaultSecrets:
+    """Secrets (batch PFX passwords). Values are never logged: errors name the secret, never its value,
+    and the SDK logs request bodies only with ``logging_enable``, which is never set here."""
+
+    def __init__(self, vault_url: str, credential: TokenCredential, *, connection_verify: str | None = None,
+                 verify_challenge_resource: bool = True, retry_total: int = 8, retry_backoff_factor: float = 1.0,
+                 retry_backoff_max: float = 30.0):
+        policy = KeyVaultRetryPolicy(retry_total=retry_total, retry_backoff_factor=retry_backoff_factor,
+                                     retry_backoff_max=retry_backoff_max)
+        self._client = SecretClient(vault_url, credential,
+                                    **_client_options(connection_verify, verify_challenge_resource, policy))
+
+    def set_secret(self, name: str, value: str) -> str:
+        """Store ``value`` as a new version of ``name``; returns that version."""
+        _check_name(name, "secret")
+        with translated(f"secret {name}"):
+            return self._client.set_secret(name, value).properties.version
+
+    def get_secret(self, name: str, version: str | None = None) -> str:
+        _check_name(name, "secret")
+        with translated(f"secret {name}/{version}" if version else f"secret {name}"):
+            return self._client.get_secret(name, version).value
+
+    def close(self) -> None:
+        self._client.close()

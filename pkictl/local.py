@@ -1,0 +1,143 @@
+"""``pkictl local up|down|status``: the local stack (Azurite + emulators + devhost) for a person."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+from devhost.stack import STATE_DIR, LocalStack, write_local_settings
+
+STACK_FILE = STATE_DIR / "stack.json"
+READY_TIMEOUT_S = 180
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _running() -> dict | None:
+    try:
+        info = json.loads(STACK_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if _alive(info.get("pid", -1)) else None
+
+
+def _describe(stack: LocalStack, settings_path: Path) -> dict:
+    emulators = stack.emulators
+    return {
+        "pid": os.getpid(), "ready": True, "localSettings": str(settings_path),
+        "azurite": {"blob": f"http://127.0.0.1:{stack.azurite.blob_port}",
+                    "queue": f"http://127.0.0.1:{stack.azurite.queue_port}"},
+        "keyVault": emulators.keyvault_url, "iotHub": emulators.iothub.hostname,
+        "dps": [{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope} for d in emulators.dps_info()],
+        "dpsDeviceEndpoint": emulators.device_endpoint_url, "emulatorCa": str(emulators.ca_path),
+        "devhostLog": str(stack.state_dir / "devhost.log") if stack.run_functions else None,
+    }
+
+
+def _print_summary(info: dict, out: TextIO) -> None:
+    print("local stack is up (loopback only):", file=out)
+    print(f"  storage (Azurite)   {info['azurite']['blob']}  {info['azurite']['queue']}", file=out)
+    print(f"  Key Vault emulator  {info['keyVault']}", file=out)
+    for dps in info["dps"]:
+        print(f"  DPS {dps['name']:<15} {dps['endpoint']}  idScope {dps['idScope']}", file=out)
+    print(f"  DPS device endpoint {info['dpsDeviceEndpoint']}", file=out)
+    print(f"  IoT Hub emulator    {info['iotHub']}", file=out)
+    if info.get("devhostLog"):
+        print(f"  functions (devhost) log: {info['devhostLog']}", file=out)
+    print(f"settings written to {info['localSettings']}; `pkictl ...` now talks to this stack. "
+          "Stop it with `pkictl local down`.", file=out)
+
+
+def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO) -> int:
+    running = _running()
+    if running:
+        print(f"a local stack is running already (pid {running['pid']}); `pkictl local down` stops it", file=out)
+        return 1
+    if detach:
+        return _up_detached(dps_instances, functions, out)
+    settings_path = Path.cwd() / "local.settings.json"
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalStack(dps_instances=dps_instances, run_functions=functions) as stack:
+        write_local_settings(stack.settings(), settings_path)
+        info = _describe(stack, settings_path)
+        STACK_FILE.write_text(json.dumps(info, indent=2))
+        _print_summary(info, out)
+        out.flush()
+        try:
+            while not stop.wait(1.0):
+                if stack.devhost is not None and stack.devhost.poll() is not None:
+                    print(f"devhost exited with code {stack.devhost.returncode}; see {info['devhostLog']}", file=out)
+                    break
+        finally:
+            STACK_FILE.unlink(missing_ok=True)
+    print("local stack stopped", file=out)
+    return 0
+
+
+def _up_detached(dps_instances: int, functions: bool, out: TextIO) -> int:
+    STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = STATE_DIR / "stack.log"
+    args = [sys.executable, "-m", "pkictl", "local", "up", "--dps-instances", str(dps_instances)]
+    if not functions:
+        args.append("--no-functions")
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, cwd=Path.cwd())
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = _running()
+        if info and info.get("pid") == child.pid and info.get("ready"):
+            _print_summary(info, out)
+            return 0
+        if child.poll() is not None:
+            print(f"the local stack failed to start (exit {child.returncode}); last lines of {log_path}:", file=out)
+            print("\n".join(log_path.read_text(errors="replace").splitlines()[-20:]), file=out)
+            return 1
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGTERM)
+    print(f"the local stack was not ready within {READY_TIMEOUT_S}s; see {log_path}", file=out)
+    return 1
+
+
+def down(out: TextIO) -> int:
+    info = _running()
+    if not info:
+        STACK_FILE.unlink(missing_ok=True)
+        print("no local stack is running", file=out)
+        return 0
+    pid = info["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    STACK_FILE.unlink(missing_ok=True)
+    print(f"local stack (pid {pid}) stopped", file=out)
+    return 0
+
+
+def status(out: TextIO) -> int:
+    info = _running()
+    if not info:
+        print("no local stack is running; `pkictl local up --detach` starts one", file=out)
+        return 1
+    _print_summary(info, out)
+    return 0
