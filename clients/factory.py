@@ -11,7 +11,7 @@ from .local_keystore import LocalKeyStore
 def credential(settings: Settings):
     """The emulators take any bearer token; Azure takes the managed identity (DefaultAzureCredential)."""
     if settings.emulator_ca_path:
-        from .keyvault import StaticTokenCredential
+        from .retry import StaticTokenCredential
 
         return StaticTokenCredential()
     from azure.identity import DefaultAzureCredential

@@ -11,7 +11,7 @@ gives up on a sign: ``is_retry`` retries a POST only on 500/503/504 or when Retr
 its backoff is 0 before the first retry and has no jitter, and it allows 3 status retries. Two
 things fix that here, both through public means:
 
-- ``KeyVaultRetryPolicy``, a ``RetryPolicy`` subclass passed as ``retry_policy=`` to every SDK client:
+- ``ThrottlingRetryPolicy``, a ``RetryPolicy`` subclass passed as ``retry_policy=`` to every SDK client:
   429 is retried for every method (a throttled request was not executed), POST is retried like
   GET for the side-effect-free sign, and the backoff follows Key Vault's guidance (1, 2, 4... s,
   https://learn.microsoft.com/azure/key-vault/general/overview-throttling) with jitter so throttled
@@ -23,16 +23,11 @@ things fix that here, both through public means:
 
 from __future__ import annotations
 
-import random
 import re
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
-from azure.core.credentials import AccessToken, TokenCredential
-from azure.core.pipeline import PipelineRequest
-from azure.core.pipeline.policies import RetryPolicy, SansIOHTTPPolicy
+from azure.core.credentials import TokenCredential
 from azure.keyvault.keys import JsonWebKey, KeyClient, KeyCurveName, KeyOperation, KeyVaultKey
 from azure.keyvault.keys.crypto import CryptographyClient
 from azure.keyvault.secrets import SecretClient
@@ -43,6 +38,7 @@ from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
 
 from .errors import translated
+from .retry import RateLimitPolicy, ThrottlingRetryPolicy, TokenBucket
 
 # A quarter of Key Vault's EC/RSA-2048 sign limit (4,000 per 10 s): the limit is per vault, shared by
 # every Functions instance the app scales out to. RSA-3072/4096 get the same fraction of theirs.
@@ -63,90 +59,6 @@ def _check_name(name: str, what: str) -> None:
         raise ValueError(f"{what} name {name!r}: use 1-127 of a-z, A-Z, 0-9, '-'")
 
 
-class StaticTokenCredential:
-    """A fixed bearer token, valid for an hour from each request. For the Key Vault emulator only:
-    the emulator accepts any bearer token; Azure accepts none of these."""
-
-    def __init__(self, token: str = "emulator-token"):
-        self._token = token
-
-    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        return AccessToken(self._token, int(time.time()) + 3600)
-
-
-class KeyVaultRetryPolicy(RetryPolicy):
-    """azure-core's ``RetryPolicy`` plus what Key Vault's throttling needs (see the module docstring).
-
-    Overrides only the policy's public hooks: ``configure_retries`` (POST joins the retried methods
-    when ``retry_post``), ``is_retry`` (429 always retried) and ``get_backoff_time`` (jittered
-    exponential from the first retry). ``retry_total`` also bounds status retries, which
-    azure-core otherwise caps at 3.
-    """
-
-    def __init__(self, *, retry_post: bool = False, retry_total: int = 8, retry_backoff_factor: float = 1.0,
-                 retry_backoff_max: float = 30.0, **kwargs: Any):
-        super().__init__(retry_total=retry_total, retry_status=retry_total, retry_backoff_factor=retry_backoff_factor,
-                         retry_backoff_max=retry_backoff_max, **kwargs)
-        self._retry_post = retry_post
-
-    def configure_retries(self, options: dict[str, Any]) -> dict[str, Any]:
-        settings = super().configure_retries(options)
-        if self._retry_post:
-            settings["methods"] = frozenset(settings["methods"]) | {"POST"}
-        return settings
-
-    def is_retry(self, settings: dict[str, Any], response) -> bool:
-        if response.http_response.status_code == 429:
-            return settings["total"] > 0
-        return bool(super().is_retry(settings, response))
-
-    def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        ceiling = min(settings["max_backoff"], settings["backoff"] * 2 ** (len(settings["history"]) - 1))
-        # "Equal jitter": never an immediate retry (Key Vault: "avoid immediate retries"), never in lockstep.
-        return random.uniform(ceiling / 2, ceiling)
-
-
-class TokenBucket:
-    """Spaces acquisitions ``1 / rate_per_s`` apart; thread-safe.
-
-    A bucket of one token, so no bursts: Key Vault counts over 10 s, the budget is shared with other
-    instances, and a burst after an idle spell (or after workers wake from a Retry-After) is exactly
-    what gets throttled. A caller reserves its slot under the lock and sleeps outside it, so waiting
-    callers queue in arrival order without holding the lock.
-    """
-
-    def __init__(self, rate_per_s: float, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        if not rate_per_s > 0:
-            raise ValueError(f"rate_per_s: must be more than 0, got {rate_per_s}")
-        self.rate = float(rate_per_s)
-        self._clock, self._sleep = clock, sleep
-        self._tokens = 1.0
-        self._stamp = clock()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> float:
-        """Take the token, waiting for the next free slot; returns the seconds waited."""
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate) - 1
-            self._stamp = now
-            wait = -self._tokens / self.rate
-        if wait > 0:
-            self._sleep(wait)
-        return max(wait, 0.0)
-
-
-class RateLimitPolicy(SansIOHTTPPolicy):
-    """Takes a token from ``bucket`` before each attempt (placed after the retry policy)."""
-
-    def __init__(self, bucket: TokenBucket):
-        self._bucket = bucket
-
-    def on_request(self, request: PipelineRequest) -> None:
-        self._bucket.acquire()
-
-
 def public_key_from_jwk(jwk: JsonWebKey) -> PublicKey:
     """The ``cryptography`` public key of a Key Vault JWK (EC P-256/P-384 or RSA)."""
     if jwk.kty in ("EC", "EC-HSM"):
@@ -161,7 +73,7 @@ def public_key_from_jwk(jwk: JsonWebKey) -> PublicKey:
 
 
 def _client_options(connection_verify: str | None, verify_challenge_resource: bool,
-                    retry_policy: KeyVaultRetryPolicy, **pipeline: Any) -> dict[str, Any]:
+                    retry_policy: ThrottlingRetryPolicy, **pipeline: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"verify_challenge_resource": verify_challenge_resource, "retry_policy": retry_policy,
                                **pipeline}
     if connection_verify is not None:
@@ -187,8 +99,8 @@ class KeyVaultKeyStore:
         self._credential = credential
         # create_key is a POST that makes a version: retried on 429 only (then it was not executed).
         self._keys = KeyClient(vault_url, credential, **_client_options(
-            connection_verify, verify_challenge_resource, KeyVaultRetryPolicy(**retry)))
-        sign_retry = KeyVaultRetryPolicy(retry_post=True, **retry)
+            connection_verify, verify_challenge_resource, ThrottlingRetryPolicy(**retry)))
+        sign_retry = ThrottlingRetryPolicy(retry_post=True, **retry)
         self._crypto_options = {
             key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, per_retry_policies=[
                 RateLimitPolicy(TokenBucket(sign_rate_per_s * limit / _SIGN_LIMIT_PER_10S[KeyType.EC_P256]))])
@@ -254,7 +166,7 @@ class KeyVaultSecrets:
     def __init__(self, vault_url: str, credential: TokenCredential, *, connection_verify: str | None = None,
                  verify_challenge_resource: bool = True, retry_total: int = 8, retry_backoff_factor: float = 1.0,
                  retry_backoff_max: float = 30.0):
-        policy = KeyVaultRetryPolicy(retry_total=retry_total, retry_backoff_factor=retry_backoff_factor,
+        policy = ThrottlingRetryPolicy(retry_total=retry_total, retry_backoff_factor=retry_backoff_factor,
                                      retry_backoff_max=retry_backoff_max)
         self._client = SecretClient(vault_url, credential,
                                     **_client_options(connection_verify, verify_challenge_resource, policy))

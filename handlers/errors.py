@@ -6,13 +6,25 @@ class HandlerError(Exception):
     """Base of every error a handler or a port raises on purpose."""
 
 
-class InvalidMessage(HandlerError, ValueError):
-    """The input cannot be accepted as it is; retrying will not help. ``field`` names the culprit."""
+class Rejected(HandlerError):
+    """The request cannot be carried out; retrying will not help. Recorded with its reason, not retried.
+    ``field`` names the culprit where there is one."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.reason = message
+
+
+class InvalidMessage(Rejected, ValueError):
+    """The input is malformed or breaks a rule of its contract."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message, field=field)
+
+
+class CapacityExhausted(Rejected):
+    """No room left where the request needs it (e.g. every DPS instance holds 100 enrollment groups)."""
 
 
 class NotFound(HandlerError):

@@ -8,13 +8,13 @@ each profile follows DESIGN.md section 3 and RFC 5280 section 4.2.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .countries import ISO_3166_ALPHA2
 from .errors import InvalidInput
 from .ids import check_registration_id
 from .keys import PrivateKey, PublicKey
@@ -28,7 +28,6 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 VERIFICATION_VALIDITY = dt.timedelta(days=2)
 # X.520 ub-common-name / ub-organization-name.
 MAX_NAME_LENGTH = 64
-_COUNTRY = re.compile(r"[A-Z]{2}")
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,8 @@ def build_name(common_name: str, *, organization: str | None = None, country: st
     """Subject name ``C, O, CN`` (most significant first), each part checked."""
     attributes = []
     if country is not None:
-        if not isinstance(country, str) or not _COUNTRY.fullmatch(country):
-            raise InvalidInput("country", f"{country!r} must be an ISO 3166 alpha-2 code such as 'DE'")
+        if not isinstance(country, str) or country not in ISO_3166_ALPHA2:
+            raise InvalidInput("country", f"{country!r} is not an ISO 3166 alpha-2 code such as 'DE'")
         attributes.append(x509.NameAttribute(NameOID.COUNTRY_NAME, country))
     if organization is not None:
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, _text(organization, "organization")))

@@ -16,7 +16,8 @@ from azure.keyvault.secrets import SecretClient
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
-from clients.keyvault import StaticTokenCredential, public_key_from_jwk
+from clients.keyvault import public_key_from_jwk
+from clients.retry import StaticTokenCredential
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clients.keyvault import KeyVaultKeyStore, KeyVaultRetryPolicy, KeyVaultSecrets, StaticTokenCredential, TokenBucket
+from clients.keyvault import KeyVaultKeyStore, KeyVaultSecrets
+from clients.retry import StaticTokenCredential, ThrottlingRetryPolicy, TokenBucket
 from handlers.errors import NotFound
 from handlers.ports import KeyRef
 from pki import profiles
@@ -104,13 +105,13 @@ def test_signing_rides_out_a_flaky_vault(stack):
 
 
 def test_backoff_grows_from_the_first_retry_with_jitter_and_a_ceiling():
-    policy = KeyVaultRetryPolicy()
+    policy = ThrottlingRetryPolicy()
     for failures, (low, high) in {1: (0.5, 1), 2: (1, 2), 3: (2, 4), 6: (15, 30), 8: (15, 30)}.items():
         settings = policy.configure_retries({})
         settings["history"] = [None] * failures
         waits = {policy.get_backoff_time(settings) for _ in range(50)}
         assert all(low <= wait <= high for wait in waits) and len(waits) > 1
-    assert "POST" in KeyVaultRetryPolicy(retry_post=True).configure_retries({})["methods"]
+    assert "POST" in ThrottlingRetryPolicy(retry_post=True).configure_retries({})["methods"]
     assert "POST" not in policy.configure_retries({})["methods"]
 
 

@@ -1,0 +1,105 @@
+"""Retry and client-side rate limiting for throttled Azure services, through azure-core's public hooks.
+
+Used by the Key Vault, DPS and IoT Hub clients: a ``RetryPolicy`` subclass passed as ``retry_policy=``
+and a token-bucket ``per_retry_policies=`` policy, never by patching the SDKs.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from azure.core.credentials import AccessToken
+from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.policies import RetryPolicy, SansIOHTTPPolicy
+
+
+class StaticTokenCredential:
+    """A fixed bearer token, valid for an hour from each request. For the Key Vault emulator only:
+    the emulator accepts any bearer token; Azure accepts none of these."""
+
+    def __init__(self, token: str = "emulator-token"):
+        self._token = token
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken(self._token, int(time.time()) + 3600)
+
+
+class ThrottlingRetryPolicy(RetryPolicy):
+    """azure-core's ``RetryPolicy`` plus what throttled Azure services need (Key Vault, DPS, IoT Hub).
+
+    azure-core 1.41 retries a POST only on 500/503/504 or with Retry-After, waits 0 s before the first
+    retry, has no jitter and allows 3 status retries; a 429 without Retry-After on a sign (a POST)
+    would reach the caller.
+
+    Overrides only the policy's public hooks: ``configure_retries`` (POST joins the retried methods
+    when ``retry_post``), ``is_retry`` (429 always retried) and ``get_backoff_time`` (jittered
+    exponential from the first retry). ``retry_total`` also bounds status retries, which
+    azure-core otherwise caps at 3.
+    """
+
+    def __init__(self, *, retry_post: bool = False, retry_total: int = 8, retry_backoff_factor: float = 1.0,
+                 retry_backoff_max: float = 30.0, **kwargs: Any):
+        super().__init__(retry_total=retry_total, retry_status=retry_total, retry_backoff_factor=retry_backoff_factor,
+                         retry_backoff_max=retry_backoff_max, **kwargs)
+        self._retry_post = retry_post
+
+    def configure_retries(self, options: dict[str, Any]) -> dict[str, Any]:
+        settings = super().configure_retries(options)
+        if self._retry_post:
+            settings["methods"] = frozenset(settings["methods"]) | {"POST"}
+        return settings
+
+    def is_retry(self, settings: dict[str, Any], response) -> bool:
+        if response.http_response.status_code == 429:
+            return settings["total"] > 0
+        return bool(super().is_retry(settings, response))
+
+    def get_backoff_time(self, settings: dict[str, Any]) -> float:
+        ceiling = min(settings["max_backoff"], settings["backoff"] * 2 ** (len(settings["history"]) - 1))
+        # "Equal jitter": never an immediate retry (Key Vault: "avoid immediate retries"), never in lockstep.
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class TokenBucket:
+    """Spaces acquisitions ``1 / rate_per_s`` apart; thread-safe.
+
+    A bucket of one token, so no bursts: Key Vault counts over 10 s, the budget is shared with other
+    instances, and a burst after an idle spell (or after workers wake from a Retry-After) is exactly
+    what gets throttled. A caller reserves its slot under the lock and sleeps outside it, so waiting
+    callers queue in arrival order without holding the lock.
+    """
+
+    def __init__(self, rate_per_s: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not rate_per_s > 0:
+            raise ValueError(f"rate_per_s: must be more than 0, got {rate_per_s}")
+        self.rate = float(rate_per_s)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = 1.0
+        self._stamp = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take the token, waiting for the next free slot; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate) - 1
+            self._stamp = now
+            wait = -self._tokens / self.rate
+        if wait > 0:
+            self._sleep(wait)
+        return max(wait, 0.0)
+
+
+class RateLimitPolicy(SansIOHTTPPolicy):
+    """Takes a token from ``bucket`` before each attempt (placed after the retry policy)."""
+
+    def __init__(self, bucket: TokenBucket):
+        self._bucket = bucket
+
+    def on_request(self, request: PipelineRequest) -> None:
+        self._bucket.acquire()
