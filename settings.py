@@ -11,9 +11,10 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from handlers.dps_pool import DpsInstance
 from pki.keys import CA_ROOT_KEY_TYPES, KeyType
 
 STORAGE = "AzureWebJobsStorage"
@@ -56,6 +57,11 @@ class Settings:
     root_organization: str | None = None
     root_key_type: KeyType = KeyType.EC_P384
     root_validity_years: int = 20
+    dps_pool: tuple[DpsInstance, ...] = ()
+    dps_connection_strings: dict[str, str] = field(default_factory=dict, repr=False)
+    intermediate_key_type: KeyType = KeyType.EC_P256
+    intermediate_validity_days: int = 5 * 365
+    dps_max_groups: int = 100
 
 
 def _storage(env: Mapping[str, str]) -> StorageSettings:
@@ -108,6 +114,39 @@ def _match(env: Mapping[str, str], name: str, default: str, pattern: re.Pattern,
     return value
 
 
+def _json(env: Mapping[str, str], name: str, default):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(name, f"is not valid JSON ({exc})") from None
+
+
+def _dps_pool(env: Mapping[str, str]) -> tuple[DpsInstance, ...]:
+    raw = _json(env, "DPS_INSTANCES", [])
+    rule = 'must be a JSON list of {"name", "endpoint", "idScope", "iotHubs": [...]}'
+    if not isinstance(raw, list):
+        raise SettingsError("DPS_INSTANCES", rule)
+    pool = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) - {"name", "endpoint", "idScope", "iotHubs"}:
+            raise SettingsError("DPS_INSTANCES", f"item {index} {rule}")
+        name, endpoint, scope = item.get("name"), item.get("endpoint"), item.get("idScope")
+        hubs = item.get("iotHubs", [])
+        if not all(isinstance(v, str) and v for v in (name, endpoint, scope)):
+            raise SettingsError("DPS_INSTANCES", f"item {index}: name, endpoint and idScope must be non-empty strings")
+        if not endpoint.startswith("https://"):
+            raise SettingsError("DPS_INSTANCES", f"item {index}: endpoint must be an https:// URL")
+        if not isinstance(hubs, list) or not all(isinstance(h, str) and h for h in hubs):
+            raise SettingsError("DPS_INSTANCES", f"item {index}: iotHubs must be a list of hub host names")
+        pool.append(DpsInstance(name=name, endpoint=endpoint.rstrip("/"), id_scope=scope, iot_hubs=tuple(hubs)))
+    if len({i.name for i in pool}) != len(pool):
+        raise SettingsError("DPS_INSTANCES", "instance names must be unique")
+    return tuple(pool)
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Parse every setting this app reads; ``SettingsError`` names the first bad one."""
     key_vault_url = env.get("KEY_VAULT_URL", "").strip() or None
@@ -121,8 +160,21 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     ca = env.get("EMULATOR_CA_PATH", "").strip()
     if ca and not Path(ca).is_file():
         raise SettingsError("EMULATOR_CA_PATH", f"{ca} is not a file (it is written by `pkictl local up`)")
+    try:
+        intermediate_key_type = KeyType.parse(env.get("INTERMEDIATE_KEY_TYPE", "").strip() or "ec-p256",
+                                              field="INTERMEDIATE_KEY_TYPE", allowed=CA_ROOT_KEY_TYPES)
+    except ValueError as exc:
+        raise SettingsError("INTERMEDIATE_KEY_TYPE", str(exc).split(": ", 1)[-1]) from None
+    connection_strings = _json(env, "DPS_CONNECTION_STRINGS", {})
+    if not isinstance(connection_strings, dict) or not all(isinstance(v, str) for v in connection_strings.values()):
+        raise SettingsError("DPS_CONNECTION_STRINGS", "must be a JSON object of instance name -> connection string")
     return Settings(
         storage=_storage(env),
+        dps_pool=_dps_pool(env),
+        dps_connection_strings=connection_strings,
+        intermediate_key_type=intermediate_key_type,
+        intermediate_validity_days=_int(env, "INTERMEDIATE_VALIDITY_DAYS", 5 * 365, 30, 30 * 365),
+        dps_max_groups=_int(env, "DPS_MAX_GROUPS_PER_INSTANCE", 100, 1, 100),
         key_vault_sign_rate_per_s=float(_int(env, "KEY_VAULT_SIGN_RATE_PER_S", 100, 1, 4000)),
         emulator_ca_path=Path(ca) if ca else None,
         state_container=_match(env, "STATE_CONTAINER", "pki-state", _CONTAINER,

@@ -24,3 +24,23 @@ def state_store(settings: Settings, *, ensure: bool = True) -> BlobDocumentStore
     if ensure:
         store.ensure_container()
     return store
+
+
+def send_queue_message(settings: Settings, queue: str, text: str) -> str:
+    """Enqueue ``text`` as is (the app's queues use ``messageEncoding: none``); creates the queue if needed."""
+    from azure.core.exceptions import ResourceExistsError
+    from azure.storage.queue import QueueClient
+
+    storage = settings.storage
+    if storage.connection_string:
+        client = QueueClient.from_connection_string(storage.connection_string, queue)
+    else:
+        from azure.identity import DefaultAzureCredential
+
+        client = QueueClient(storage.queue_service_uri, queue, credential=DefaultAzureCredential(
+            managed_identity_client_id=storage.managed_identity_client_id))
+    try:
+        client.create_queue()
+    except ResourceExistsError:
+        pass
+    return client.send_message(text).id

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fire", metavar="NAME", help="run this timer function once and exit")
     parser.add_argument("--until-idle", type=float, metavar="SECONDS",
                         help="exit once nothing has run for this long (default: run until stopped)")
+    parser.add_argument("--host-json", type=Path, metavar="FILE",
+                        help="read host settings from this file instead of SCRIPT_ROOT/host.json")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = environment(root / "local.settings.json")
         os.environ.update(env)  # what the Functions host does with app settings
-        host_json = json.loads((root / "host.json").read_text()) if (root / "host.json").is_file() else {}
+        host_file = args.host_json or root / "host.json"
+        host_json = json.loads(host_file.read_text()) if host_file.is_file() else {}
         host = FunctionHost(load_app(root), env, host_config=HostConfig.from_host_json(host_json),
                             concurrency=args.concurrency, message_lease_s=args.message_lease)
     except (HostError, SettingsError, ValueError) as exc:

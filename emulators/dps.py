@@ -206,6 +206,11 @@ class DpsInstance:
         self._enrollments: dict[str, _Record] = {}
         self._registrations: dict[str, _Registration] = {}
 
+    def group_ids(self) -> list[str]:
+        """Test inspection: the ids of every enrollment group on this instance."""
+        with self._lock:
+            return sorted(record.body["enrollmentGroupId"] for record in self._groups.values())
+
     def routes(self) -> list[Route]:
         def records(collection: str, kind: _Kind, store: dict[str, _Record]) -> list[Route]:
             one = rf"/{collection}/(?P<record_id>[^/]+)"

@@ -127,6 +127,12 @@ class KeyVaultEmulator:
         self._keys: dict[str, _Versions] = {}
         self._secrets: dict[str, _Versions] = {}
 
+    def key_versions(self, name: str) -> list[str]:
+        """Test inspection: the versions of a key, oldest first (Key Vault's list-versions, minus paging)."""
+        with self._lock:
+            versions = self._keys.get(name.lower())
+            return list(versions.versions) if versions is not None else []
+
     def routes(self):
         name, version = r"(?P<name>[^/]+)", r"(?P<version>[^/]*)"
         return [

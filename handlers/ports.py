@@ -57,3 +57,10 @@ class KeyStore(Protocol):
 
     def signer(self, key: KeyRef) -> SignFn:
         """``sign(algorithm, digest)`` with Key Vault semantics for that exact version."""
+
+
+class AuditLog(Protocol):
+    """Append-only record of every state change and issuance."""
+
+    def append(self, event: Mapping[str, Any]) -> None:
+        """Store one event (``at``, ``action``, ``effect``, the subject ids, before/after...)."""

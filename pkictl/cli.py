@@ -185,6 +185,48 @@ class Cli:
         self.say(f"{registration_id}: {result.status} to hub {result.assigned_hub} as device {result.device_id}")
         return OK
 
+    def customer_show(self, args: argparse.Namespace) -> int:
+        from handlers.onboarding import customer_document
+
+        doc = self.wiring.store.get(customer_document(args.id))
+        if doc is None:
+            raise NotFound(f"no customer {args.id!r}; `pkictl customer list` shows them")
+        record = {k: v for k, v in doc.data.items() if k != "lease"}
+        if args.pem:
+            self.out.write(record.get("intermediate", {}).get("certificatePem", ""))
+            return OK if record.get("intermediate") else PROBLEM
+        if not args.json:
+            record.get("intermediate", {}).pop("certificatePem", None)
+        self.say(json.dumps(record, indent=2))
+        return OK
+
+    def customer_list(self, args: argparse.Namespace) -> int:
+        from handlers.onboarding import customer_document, list_customers
+
+        for customer_id in list_customers(self.wiring.store):
+            doc = self.wiring.store.get(customer_document(customer_id))
+            data = doc.data if doc else {}
+            self.say(f"{customer_id:<40} {data.get('status', '?'):<20} {data.get('dps', {}).get('name', '-'):<10} "
+                     f"{data.get('intermediate', {}).get('notAfter', '-')}")
+        return OK
+
+    def send_onboarding(self, args: argparse.Namespace) -> int:
+        import base64
+
+        from clients.storage import send_queue_message
+        from handlers.onboarding import QUEUE, OnboardingRequest
+
+        message = {"customerId": args.customer, "displayName": args.display_name, "country": args.country,
+                   "iotHubs": args.iot_hub, "allocationPolicy": args.allocation_policy,
+                   "iotEdge": args.iot_edge or None, "requestId": args.request_id}
+        text = json.dumps({k: v for k, v in message.items() if v is not None})
+        OnboardingRequest.parse(text)  # refuse here what the service would reject
+        if args.base64:
+            text = base64.b64encode(text.encode()).decode()
+        message_id = send_queue_message(self.wiring.settings, QUEUE, text)
+        self.say(f"sent to {QUEUE} (message {message_id}); follow it with `pkictl customer show {args.customer}`")
+        return OK
+
     def local(self, args: argparse.Namespace) -> int:
         from . import local
 
@@ -261,6 +303,30 @@ def build_parser() -> argparse.ArgumentParser:
     id_check = ident.add_parser("check", help="check a registration id against DPS's rules")
     id_check.add_argument("id")
     id_check.set_defaults(run=Cli.id_check)
+
+    customer = commands.add_parser("customer", help="customers").add_subparsers(dest="sub", required=True,
+                                                                                metavar="SUBCOMMAND")
+    customer_show = customer.add_parser("show", help="a customer's record (status, DPS placement, intermediate)")
+    customer_show.add_argument("id")
+    shown = customer_show.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the whole record, with the intermediate's PEM")
+    shown.add_argument("--pem", action="store_true", help="the intermediate certificate only")
+    customer_show.set_defaults(run=Cli.customer_show)
+    customer.add_parser("list", help="every customer: id, status, DPS instance, intermediate notAfter"
+                        ).set_defaults(run=Cli.customer_list)
+
+    send = commands.add_parser("send", help="enqueue a message for the service").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    onboarding = send.add_parser("onboarding", help="a 'new customer' message on customer-onboarding")
+    onboarding.add_argument("--customer", required=True, metavar="ID", help="customerId (a-z, 0-9, '-')")
+    onboarding.add_argument("--display-name", help="organization name for the intermediate's O")
+    onboarding.add_argument("--country", help="ISO 3166 alpha-2 code for the intermediate's C")
+    onboarding.add_argument("--iot-hub", action="append", metavar="HOST", help="IoT hub host name; repeatable")
+    onboarding.add_argument("--allocation-policy", choices=["hashed", "geoLatency", "static"])
+    onboarding.add_argument("--iot-edge", action="store_true", help="devices are IoT Edge devices")
+    onboarding.add_argument("--request-id", help="correlation id, echoed in logs and state")
+    onboarding.add_argument("--base64", action="store_true", help="base64-encode the message (as Azure tools do)")
+    onboarding.set_defaults(run=Cli.send_onboarding)
 
     device = commands.add_parser("device", help="devices").add_subparsers(dest="sub", required=True,
                                                                             metavar="SUBCOMMAND")

@@ -64,3 +64,65 @@ class MemoryDocumentStore:
 
 def name_etag(docs: dict, name: str) -> str | None:
     return docs[name][1] if name in docs else None
+
+
+class ListAuditLog:
+    """AuditLog that keeps events in a list."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def append(self, event) -> None:
+        with self._lock:
+            self.events.append(dict(event))
+
+
+class FakeEnrollmentGroups:
+    """EnrollmentGroups with DPS's semantics that matter here: 409 on create, etags, a group quota,
+    and the certificate returned as ``info`` with its thumbprint."""
+
+    def __init__(self, capacity: int = 100) -> None:
+        self.capacity = capacity
+        self.groups: dict[str, dict[str, dict]] = {}
+        self.creates = 0
+        self._etags = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def _view(self, body: dict):
+        from cryptography import x509
+
+        from handlers.onboarding import Group
+        from pki.export import thumbprints
+
+        view = copy.deepcopy(body)
+        primary = view["attestation"]["x509"]["signingCertificates"]["primary"]
+        cert = x509.load_pem_x509_certificate(primary.pop("certificate").encode())
+        primary["info"] = {"sha1Thumbprint": thumbprints(cert)["sha1"], "subjectName": cert.subject.rfc4514_string()}
+        return Group(view, view["etag"])
+
+    def get_group(self, dps: str, group_id: str):
+        with self._lock:
+            body = self.groups.get(dps, {}).get(group_id)
+            return self._view(body) if body else None
+
+    def create_group(self, dps: str, group: dict):
+        with self._lock:
+            groups = self.groups.setdefault(dps, {})
+            if group["enrollmentGroupId"] in groups:
+                raise AlreadyExists(f"group {group['enrollmentGroupId']} exists")
+            if len(groups) >= self.capacity:
+                from handlers.errors import CapacityExhausted
+
+                raise CapacityExhausted(f"{dps} is full")
+            self.creates += 1
+            groups[group["enrollmentGroupId"]] = {**copy.deepcopy(group), "etag": f'"{next(self._etags)}"'}
+            return self._view(groups[group["enrollmentGroupId"]])
+
+    def replace_group(self, dps: str, group: dict, etag: str):
+        with self._lock:
+            current = self.groups[dps][group["enrollmentGroupId"]]
+            if current["etag"] != etag:
+                raise Conflict("stale etag")
+            self.groups[dps][group["enrollmentGroupId"]] = {**copy.deepcopy(group), "etag": f'"{next(self._etags)}"'}
+            return self._view(self.groups[dps][group["enrollmentGroupId"]])

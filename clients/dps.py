@@ -1,0 +1,92 @@
+"""The DPS pool behind the handlers' ports, over ``azure-iot-deviceprovisioning``.
+
+On Azure each instance is reached with ``DefaultAzureCredential`` (role "Device Provisioning Service
+Data Contributor"); locally with the emulators' SAS connection strings (``DPS_CONNECTION_STRINGS``).
+Creating a group sends no ``If-Match``, so DPS answers 409 when it exists: a retried PUT whose first
+attempt did succeed reads as "exists", and the handler checks the group is its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from azure.core.exceptions import HttpResponseError
+from azure.iot.deviceprovisioning import DeviceProvisioningClient
+
+from handlers.dps_pool import DpsInstance
+from handlers.errors import CapacityExhausted, NotFound
+from handlers.onboarding import Group
+
+from .errors import translated
+from .retry import ThrottlingRetryPolicy
+
+# DPS refuses a 101st enrollment group with 400; the emulator uses errorCode 400010 for it. Matching the
+# wording as well keeps the check working against the real service, whose code for it is undocumented.
+_QUOTA_CODES = frozenset({400010})
+_QUOTA_WORDS = ("quota", "maximum", "limit")
+
+
+def _is_quota(exc: HttpResponseError) -> bool:
+    if exc.status_code != 400 or exc.response is None:
+        return False
+    try:
+        body = json.loads(exc.response.text())
+    except (ValueError, TypeError):
+        return False
+    message = str(body.get("message", "")).lower()
+    return body.get("errorCode") in _QUOTA_CODES or ("enrollment group" in message and
+                                                      any(w in message for w in _QUOTA_WORDS))
+
+
+class DpsEnrollmentGroups:
+    """``EnrollmentGroups`` over every instance of the pool, by name."""
+
+    def __init__(self, clients: Mapping[str, DeviceProvisioningClient]):
+        self._clients = dict(clients)
+
+    @classmethod
+    def for_pool(cls, pool: tuple[DpsInstance, ...], *, connection_strings: Mapping[str, str],
+                 credential=None, connection_verify: str | None = None) -> DpsEnrollmentGroups:
+        options = {"retry_policy": ThrottlingRetryPolicy()}
+        if connection_verify:
+            options["connection_verify"] = connection_verify
+        clients = {}
+        for instance in pool:
+            if instance.name in connection_strings:
+                clients[instance.name] = DeviceProvisioningClient.from_connection_string(
+                    connection_strings[instance.name], **options)
+            else:
+                clients[instance.name] = DeviceProvisioningClient(endpoint=instance.endpoint, credential=credential,
+                                                                  **options)
+        return cls(clients)
+
+    def _client(self, dps: str) -> DeviceProvisioningClient:
+        try:
+            return self._clients[dps]
+        except KeyError:
+            raise NotFound(f"DPS instance {dps!r} is not configured (DPS_INSTANCES)") from None
+
+    def get_group(self, dps: str, group_id: str) -> Group | None:
+        try:
+            with translated(f"enrollment group {group_id} on {dps}"):
+                data = self._client(dps).enrollment_group.get(group_id)
+        except NotFound:
+            return None
+        return Group(data=data, etag=data.get("etag", ""))
+
+    def create_group(self, dps: str, group: dict) -> Group:
+        try:
+            with translated(f"enrollment group {group['enrollmentGroupId']} on {dps}"):
+                data = self._client(dps).enrollment_group.create_or_update(group["enrollmentGroupId"], group)
+        except HttpResponseError as exc:
+            if _is_quota(exc):
+                raise CapacityExhausted(f"DPS instance {dps} is full: {exc.message}") from exc
+            raise
+        return Group(data=data, etag=data.get("etag", ""))
+
+    def replace_group(self, dps: str, group: dict, etag: str) -> Group:
+        with translated(f"enrollment group {group['enrollmentGroupId']} on {dps}"):
+            data = self._client(dps).enrollment_group.create_or_update(group["enrollmentGroupId"], group,
+                                                                       if_match=etag)
+        return Group(data=data, etag=data.get("etag", ""))

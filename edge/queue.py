@@ -1,0 +1,50 @@
+"""Run one queue message through a handler and decide its fate, as the table of contents asks:
+
+- done: the handler returned;
+- rejected: the handler raised ``Rejected`` (bad input, a conflict with recorded state, no capacity):
+  the reason and payload are recorded under ``rejections/`` and the message is consumed;
+- retry: anything else is raised to the host after its reason is recorded under ``failures/``; the host
+  retries and, after ``maxDequeueCount`` attempts, moves the message to ``<queue>-poison``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+
+import azure.functions as func
+
+from handlers.errors import Rejected
+from handlers.rejections import record_failure, record_rejection
+
+from .services import Services
+
+log = logging.getLogger("pki")
+
+
+def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[[], Services],
+                      handle: Callable[[bytes, Services, str | None], str]) -> None:
+    body = msg.get_body()
+    context = {"queue": queue, "messageId": msg.id, "dequeueCount": msg.dequeue_count}
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        wired = services()
+    except Exception:
+        log.exception("cannot start: settings or clients are broken", extra=context)
+        raise
+    try:
+        outcome = handle(body, wired, msg.id)
+    except Rejected as exc:
+        where = record_rejection(wired.store, queue=queue, message_id=msg.id, body=body, reason=exc.reason,
+                                 field=exc.field, now=now)
+        log.warning("rejected message %s from %s: %s (recorded in %s)", msg.id, queue, exc, where,
+                    extra={**context, "rejections": 1})
+        return
+    except Exception as exc:
+        record_failure(wired.store, queue=queue, message_id=msg.id, body=body,
+                       reason=f"{type(exc).__name__}: {exc}", dequeue_count=msg.dequeue_count, now=now)
+        log.warning("message %s from %s failed (attempt %s), the host will retry: %s: %s", msg.id, queue,
+                    msg.dequeue_count, type(exc).__name__, exc, extra=context)
+        raise
+    log.info("message %s from %s: %s", msg.id, queue, outcome, extra=context)

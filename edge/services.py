@@ -1,0 +1,46 @@
+"""Concrete clients for the function app, built once per worker process from app settings."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from clients.audit import StoreAuditLog
+from clients.dps import DpsEnrollmentGroups
+from clients.factory import credential, key_store
+from clients.storage import state_store
+from handlers.onboarding import OnboardingSettings
+from handlers.ports import AuditLog, DocumentStore, KeyStore
+from settings import Settings, load_settings
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    store: DocumentStore
+    keys: KeyStore
+    groups: DpsEnrollmentGroups
+    audit: AuditLog
+
+    @property
+    def onboarding(self) -> OnboardingSettings:
+        return OnboardingSettings(pool=self.settings.dps_pool,
+                                  intermediate_key_type=self.settings.intermediate_key_type,
+                                  intermediate_validity_days=self.settings.intermediate_validity_days,
+                                  max_groups_per_dps=self.settings.dps_max_groups)
+
+
+def build_services(settings: Settings) -> Services:
+    store = state_store(settings)
+    groups = DpsEnrollmentGroups.for_pool(
+        settings.dps_pool, connection_strings=settings.dps_connection_strings, credential=credential(settings),
+        connection_verify=str(settings.emulator_ca_path) if settings.emulator_ca_path else None)
+    return Services(settings=settings, store=store, keys=key_store(settings), groups=groups,
+                    audit=StoreAuditLog(store))
+
+
+@functools.cache
+def services() -> Services:
+    """Built on first use (a bad setting fails the first invocation with its name, and every one after)."""
+    return build_services(load_settings(os.environ))

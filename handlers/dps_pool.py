@@ -1,0 +1,41 @@
+"""The pool of DPS instances and where a new customer goes.
+
+A DPS instance holds at most 100 X.509 enrollment groups (DPS service limits), and this service
+makes one group per customer, so customers spread over a pool. A new customer goes to the
+instance with the fewest groups that still has room (and links every IoT hub it asks for); the
+placement is recorded in the customer's record and never changes by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import CapacityExhausted, InvalidMessage
+
+MAX_GROUPS_PER_DPS = 100
+
+
+@dataclass(frozen=True)
+class DpsInstance:
+    name: str
+    endpoint: str
+    id_scope: str
+    iot_hubs: tuple[str, ...]
+
+
+def choose_instance(pool: Sequence[DpsInstance], groups: Mapping[str, int], *, hubs: Sequence[str] | None = None,
+                    exclude: frozenset[str] = frozenset(), limit: int = MAX_GROUPS_PER_DPS) -> DpsInstance:
+    """The instance for a new group: fewest groups, below ``limit``, linking all ``hubs``; pool order breaks ties."""
+    if not pool:
+        raise CapacityExhausted("no DPS instance is configured (setting DPS_INSTANCES)")
+    candidates = [i for i in pool if i.name not in exclude and (not hubs or set(hubs) <= set(i.iot_hubs))]
+    if not candidates:
+        linked = "; ".join(f"{i.name}: {', '.join(i.iot_hubs) or 'none'}" for i in pool)
+        raise InvalidMessage("iotHubs", f"no DPS instance links all of {', '.join(hubs or ())} (linked hubs: {linked})")
+    with_room = [i for i in candidates if groups.get(i.name, 0) < limit]
+    if not with_room:
+        counts = ", ".join(f"{i.name} {groups.get(i.name, 0)}" for i in candidates)
+        raise CapacityExhausted(f"every eligible DPS instance holds {limit} enrollment groups, DPS's limit ({counts}); "
+                                "add a DPS instance to DPS_INSTANCES")
+    return min(with_room, key=lambda i: (groups.get(i.name, 0), pool.index(i)))

@@ -1,0 +1,323 @@
+"""Use case: a "new customer" message -> the customer's intermediate CA (key in Key Vault) + DPS enrollment group.
+
+The customer record ``customers/{id}.json`` is a resumable state machine,
+``pending -> key_created -> certificate_issued -> group_created -> active``, advanced with
+conditional writes by whoever holds its lease. Redelivery and concurrent runs therefore converge
+on one key (one version), one intermediate and one group; a crash resumes at the last recorded
+step; every transition and every duplicate is audit-logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pki import export, profiles
+from pki.countries import ISO_3166_ALPHA2
+from pki.keys import KeyType
+
+from .dps_pool import MAX_GROUPS_PER_DPS, DpsInstance, choose_instance
+from .errors import AlreadyExists, CapacityExhausted, Conflict, InvalidMessage, NotFound, Rejected, TransientError
+from .messages import Fields, decode_json_message
+from .ports import AuditLog, Document, DocumentStore, KeyStore
+from .root_ca import load_root, root_signer
+
+QUEUE = "customer-onboarding"
+# Lowercase letters, digits and '-', not at either end: it is the group id, the Key Vault key name
+# suffix and the intermediate's CN (X.520 ub-common-name 64).
+CUSTOMER_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+ALLOCATION_POLICIES = ("hashed", "geoLatency", "static")  # "custom" needs an Azure Function webhook: not offered
+LEASE = dt.timedelta(minutes=2)
+LEASE_WAIT_S = 20.0  # wait this long for a concurrent run to finish before asking the host to retry
+_ATTEMPTS = 8
+STATES = ("pending", "key_created", "certificate_issued", "group_created", "active")
+
+
+@dataclass(frozen=True)
+class OnboardingRequest:
+    customer_id: str
+    display_name: str | None = None
+    country: str | None = None
+    iot_hubs: tuple[str, ...] | None = None
+    allocation_policy: str | None = None
+    initial_twin: dict | None = field(default=None, hash=False)
+    iot_edge: bool = False
+    request_id: str | None = None
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> OnboardingRequest:
+        """Check a message against the contract; ``InvalidMessage`` names the first bad field."""
+        fields = Fields(decode_json_message(raw))
+        customer_id = fields.text("customerId", required=True, max_length=63)
+        if customer_id != customer_id.lower() and CUSTOMER_ID.fullmatch(customer_id.lower()):
+            raise InvalidMessage("customerId", f"{customer_id!r} must be lowercase")
+        if not CUSTOMER_ID.fullmatch(customer_id):
+            raise InvalidMessage("customerId", f"{customer_id!r} must be 1-63 of a-z, 0-9 and '-', "
+                                 "starting and ending with a letter or digit")
+        display_name = fields.text("displayName", max_length=64)
+        if display_name is not None and (not display_name.strip() or not display_name.isprintable()):
+            raise InvalidMessage("displayName", "must be printable text, not empty")
+        country = fields.text("country", max_length=2 + 62)
+        if country is not None and country not in ISO_3166_ALPHA2:
+            raise InvalidMessage("country", f"{country!r} is not an ISO 3166 alpha-2 code such as 'DE'")
+        policy = fields.text("allocationPolicy", max_length=32)
+        if policy is not None and policy not in ALLOCATION_POLICIES:
+            raise InvalidMessage("allocationPolicy", f"{policy!r} must be one of {', '.join(ALLOCATION_POLICIES)}")
+        twin = fields.obj("initialTwin")
+        if twin is not None:
+            twin_fields = Fields(twin, prefix="initialTwin.")
+            twin_fields.obj("tags")
+            properties = twin_fields.obj("properties")
+            twin_fields.reject_unknown()
+            if properties is not None:
+                desired = Fields(properties, prefix="initialTwin.properties.")
+                desired.obj("desired")
+                desired.reject_unknown()
+        request = cls(customer_id=customer_id, display_name=display_name, country=country,
+                      iot_hubs=fields.text_list("iotHubs"), allocation_policy=policy, initial_twin=twin,
+                      iot_edge=fields.boolean("iotEdge"), request_id=fields.text("requestId", max_length=128))
+        fields.reject_unknown()
+        return request
+
+    def parameters(self) -> dict[str, Any]:
+        """What defines the customer; a redelivery must match it exactly (``requestId`` may differ)."""
+        return {"displayName": self.display_name, "country": self.country,
+                "iotHubs": list(self.iot_hubs) if self.iot_hubs else None,
+                "allocationPolicy": self.allocation_policy, "initialTwin": self.initial_twin, "iotEdge": self.iot_edge}
+
+
+@dataclass(frozen=True)
+class Group:
+    data: dict
+    etag: str
+
+
+class EnrollmentGroups(Protocol):
+    """Enrollment groups across the DPS pool (``dps`` names the instance)."""
+
+    def get_group(self, dps: str, group_id: str) -> Group | None: ...
+
+    def create_group(self, dps: str, group: dict) -> Group:
+        """Create only if absent: ``AlreadyExists`` if it exists, ``CapacityExhausted`` if DPS is full."""
+
+    def replace_group(self, dps: str, group: dict, etag: str) -> Group:
+        """Update only if unchanged since ``etag``: ``Conflict`` otherwise."""
+
+
+@dataclass(frozen=True)
+class OnboardingSettings:
+    pool: tuple[DpsInstance, ...]
+    intermediate_key_type: KeyType = KeyType.EC_P256
+    intermediate_validity_days: int = 5 * 365
+    max_groups_per_dps: int = MAX_GROUPS_PER_DPS  # DPS's limit; lower it to keep headroom for hand-made groups
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "onboarded" | "already_active"
+    record: dict
+
+
+def customer_document(customer_id: str) -> str:
+    return f"customers/{customer_id}.json"
+
+
+def key_name(customer_id: str) -> str:
+    return f"customer-{customer_id}"
+
+
+def _stamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tags(data: dict) -> dict[str, str]:
+    return {"kind": "customer", "customer": data["customerId"], "status": data["status"],
+            "dps": data.get("dps", {}).get("name", "")}
+
+
+def _differences(recorded: dict, asked: dict) -> str:
+    return "; ".join(f"{k}: recorded {recorded.get(k)!r}, message {asked.get(k)!r}"
+                     for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k))
+
+
+def group_body(record: dict, instance: DpsInstance) -> dict:
+    """The DPS enrollment group for a customer (camelCase, as the DPS REST API takes it)."""
+    parameters = record["parameters"]
+    body: dict[str, Any] = {
+        "enrollmentGroupId": record["customerId"],
+        "attestation": {"type": "x509", "x509": {"signingCertificates": {
+            "primary": {"certificate": record["intermediate"]["certificatePem"]}}}},
+        "provisioningStatus": "enabled",
+        "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": True},
+        "capabilities": {"iotEdge": bool(parameters.get("iotEdge"))},
+        "allocationPolicy": parameters.get("allocationPolicy") or "hashed",
+        "iotHubs": parameters.get("iotHubs") or list(instance.iot_hubs),
+    }
+    if parameters.get("initialTwin"):
+        body["initialTwin"] = parameters["initialTwin"]
+    return body
+
+
+class _Run:
+    """One attempt to advance a customer's record, as the holder of its lease."""
+
+    def __init__(self, request: OnboardingRequest, *, store: DocumentStore, keys: KeyStore, groups: EnrollmentGroups,
+                 audit: AuditLog, settings: OnboardingSettings, now: dt.datetime, message_id: str | None):
+        self.request, self.store, self.keys, self.groups = request, store, keys, groups
+        self.audit_log, self.settings, self.now, self.message_id = audit, settings, now, message_id
+        self.owner = secrets.token_hex(8)
+        self.name = customer_document(request.customer_id)
+
+    def audit(self, effect: str, before: str | None, after: str | None, **extra: Any) -> None:
+        self.audit_log.append({"at": _stamp(self.now), "action": "customer.onboard", "effect": effect,
+                               "customer": self.request.customer_id, "before": before, "after": after,
+                               "requestId": self.request.request_id, "messageId": self.message_id, **extra})
+
+    def lease(self) -> dict:
+        return {"owner": self.owner, "until": _stamp(self.now + LEASE)}
+
+    def write(self, doc: Document, status: str, **changes: Any) -> Document:
+        data = {**doc.data, **changes, "status": status, "updatedAt": _stamp(self.now)}
+        updated = self.store.replace(doc, data, tags=_tags(data))
+        self.audit("changed", doc.data["status"], status, **{k: v for k, v in changes.items() if k in ("dps", "key")})
+        return updated
+
+    def pending(self, groups_per_dps: dict[str, int], exclude: frozenset[str] = frozenset()) -> dict:
+        instance = choose_instance(self.settings.pool, groups_per_dps, hubs=self.request.iot_hubs, exclude=exclude,
+                                   limit=self.settings.max_groups_per_dps)
+        return {"customerId": self.request.customer_id, "status": "pending", "parameters": self.request.parameters(),
+                "requestId": self.request.request_id, "createdAt": _stamp(self.now), "updatedAt": _stamp(self.now),
+                "dps": {"name": instance.name, "idScope": instance.id_scope}, "lease": self.lease()}
+
+    def instance(self, name: str) -> DpsInstance:
+        for instance in self.settings.pool:
+            if instance.name == name:
+                return instance
+        raise Rejected(f"customer {self.request.customer_id} is placed on DPS instance {name!r}, which is no longer "
+                       "in DPS_INSTANCES; restore it there")
+
+    def advance(self, doc: Document, groups_per_dps: Callable[[], dict[str, int]]) -> Outcome:
+        customer_id = self.request.customer_id
+        if doc.data["status"] == "pending":
+            try:  # a run that crashed after creating the key left it there: reuse it, never a second version
+                key = self.keys.get_key(key_name(customer_id))
+            except NotFound:
+                key = self.keys.create_key(key_name(customer_id), self.settings.intermediate_key_type)
+            doc = self.write(doc, "key_created", key={"name": key.name, "version": key.version,
+                                                      "keyType": key.key_type.value})
+        if doc.data["status"] == "key_created":
+            key = self.keys.get_key(doc.data["key"]["name"], doc.data["key"]["version"])
+            root = load_root(self.store, self.keys)
+            parameters = doc.data["parameters"]
+            issued = profiles.issue_intermediate(
+                issuer=root.certificate, issuer_key=root_signer(root, self.keys), public_key=key.public_key,
+                customer_id=customer_id, organization=parameters.get("displayName"), country=parameters.get("country"),
+                now=self.now, validity_days=self.settings.intermediate_validity_days)
+            certificate = issued.certificate
+            doc = self.write(doc, "certificate_issued", intermediate={
+                "certificatePem": export.cert_pem(certificate).decode(), **export.summary(certificate),
+                "notice": issued.notice})
+        if doc.data["status"] == "certificate_issued":
+            doc = self.create_group(doc, groups_per_dps)
+        if doc.data["status"] == "group_created":
+            doc = self.write(doc, "active", lease=None)
+            return Outcome("onboarded", doc.data)
+        raise Conflict(f"customer {customer_id}: unexpected status {doc.data['status']!r}")
+
+    def create_group(self, doc: Document, groups_per_dps: Callable[[], dict[str, int]]) -> Document:
+        tried: set[str] = set()
+        while True:
+            instance = self.instance(doc.data["dps"]["name"])
+            body = group_body(doc.data, instance)
+            try:
+                group = self.groups.create_group(instance.name, body)
+            except AlreadyExists:
+                group = self.groups.get_group(instance.name, body["enrollmentGroupId"])
+                if group is None:
+                    raise TransientError(f"enrollment group {body['enrollmentGroupId']} exists and vanished; retry")
+                self.check_ours(group, doc.data["intermediate"]["thumbprintSha1"], instance.name)
+            except CapacityExhausted:
+                # Another customer took the last slot between our count and our create: move before the group
+                # exists (the placement is only fixed once the group is there).
+                tried.add(instance.name)
+                moved = self.pending(groups_per_dps(), exclude=frozenset(tried))["dps"]
+                doc = self.write(doc, "certificate_issued", dps=moved)
+                continue
+            return self.write(doc, "group_created", groupId=body["enrollmentGroupId"], groupEtag=group.etag)
+
+    def check_ours(self, group: Group, thumbprint: str, dps: str) -> None:
+        primary = group.data.get("attestation", {}).get("x509", {}).get("signingCertificates", {}).get("primary", {})
+        found = (primary.get("info") or {}).get("sha1Thumbprint", "")
+        if found.upper() != thumbprint.upper():
+            raise Rejected(f"enrollment group {group.data.get('enrollmentGroupId')} exists on {dps} with another "
+                           f"signing certificate (thumbprint {found or 'unknown'}, ours {thumbprint}); it was not "
+                           "made for this customer by this service: remove or rename it", field="customerId")
+
+
+def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: KeyStore, groups: EnrollmentGroups,
+                     audit: AuditLog, settings: OnboardingSettings, now: dt.datetime, message_id: str | None = None,
+                     sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """Carry a customer to ``active`` (or confirm it is); raises Rejected / TransientError for the edge."""
+    run = _Run(request, store=store, keys=keys, groups=groups, audit=audit, settings=settings, now=now,
+               message_id=message_id)
+
+    def groups_per_dps() -> dict[str, int]:
+        return {i.name: sum(1 for _ in store.find(f"\"kind\" = 'customer' AND \"dps\" = '{i.name}'"))
+                for i in settings.pool}
+
+    waited = 0.0
+    for _ in range(_ATTEMPTS + int(LEASE_WAIT_S / 0.5)):
+        doc = store.get(run.name)
+        status = doc.data["status"] if doc else None
+        if doc is not None and doc.data["parameters"] != request.parameters() and status != "rejected":
+            raise Rejected(f"customer {request.customer_id} exists with other parameters "
+                           f"({_differences(doc.data['parameters'], request.parameters())}); "
+                           "a change needs an operator command, not a second onboarding message",
+                           field="customerId")
+        if status == "active":
+            run.audit("no-op", "active", "active", reason="already active with the same parameters")
+            return Outcome("already_active", doc.data)
+        lease = (doc.data.get("lease") or {}) if doc else {}
+        if lease and lease.get("owner") != run.owner and lease.get("until", "") > _stamp(now) and status != "rejected":
+            if waited >= LEASE_WAIT_S:
+                run.audit("no-op", status, status, reason="another run holds the lease; the host will retry")
+                raise TransientError(f"customer {request.customer_id}: onboarding in progress elsewhere "
+                                     f"(lease until {lease['until']}); retry later")
+            sleep(0.5)  # a concurrent run is working on it: give it a moment to finish
+            waited += 0.5
+            continue
+        try:
+            if doc is None:
+                data = run.pending(groups_per_dps())
+                doc = store.create(run.name, data, tags=_tags(data))
+                run.audit("changed", None, "pending", dps=data["dps"])
+            elif status == "rejected":
+                data = run.pending(groups_per_dps())
+                doc = store.replace(doc, {**data, "createdAt": doc.data["createdAt"]}, tags=_tags(data))
+                run.audit("changed", "rejected", "pending", dps=data["dps"])
+            elif lease.get("owner") != run.owner:  # free or expired: take over where the last run stopped
+                doc = store.replace(doc, {**doc.data, "lease": run.lease()}, tags=_tags(doc.data))
+            return run.advance(doc, groups_per_dps)
+        except (AlreadyExists, Conflict):
+            continue  # another run wrote first: read again and follow its state
+        except CapacityExhausted as exc:
+            current = store.get(run.name)
+            if current is not None and current.data.get("status") in STATES[:4]:
+                try:  # free the record for a later message once the pool has room again
+                    store.replace(current, {**current.data, "status": "rejected", "reason": str(exc), "lease": None},
+                                  tags={**_tags(current.data), "status": "rejected"})
+                except Conflict:
+                    pass
+            run.audit("rejected", status, "rejected", reason=str(exc))
+            raise
+    raise TransientError(f"customer {request.customer_id}: the record kept changing under this run; retry")
+
+
+def list_customers(store: DocumentStore) -> Sequence[str]:
+    return sorted(name.removeprefix("customers/").removesuffix(".json")
+                  for name in store.find("\"kind\" = 'customer'"))
