@@ -27,4 +27,6 @@ class StoreAuditLog:
         for key in ("customer", "device"):
             if event.get(key):
                 tags[key] = str(event[key])
-        self._store.create(name, {**event, "at": at}, tags=tags)
+        # "at" is the use case's clock (fixed for a run); "recordedAt" orders events written in one second.
+        recorded = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        self._store.create(name, {**event, "at": at, "recordedAt": recorded}, tags=tags)

@@ -19,7 +19,8 @@ from handlers.errors import CapacityExhausted, NotFound
 from handlers.onboarding import Group
 
 from .errors import translated
-from .retry import ThrottlingRetryPolicy
+
+RETRIES = 8
 
 # DPS refuses a 101st enrollment group with 400; the emulator uses errorCode 400010 for it. Matching the
 # wording as well keeps the check working against the real service, whose code for it is undocumented.
@@ -48,7 +49,12 @@ class DpsEnrollmentGroups:
     @classmethod
     def for_pool(cls, pool: tuple[DpsInstance, ...], *, connection_strings: Mapping[str, str],
                  credential=None, connection_verify: str | None = None) -> DpsEnrollmentGroups:
-        options = {"retry_policy": ThrottlingRetryPolicy()}
+        # The DPS client builds its own pipeline with ``RetryPolicy(**kwargs)`` (azure/iot/deviceprovisioning/
+        # _patch.py) and ignores ``retry_policy=``: retry settings go in as kwargs. Its default RetryPolicy
+        # retries PUT/GET/DELETE on 429 and 5xx, which is every call made here; 3 status retries are too
+        # few for a busy DPS, so allow as many as the Key Vault client does.
+        options: dict = {"retry_total": RETRIES, "retry_status": RETRIES, "retry_backoff_factor": 0.8,
+                         "retry_backoff_max": 30}
         if connection_verify:
             options["connection_verify"] = connection_verify
         clients = {}

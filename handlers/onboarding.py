@@ -170,7 +170,9 @@ class _Run:
                  audit: AuditLog, settings: OnboardingSettings, now: dt.datetime, message_id: str | None):
         self.request, self.store, self.keys, self.groups = request, store, keys, groups
         self.audit_log, self.settings, self.now, self.message_id = audit, settings, now, message_id
-        self.owner = secrets.token_hex(8)
+        # The lease belongs to the message: its redelivery (after a failure or a crashed worker) resumes at
+        # once, while a duplicate message (another id) waits for the holder to finish.
+        self.owner = message_id or secrets.token_hex(8)
         self.name = customer_document(request.customer_id)
 
     def audit(self, effect: str, before: str | None, after: str | None, **extra: Any) -> None:
@@ -193,6 +195,15 @@ class _Run:
         return {"customerId": self.request.customer_id, "status": "pending", "parameters": self.request.parameters(),
                 "requestId": self.request.request_id, "createdAt": _stamp(self.now), "updatedAt": _stamp(self.now),
                 "dps": {"name": instance.name, "idScope": instance.id_scope}, "lease": self.lease()}
+
+    def release(self) -> None:
+        """Best effort: drop our lease after a failure (a stale read just leaves it to expire)."""
+        current = self.store.get(self.name)
+        if current is not None and (current.data.get("lease") or {}).get("owner") == self.owner:
+            try:
+                self.store.replace(current, {**current.data, "lease": None}, tags=_tags(current.data))
+            except (Conflict, TransientError):
+                pass
 
     def instance(self, name: str) -> DpsInstance:
         for instance in self.settings.pool:
@@ -302,7 +313,13 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
                 run.audit("changed", "rejected", "pending", dps=data["dps"])
             elif lease.get("owner") != run.owner:  # free or expired: take over where the last run stopped
                 doc = store.replace(doc, {**doc.data, "lease": run.lease()}, tags=_tags(doc.data))
-            return run.advance(doc, groups_per_dps)
+            try:
+                return run.advance(doc, groups_per_dps)
+            except (AlreadyExists, Conflict):
+                raise  # a race: the loop re-reads and follows the winner
+            except Exception:
+                run.release()  # let the next delivery resume at once instead of waiting out the lease
+                raise
         except (AlreadyExists, Conflict):
             continue  # another run wrote first: read again and follow its state
         except CapacityExhausted as exc:

@@ -1,0 +1,261 @@
+"""ACCEPTANCE for customer onboarding, on Azurite + the emulators with the real SDK clients; the
+queue-triggered function runs under devhost exactly as deployed (function_app.py)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from azure.core.exceptions import ResourceExistsError
+from azure.iot.deviceprovisioning import DeviceProvisioningClient
+from azure.storage.queue import QueueClient
+from cryptography import x509
+
+from clients.audit import StoreAuditLog
+from clients.dps import DpsEnrollmentGroups
+from clients.factory import key_store
+from clients.storage import state_store
+from devhost.azurite import Azurite
+from emulators.stack import EmulatorStack
+from handlers.errors import CapacityExhausted
+from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
+from handlers.root_ca import RootRequest, create_root
+from pki.export import thumbprints
+from pki.keys import KeyType
+from settings import load_settings
+
+from .x509_helpers import assert_ca_cert, openssl_verify
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+QUEUE = "customer-onboarding"
+
+
+@pytest.fixture(scope="module")
+def storage():
+    """Azurite of this module's own, so its queues hold only this module's messages."""
+    with Azurite() as running:
+        yield running
+
+
+def stack_settings(azurite, stack, container: str) -> dict[str, str]:
+    return {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "STATE_CONTAINER": container,
+        "KEY_VAULT_URL": stack.keyvault_url,
+        "EMULATOR_CA_PATH": str(stack.ca_path),
+        "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
+                                      "iotHubs": [stack.iothub.hostname]} for d in stack.dps_info()]),
+        "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in stack.dps_info()}),
+        "DPS_DEVICE_ENDPOINT": stack.device_endpoint_url,
+    }
+
+
+@pytest.fixture
+def env(storage, stack, tmp_path):
+    values = stack_settings(storage, stack, f"state-{secrets.token_hex(5)}")
+    settings = load_settings(values)
+    create_root(RootRequest(f"root-{secrets.token_hex(4)}", KeyType.EC_P384, 20, "E2E Root"),
+                store=state_store(settings), keys=key_store(settings), now=dt.datetime.now(dt.timezone.utc))
+    queue = QueueClient.from_connection_string(storage.connection_string, QUEUE)
+    try:
+        queue.create_queue()
+    except ResourceExistsError:
+        queue.clear_messages()
+    host_json = tmp_path / "host.json"
+    host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
+        "messageEncoding": "none", "maxDequeueCount": 5, "visibilityTimeout": "00:00:01"}}}))
+    values["_HOST_JSON"] = str(host_json)
+    return values
+
+
+class Devhost:
+    def __init__(self, env: dict, concurrency: int = 2):
+        settings = {k: v for k, v in env.items() if not k.startswith("_")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "devhost", "--script-root", str(REPO), "--host-json", env["_HOST_JSON"],
+             "--concurrency", str(concurrency), "--log-level", "WARNING", "--message-lease", "20"],
+            cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **settings},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.communicate(timeout=60)[0]
+
+
+def send(env: dict, text: str) -> None:
+    QueueClient.from_connection_string(env["AzureWebJobsStorage"], QUEUE).send_message(text)
+
+
+def settle(env: dict, customers: list[str], timeout: float = 120) -> dict[str, dict]:
+    """Wait until the queue is empty and every customer is active; returns their records."""
+    store = state_store(load_settings({k: v for k, v in env.items() if not k.startswith("_")}))
+    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], QUEUE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = {c: store.get(customer_document(c)) for c in customers}
+        done = all(r is not None and r.data["status"] == "active" for r in records.values())
+        if done and queue.get_queue_properties().approximate_message_count == 0:
+            return {c: r.data for c, r in records.items()}
+        time.sleep(0.3)
+    failures = [store.get(n).data for n in store.find("\"kind\" = 'failure'")]
+    raise AssertionError(f"not settled: { {c: (r.data['status'] if r else None) for c, r in records.items()} }; "
+                         f"failures: {json.dumps(failures)[:3000]}")
+
+
+def audit_events(env: dict, customer: str) -> list[dict]:
+    store = state_store(load_settings({k: v for k, v in env.items() if not k.startswith("_")}))
+    names = store.find(f"\"kind\" = 'audit' AND \"customer\" = '{customer}'")
+    return sorted((store.get(n).data for n in names), key=lambda e: e["recordedAt"])
+
+
+def dps_client(stack, index: int = 0) -> DeviceProvisioningClient:
+    return DeviceProvisioningClient.from_connection_string(stack.dps_info()[index].connection_string,
+                                                           connection_verify=str(stack.ca_path))
+
+
+def groups_named(stack, group_id: str) -> int:
+    return sum(group_id in d.group_ids() for d in stack.dps)
+
+
+def test_one_message_makes_an_active_customer_with_its_intermediate_in_the_group(env, stack):
+    customer = f"acme-{secrets.token_hex(3)}"
+    send(env, json.dumps({"customerId": customer, "displayName": "Acme GmbH", "country": "DE", "requestId": "erp-7"}))
+    host = Devhost(env)
+    try:
+        record = settle(env, [customer])[customer]
+    finally:
+        host.stop()
+    intermediate = x509.load_pem_x509_certificate(record["intermediate"]["certificatePem"].encode())
+    store = state_store(load_settings({k: v for k, v in env.items() if not k.startswith("_")}))
+    root = x509.load_pem_x509_certificate(store.get("root-ca.json").data["certificatePem"].encode())
+    assert_ca_cert(intermediate, issuer=root, path_length=0)
+    verified = openssl_verify(root, intermediate, at=dt.datetime.now(dt.timezone.utc), purpose=None)
+    assert verified.returncode == 0, verified.stderr
+    dps_index = [d.name for d in stack.dps].index(record["dps"]["name"])
+    group = dps_client(stack, dps_index).enrollment_group.get(customer)
+    primary = group["attestation"]["x509"]["signingCertificates"]["primary"]["info"]
+    assert primary["sha1Thumbprint"].upper() == thumbprints(intermediate)["sha1"]
+    assert group["provisioningStatus"] == "enabled"
+    assert stack.keyvault.key_versions(f"customer-{customer}") == [record["key"]["version"]]  # only in Key Vault
+    assert [e["after"] for e in audit_events(env, customer)] == [
+        "pending", "key_created", "certificate_issued", "group_created", "active"]
+
+
+def test_five_deliveries_two_concurrent_on_two_workers_make_one_key_one_intermediate_one_group(env, stack):
+    customer = f"dup-{secrets.token_hex(3)}"
+    message = json.dumps({"customerId": customer, "requestId": "erp-dup"})
+    for text in (message, base64.b64encode(message.encode()).decode()):  # the two arrive together
+        send(env, text)
+    workers = [Devhost(env), Devhost(env)]
+    try:
+        settle(env, [customer])
+        for _ in range(3):  # three late redeliveries
+            send(env, message)
+        settle(env, [customer])
+        time.sleep(1.5)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert len(stack.keyvault.key_versions(f"customer-{customer}")) == 1
+    assert groups_named(stack, customer) == 1
+    events = audit_events(env, customer)
+    assert [e["after"] for e in events if e["effect"] == "changed"] == [
+        "pending", "key_created", "certificate_issued", "group_created", "active"]
+    no_ops = [e for e in events if e["effect"] == "no-op" and e["after"] == "active"]
+    assert len(no_ops) >= 4
+
+
+def test_twenty_customers_complete_under_key_vault_429s_and_dps_503s(env, stack):
+    stack.faults("keyvault", rate_per_s=40, retry_after=False)
+    for dps in stack.dps:
+        stack.faults(dps.name, error_503_fraction=0.3)
+    customers = [f"load-{i:02d}-{secrets.token_hex(2)}" for i in range(20)]
+    for customer in customers:
+        send(env, json.dumps({"customerId": customer}))
+    workers = [Devhost(env, concurrency=4), Devhost(env, concurrency=4)]
+    try:
+        records = settle(env, customers, timeout=240)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert stack.servers["keyvault"].gate.stats["throttled"] > 0
+    assert sum(stack.servers[d.name].gate.stats["failed_503"] for d in stack.dps) > 0
+    for customer in customers:
+        assert len(stack.keyvault.key_versions(f"customer-{customer}")) == 1
+        assert groups_named(stack, customer) == 1
+        assert records[customer]["status"] == "active"
+
+
+MALFORMED = [
+    "", "not json", "[]", base64.b64encode(b"{broken").decode(), '{"customerId": ',
+    "{}", '{"customerId": ""}', '{"customerId": "UPPER"}', '{"customerId": "bad_id"}', '{"customerId": 7}',
+    '{"customerId": "ok-1", "custmerId": "typo"}', '{"customerId": "ok-2", "country": "Germany"}',
+    '{"customerId": "ok-3", "country": "ZZ"}', '{"customerId": "ok-4", "displayName": "' + "x" * 100 + '"}',
+    '{"customerId": "ok-5", "iotHubs": [1]}', '{"customerId": "ok-6", "iotEdge": "true"}',
+    '{"customerId": "' + "a" * 64 + '"}', '{"customerId": "ok-7", "initialTwin": "tags"}',
+]
+
+
+def test_malformed_messages_are_recorded_with_their_field_and_nothing_else_happens(env, storage):
+    for text in MALFORMED:
+        send(env, text if text else " ")
+    host = Devhost(env)
+    store = state_store(load_settings({k: v for k, v in env.items() if not k.startswith("_")}))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(store.find("\"kind\" = 'rejection'"))) < len(MALFORMED):
+            time.sleep(0.3)
+    finally:
+        output = host.stop()
+    rejections = [store.get(n).data for n in store.find("\"kind\" = 'rejection'")]
+    assert len(rejections) == len(MALFORMED), output
+    assert all(r["reason"] and r["payload"] is not None for r in rejections)
+    fields = {r["field"] for r in rejections}
+    assert {"message", "customerId", "custmerId", "country", "displayName", "iotHubs", "iotEdge",
+            "initialTwin"} <= fields
+    assert list(store.find("\"kind\" = 'customer'")) == []
+    poison = QueueClient.from_connection_string(storage.connection_string, f"{QUEUE}-poison")
+    try:
+        assert poison.peek_messages() == []
+    except Exception as exc:  # noqa: BLE001 - the queue not existing is the same as empty
+        assert "QueueNotFound" in str(exc)
+    assert "Traceback" not in output
+
+
+def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(storage, tmp_path):
+    with EmulatorStack(tmp_path / "pool", dps_instances=2) as pool:
+        values = stack_settings(storage, pool, f"state-{secrets.token_hex(5)}")
+        settings = load_settings(values)
+        store, keys = state_store(settings), key_store(settings)
+        groups = DpsEnrollmentGroups.for_pool(settings.dps_pool, connection_strings=settings.dps_connection_strings,
+                                              connection_verify=str(pool.ca_path))
+        from edge.services import Services
+
+        onboarding = Services(settings, store, keys, groups, StoreAuditLog(store)).onboarding
+        now = dt.datetime.now(dt.timezone.utc)
+        create_root(RootRequest("root", KeyType.EC_P256, 20, "Pool Root"), store=store, keys=keys, now=now)
+
+        def onboard(i: int):
+            return onboard_customer(OnboardingRequest(customer_id=f"c{i:03d}"), store=store, keys=keys, groups=groups,
+                                    audit=StoreAuditLog(store), settings=onboarding, now=now)
+
+        for i in range(120):
+            onboard(i)
+        counts = [len(d.group_ids()) for d in pool.dps]
+        assert counts == [60, 60]  # placement fills both
+        for i in range(120, 200):
+            onboard(i)
+        assert [len(d.group_ids()) for d in pool.dps] == [100, 100]
+        with pytest.raises(CapacityExhausted, match="holds 100 enrollment groups"):
+            onboard(200)
+        assert store.get(customer_document("c200")) is None
