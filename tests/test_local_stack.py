@@ -53,6 +53,18 @@ def test_local_up_detach_then_down_leaves_nothing_running(tmp_path):
         assert not (tmp_path / "state" / "keystore").exists()  # the key went to the Key Vault emulator
         shown = pkictl(["root", "show", "--json"], tmp_path, env)
         assert json.loads(shown.stdout)["keyType"] == "ec-p384"
+        sent = pkictl(["send", "onboarding", "--customer", "fabrikam", "--country", "NL", "--base64"], tmp_path, env)
+        assert sent.returncode == 0, sent.stderr
+        deadline, record = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and record.get("status") != "active":  # devhost runs function_app
+            time.sleep(0.5)
+            shown = pkictl(["customer", "show", "fabrikam"], tmp_path, env)
+            record = json.loads(shown.stdout) if shown.returncode == 0 else {}
+        assert record.get("status") == "active", (tmp_path / "state" / "devhost.log").read_text()[-3000:]
+        listed = pkictl(["customer", "list"], tmp_path, env).stdout
+        assert listed.startswith("fabrikam") and "active" in listed
+        refused = pkictl(["send", "onboarding", "--customer", "Fabrikam"], tmp_path, env)
+        assert refused.returncode == 2 and "customerId: 'Fabrikam' must be lowercase" in refused.stderr
     finally:
         down = pkictl(["local", "down"], tmp_path, env)
     assert down.returncode == 0, down.stdout + down.stderr
