@@ -1,7 +1,8 @@
-"""The main job on a throwaway local stack: start Azurite, create the root CA, print it.
+"""The main job on a throwaway local stack (Azurite + Key Vault/DPS/IoT Hub emulators + devhost running
+function_app): create the root CA, onboard two customers through the queue, show a rejection.
 
-Later features extend this script step by step; it exits 0 only if every step did what it says
-and leaves no process behind.
+Later features extend it step by step. It exits 0 only if every step did what it says, and it
+leaves no process and no file behind.
 """
 
 from __future__ import annotations
@@ -9,45 +10,95 @@ from __future__ import annotations
 import io
 import secrets
 import tempfile
+import time
 from pathlib import Path
 from typing import TextIO
 
-from devhost.azurite import Azurite
+from devhost.stack import LocalStack
+
+WAIT_S = 90
 
 
 def run_demo(out: TextIO) -> int:
     from .cli import main
+    from .wiring import wire
 
     def step(title: str) -> None:
         print(f"\n== {title}", file=out)
 
-    with tempfile.TemporaryDirectory(prefix="pki-demo-") as workdir, Azurite() as azurite:
-        env = {
-            "AzureWebJobsStorage": azurite.connection_string,
-            "LOCAL_KEYSTORE_DIR": str(Path(workdir) / "keystore"),
-            "LOCAL_KEYSTORE_PASSPHRASE": secrets.token_urlsafe(24),
-            "ROOT_CA_COMMON_NAME": "Contoso IoT Root CA (demo)",
-            "ROOT_CA_ORGANIZATION": "Contoso",
-        }
-        print(f"local stack: Azurite on 127.0.0.1 (blob {azurite.blob_port}, queue {azurite.queue_port}), "
-              f"key store in {workdir}", file=out)
+    def ok(argv: list[str], env: dict) -> bool:
+        return main(argv, env=env, out=out) == 0
 
-        step("1. create the root CA (key in the key store, certificate in blob state)")
-        if main(["root", "create"], env=env, out=out) != 0:
+    with tempfile.TemporaryDirectory(prefix="pki-demo-") as workdir, \
+            LocalStack(Path(workdir), dps_instances=2) as stack:
+        env = stack.settings()
+        env["ROOT_CA_COMMON_NAME"], env["ROOT_CA_ORGANIZATION"] = "Contoso IoT Root CA (demo)", "Contoso"
+        print(f"local stack up on 127.0.0.1 (Azurite, Key Vault, 2 DPS instances, IoT Hub, devhost); "
+              f"working folder {workdir}", file=out)
+
+        step("1. create the root CA: key in Key Vault (emulator), certificate in blob state")
+        if not ok(["root", "create"], env):
             return 1
-        step("2. a second `root create` is refused: the root is made once")
         refused = io.StringIO()
         if main(["root", "create"], env=env, out=out, err=refused) != 1:
             print("FAILED: a second root was created", file=out)
             return 1
-        print(refused.getvalue().strip(), file=out)
-        step("3. the root certificate, as you upload it to DPS (`pkictl root show --pem`)")
-        if main(["root", "show", "--pem"], env=env, out=out) != 0:
+        print(f"a second `root create` is refused: {refused.getvalue().strip()}", file=out)
+
+        step("2. the root certificate, as you upload it to DPS (`pkictl root show --pem`)")
+        if not ok(["root", "show", "--pem"], env):
             return 1
-        step("4. proof of possession for the code DPS shows (`pkictl verification-cert --code ...`)")
         code = secrets.token_hex(16).upper()
-        pop = Path(workdir) / "verification.pem"
-        if main(["verification-cert", "--code", code, "--out", str(pop)], env=env, out=out) != 0:
+        if not ok(["verification-cert", "--code", code, "--out", str(Path(workdir) / "verification.pem")], env):
             return 1
-        print("\ndemo complete: every step did what it says; Azurite stopped, temporary files removed", file=out)
+
+        step("3. the ERP onboards two customers (queue customer-onboarding) and sends one broken message")
+        customers = {"contoso-gmbh": ["--display-name", "Contoso GmbH", "--country", "DE"],
+                     "fabrikam": ["--display-name", "Fabrikam Inc", "--country", "US", "--base64"]}
+        for customer, extra in customers.items():
+            if not ok(["send", "onboarding", "--customer", customer, *extra], env):
+                return 1
+        from clients.storage import send_queue_message
+
+        wiring = wire(env)
+        send_queue_message(wiring.settings, "customer-onboarding", '{"customerId": "Tailspin", "colour": "red"}')
+        deadline = time.monotonic() + WAIT_S
+        records: dict[str, dict] = {}
+        while time.monotonic() < deadline:
+            docs = {c: wiring.store.get(f"customers/{c}.json") for c in customers}
+            records = {c: doc.data if doc else {} for c, doc in docs.items()}
+            rejections = list(wiring.store.find("\"kind\" = 'rejection'"))
+            if all(r.get("status") == "active" for r in records.values()) and rejections:
+                break
+            time.sleep(0.5)
+        else:
+            print(f"FAILED: onboarding did not finish within {WAIT_S}s: "
+                  f"{ {c: r.get('status') for c, r in records.items()} }; see {stack.state_dir / 'devhost.log'}",
+                  file=out)
+            return 1
+        if not ok(["customer", "list"], env):
+            return 1
+        for customer, record in records.items():
+            groups = stack.emulators.dps[[d.name for d in stack.emulators.dps].index(record["dps"]["name"])]
+            in_dps = customer in groups.group_ids()
+            print(f"{customer}: intermediate {record['intermediate']['subject']} (serial "
+                  f"{record['intermediate']['serial'][:16]}...), enrollment group on {record['dps']['name']}: "
+                  f"{'present' if in_dps else 'MISSING'}", file=out)
+            if not in_dps:
+                return 1
+        rejection = wiring.store.get(rejections[0]).data
+        print(f"the broken message was rejected and recorded ({rejections[0]}): {rejection['field']}: "
+              f"{rejection['reason']}", file=out)
+
+        step("4. the same onboarding delivered again is a no-op")
+        if not ok(["send", "onboarding", "--customer", "fabrikam", "--display-name", "Fabrikam Inc", "--country", "US"],
+                  env):
+            return 1
+        time.sleep(3)
+        versions = stack.emulators.keyvault.key_versions("customer-fabrikam")
+        print(f"Key Vault holds {len(versions)} version of customer-fabrikam's key; the audit log has the no-op",
+              file=out)
+        if len(versions) != 1:
+            return 1
+        print("\ndemo complete: every step did what it says; stopping the local stack", file=out)
     return 0
