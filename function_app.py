@@ -8,18 +8,22 @@ import datetime as dt
 
 import azure.functions as func
 
-from edge.queue import run_queue_message
+from edge.queue import run_blob, run_queue_message
 from edge.services import Services, services
-from handlers import onboarding
+from handlers import batch_chunk, batch_intake, onboarding
 
 app = func.FunctionApp()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def _onboard(body: bytes, wired: Services, message_id: str | None) -> str:
     request = onboarding.OnboardingRequest.parse(body)
     outcome = onboarding.onboard_customer(
         request, store=wired.store, keys=wired.keys, groups=wired.groups, audit=wired.audit,
-        settings=wired.onboarding, now=dt.datetime.now(dt.timezone.utc), message_id=message_id)
+        settings=wired.onboarding, now=_now(), message_id=message_id)
     return f"customer {request.customer_id}: {outcome.status} (requestId {request.request_id})"
 
 
@@ -27,3 +31,28 @@ def _onboard(body: bytes, wired: Services, message_id: str | None) -> str:
 def customer_onboarding(msg: func.QueueMessage) -> None:
     """ERP "new customer" -> intermediate CA in Key Vault + DPS enrollment group."""
     run_queue_message(msg, queue=onboarding.QUEUE, services=services, handle=_onboard)
+
+
+def _intake(path: str, wired: Services) -> str:
+    return batch_intake.intake_batch(path, files=wired.files, outputs=wired.files, store=wired.store, queue=wired.queue,
+                                     secrets_store=wired.secrets, audit=wired.audit, settings=wired.batches, now=_now())
+
+
+@app.blob_trigger(arg_name="blob", path="device-batches/{customerId}/{batchName}", connection="AzureWebJobsStorage",
+                  source="EventGrid")
+def device_batch(blob: func.InputStream) -> None:
+    """A device batch (CSV/JSONL) -> validated, recorded, fanned out as chunk messages."""
+    run_blob(blob, services=services, handle=_intake)
+
+
+def _issue_chunk(body: bytes, wired: Services, message_id: str | None) -> str:
+    return batch_chunk.process_chunk(
+        batch_chunk.ChunkMessage.parse(body), files=wired.files, outputs=wired.files, store=wired.store,
+        keys=wired.keys, secrets_store=wired.secrets, audit=wired.audit, settings=wired.batches, now=_now(),
+        owner=message_id, registrar=wired.registrar)
+
+
+@app.queue_trigger(arg_name="msg", queue_name=batch_intake.CHUNK_QUEUE, connection="AzureWebJobsStorage")
+def batch_chunk_issue(msg: func.QueueMessage) -> None:
+    """One chunk of a batch -> one certificate per device; the last chunk assembles the report."""
+    run_queue_message(msg, queue=batch_intake.CHUNK_QUEUE, services=services, handle=_issue_chunk)

@@ -62,6 +62,13 @@ class Settings:
     intermediate_key_type: KeyType = KeyType.EC_P256
     intermediate_validity_days: int = 5 * 365
     dps_max_groups: int = 100
+    batch_chunk_rows: int = 500
+    batch_max_rows: int = 100_000
+    batch_max_bytes: int = 64 * 1024 * 1024
+    batch_inflight: int = 16
+    device_key_type: KeyType = KeyType.EC_P256
+    device_validity_days: int = 365
+    dps_device_endpoint: str = "global.azure-devices-provisioning.net"
 
 
 def _storage(env: Mapping[str, str]) -> StorageSettings:
@@ -147,6 +154,13 @@ def _dps_pool(env: Mapping[str, str]) -> tuple[DpsInstance, ...]:
     return tuple(pool)
 
 
+def _device_key_type(env: Mapping[str, str]) -> KeyType:
+    try:
+        return KeyType.parse(env.get("DEVICE_KEY_TYPE", "").strip() or "ec-p256", field="DEVICE_KEY_TYPE")
+    except ValueError as exc:
+        raise SettingsError("DEVICE_KEY_TYPE", str(exc).split(": ", 1)[-1]) from None
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Parse every setting this app reads; ``SettingsError`` names the first bad one."""
     key_vault_url = env.get("KEY_VAULT_URL", "").strip() or None
@@ -175,6 +189,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         intermediate_key_type=intermediate_key_type,
         intermediate_validity_days=_int(env, "INTERMEDIATE_VALIDITY_DAYS", 5 * 365, 30, 30 * 365),
         dps_max_groups=_int(env, "DPS_MAX_GROUPS_PER_INSTANCE", 100, 1, 100),
+        batch_chunk_rows=_int(env, "BATCH_CHUNK_ROWS", 500, 1, 5000),
+        batch_max_rows=_int(env, "BATCH_MAX_ROWS", 100_000, 1, 1_000_000),
+        batch_max_bytes=_int(env, "BATCH_MAX_BYTES", 64 * 1024 * 1024, 1024, 1024 ** 3),
+        batch_inflight=_int(env, "BATCH_INFLIGHT", 16, 1, 256),
+        device_key_type=_device_key_type(env),
+        device_validity_days=_int(env, "DEVICE_VALIDITY_DAYS", 365, 1, 30 * 365),
+        dps_device_endpoint=env.get("DPS_DEVICE_ENDPOINT", "").strip() or "global.azure-devices-provisioning.net",
         key_vault_sign_rate_per_s=float(_int(env, "KEY_VAULT_SIGN_RATE_PER_S", 100, 1, 4000)),
         emulator_ca_path=Path(ca) if ca else None,
         state_container=_match(env, "STATE_CONTAINER", "pki-state", _CONTAINER,

@@ -8,12 +8,15 @@ a production CA key belongs in Key Vault (DESIGN.md section 3).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import secrets
 import threading
 from pathlib import Path
 
+from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
 
 from handlers.errors import NotFound
@@ -99,3 +102,33 @@ class LocalKeyStore:
 
     def signer(self, key: KeyRef) -> SignFn:
         return software_signer(self._load(key.name, key.version)[1])
+
+
+class LocalSecrets:
+    """``Secrets`` in the local key store's folder, encrypted with its passphrase (development only)."""
+
+    def __init__(self, keys: LocalKeyStore):
+        self._keys = keys
+
+    def _folder(self, name: str) -> Path:
+        folder = self._keys._dir / "secrets" / self._keys._key_dir(name).name  # noqa: SLF001 - same store
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return folder
+
+    def set_secret(self, name: str, value: str) -> str:
+        version = secrets.token_hex(16)
+        _write_private(self._folder(name) / version, self._fernet().encrypt(value.encode()))
+        (self._folder(name) / "latest").write_text(version)
+        return version
+
+    def get_secret(self, name: str, version: str | None = None) -> str:
+        folder = self._folder(name)
+        try:
+            version = version or (folder / "latest").read_text().strip()
+            token = (folder / version).read_bytes()
+        except (FileNotFoundError, ValueError):
+            raise NotFound(f"secret {name}: not found") from None
+        return self._fernet().decrypt(token).decode()
+
+    def _fernet(self) -> Fernet:
+        return Fernet(base64.urlsafe_b64encode(hashlib.sha256(self._keys._passphrase).digest()))  # noqa: SLF001

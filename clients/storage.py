@@ -26,8 +26,19 @@ def state_store(settings: Settings, *, ensure: bool = True) -> BlobDocumentStore
     return store
 
 
+_QUEUES: dict[tuple[str, str], object] = {}
+
+
 def send_queue_message(settings: Settings, queue: str, text: str) -> str:
     """Enqueue ``text`` as is (the app's queues use ``messageEncoding: none``); creates the queue if needed."""
+    key = (repr(settings.storage) + (settings.storage.connection_string or ""), queue)
+    client = _QUEUES.get(key)
+    if client is None:
+        client = _QUEUES[key] = _queue_client(settings, queue)
+    return client.send_message(text).id
+
+
+def _queue_client(settings: Settings, queue: str):
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.queue import QueueClient
 
@@ -43,4 +54,19 @@ def send_queue_message(settings: Settings, queue: str, text: str) -> str:
         client.create_queue()
     except ResourceExistsError:
         pass
-    return client.send_message(text).id
+    return client
+
+
+class StorageQueues:
+    """``MessageQueue`` over Azure Storage queues (JSON text, ``messageEncoding: none``)."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+
+    def send(self, queue: str, message) -> None:
+        import json
+
+        from .errors import translated
+
+        with translated(f"queue {queue}"):
+            send_queue_message(self._settings, queue, json.dumps(message, separators=(",", ":")))

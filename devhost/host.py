@@ -360,7 +360,7 @@ class FunctionHost:
         receipts = self._hosts_container()
         started = 0
         try:
-            blobs = list(container.list_blobs(name_starts_with=prefix or None))
+            blobs = list(container.list_blobs(name_starts_with=prefix or None, include=["metadata"]))
         except ResourceNotFoundError:
             return 0
         for blob in blobs:

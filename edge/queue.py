@@ -23,6 +23,27 @@ from .services import Services
 log = logging.getLogger("pki")
 
 
+def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
+             handle: Callable[[str, Services], str]) -> None:
+    """A blob trigger: the handler reads the blob itself (streaming), by its path ``container/name``."""
+    context = {"blob": blob.name}
+    now = dt.datetime.now(dt.timezone.utc)
+    wired = services()
+    try:
+        outcome = handle(blob.name, wired)
+    except Rejected as exc:
+        where = record_rejection(wired.store, queue="device-batches", message_id=None, body=blob.name,
+                                 reason=exc.reason, field=exc.field, now=now)
+        log.warning("rejected blob %s: %s (recorded in %s)", blob.name, exc, where, extra={**context, "rejections": 1})
+        return
+    except Exception as exc:
+        record_failure(wired.store, queue="device-batches", message_id=None, body=blob.name,
+                       reason=f"{type(exc).__name__}: {exc}", dequeue_count=None, now=now)
+        log.warning("blob %s failed, the host will retry: %s: %s", blob.name, type(exc).__name__, exc, extra=context)
+        raise
+    log.info("blob %s: %s", blob.name, outcome, extra=context)
+
+
 def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[[], Services],
                       handle: Callable[[bytes, Services, str | None], str]) -> None:
     body = msg.get_body()

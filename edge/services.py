@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 from clients.audit import StoreAuditLog
 from clients.dps import DpsEnrollmentGroups
-from clients.factory import credential, key_store
-from clients.storage import state_store
+from clients.blob_files import BlobFiles
+from clients.factory import DpsRegistrar, credential, key_store, secrets_store
+from clients.storage import StorageQueues, blob_service, state_store
+from handlers.batch_intake import BatchSettings
 from handlers.onboarding import OnboardingSettings
-from handlers.ports import AuditLog, DocumentStore, KeyStore
+from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Secrets
 from settings import Settings, load_settings
 
 
@@ -22,6 +24,17 @@ class Services:
     keys: KeyStore
     groups: DpsEnrollmentGroups
     audit: AuditLog
+    files: BlobFiles
+    queue: MessageQueue
+    secrets: Secrets
+    registrar: DpsRegistrar
+
+    @property
+    def batches(self) -> BatchSettings:
+        s = self.settings
+        return BatchSettings(chunk_rows=s.batch_chunk_rows, max_rows=s.batch_max_rows, max_bytes=s.batch_max_bytes,
+                             default_key_type=s.device_key_type, default_validity_days=s.device_validity_days,
+                             inflight=s.batch_inflight)
 
     @property
     def onboarding(self) -> OnboardingSettings:
@@ -36,8 +49,11 @@ def build_services(settings: Settings) -> Services:
     groups = DpsEnrollmentGroups.for_pool(
         settings.dps_pool, connection_strings=settings.dps_connection_strings, credential=credential(settings),
         connection_verify=str(settings.emulator_ca_path) if settings.emulator_ca_path else None)
-    return Services(settings=settings, store=store, keys=key_store(settings), groups=groups,
-                    audit=StoreAuditLog(store))
+    keys = key_store(settings)
+    ca = str(settings.emulator_ca_path) if settings.emulator_ca_path else None
+    return Services(settings=settings, store=store, keys=keys, groups=groups, audit=StoreAuditLog(store),
+                    files=BlobFiles(blob_service(settings)), queue=StorageQueues(settings),
+                    secrets=secrets_store(settings, keys), registrar=DpsRegistrar(settings.dps_device_endpoint, ca))
 
 
 @functools.cache

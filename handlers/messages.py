@@ -75,6 +75,19 @@ class Fields:
             raise InvalidMessage(self._name(key), f"{value!r} {rule}")
         return value
 
+    def integer(self, key: str, *, required: bool = False, minimum: int = 0, maximum: int = 2 ** 31) -> int | None:
+        self._read.add(key)
+        value = self._document.get(key)
+        if value is None:
+            if required:
+                raise InvalidMessage(self._name(key), "is required")
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidMessage(self._name(key), f"must be a whole number, not {_json_type(value)}")
+        if not minimum <= value <= maximum:
+            raise InvalidMessage(self._name(key), f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
     def boolean(self, key: str, default: bool = False) -> bool:
         self._read.add(key)
         value = self._document.get(key, default)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,3 +64,40 @@ class AuditLog(Protocol):
 
     def append(self, event: Mapping[str, Any]) -> None:
         """Store one event (``at``, ``action``, ``effect``, the subject ids, before/after...)."""
+
+
+class InputFiles(Protocol):
+    """Uploaded files (``container/name`` paths), read as a stream or by byte range."""
+
+    def properties(self, path: str) -> tuple[int, str, dict[str, str]]:
+        """Size, ETag and metadata (lower-case keys); ``NotFound`` if absent."""
+
+    def stream(self, path: str, etag: str | None = None) -> Iterator[bytes]: ...
+
+    def read_range(self, path: str, start: int, end: int) -> bytes: ...
+
+
+class OutputFiles(Protocol):
+    """Files the service writes (``container/name`` paths)."""
+
+    def put(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def get(self, path: str) -> bytes: ...
+
+    def delete(self, path: str) -> None: ...
+
+    def assemble(self, path: str, parts: Iterable[bytes], content_type: str) -> None:
+        """Write ``path`` as the concatenation of ``parts`` without holding them all in memory."""
+
+
+class MessageQueue(Protocol):
+    def send(self, queue: str, message: Mapping[str, Any]) -> None: ...
+
+
+class Secrets(Protocol):
+    """Key Vault secrets (PFX passwords). Values never go to logs, blobs or messages."""
+
+    def set_secret(self, name: str, value: str) -> str:
+        """Store a new version; returns the version."""
+
+    def get_secret(self, name: str, version: str | None = None) -> str: ...

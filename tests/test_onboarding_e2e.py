@@ -239,9 +239,9 @@ def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(stor
         store, keys = state_store(settings), key_store(settings)
         groups = DpsEnrollmentGroups.for_pool(settings.dps_pool, connection_strings=settings.dps_connection_strings,
                                               connection_verify=str(pool.ca_path))
-        from edge.services import Services
+        from handlers.onboarding import OnboardingSettings
 
-        onboarding = Services(settings, store, keys, groups, StoreAuditLog(store)).onboarding
+        onboarding = OnboardingSettings(pool=settings.dps_pool)
         now = dt.datetime.now(dt.timezone.utc)
         create_root(RootRequest("root", KeyType.EC_P256, 20, "Pool Root"), store=store, keys=keys, now=now)
 

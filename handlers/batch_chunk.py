@@ -1,0 +1,318 @@
+"""Use case: one chunk of a device batch -> one certificate per device, then (for the last chunk)
+the batch report.
+
+Idempotency, per device: the device record ``devices/{customerId}/{deviceId}.json`` is created
+with If-None-Match *after* its outputs are written under this batch's own prefix, and read
+before anything is issued. A device already recorded for this batch is ``already_issued``; one
+recorded by another batch fails as "already provisioned" (unless the batch asks for re-issue);
+a crash between outputs and record re-issues and overwrites the outputs, so the recorded
+certificate is always the one in the output files. A chunk record (leased by the queue message)
+keeps two deliveries of one chunk from working at once, and completion is counted once per chunk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from pki import export, profiles
+from pki.csr import accept_csr
+from pki.errors import InvalidInput
+from pki.ids import registration_id_problem
+from pki.keys import KeyType, generate_key
+from pki.signing import remote_key
+
+from . import batch_format
+from .batch_intake import BatchRef, BatchSettings, _csv_cell
+from .errors import AlreadyExists, Conflict, NotFound, TransientError
+from .onboarding import customer_document
+from .ports import AuditLog, DocumentStore, InputFiles, KeyStore, OutputFiles, Secrets
+
+LEASE = dt.timedelta(minutes=10)
+REPORT_COLUMNS = ("row", "deviceId", "status", "serial", "thumbprintSha1", "thumbprintSha256", "notAfter",
+                  "certificate", "chain", "pfx", "key", "assignedHub", "notice", "error")
+
+
+class Registrar(Protocol):
+    """Test registration of a device with DPS over mutual TLS (the batch option ``register``)."""
+
+    def register(self, id_scope: str, device_id: str, chain_pem: bytes, key_pem: bytes) -> str:
+        """The assigned hub; raises with DPS's reason when refused."""
+
+
+@dataclass(frozen=True)
+class ChunkMessage:
+    customer_id: str
+    batch_name: str
+    chunk: int
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> ChunkMessage:
+        from .messages import Fields, decode_json_message
+
+        fields = Fields(decode_json_message(raw))
+        customer_id = fields.text("customerId", required=True)
+        batch_name = fields.text("batchName", required=True, max_length=200)
+        chunk = fields.integer("chunk", required=True, minimum=0)
+        fields.reject_unknown()
+        return cls(customer_id, batch_name, chunk)
+
+
+def device_document(customer_id: str, device_id: str) -> str:
+    return f"devices/{customer_id}/{device_id}.json"
+
+
+def _stamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Issuer:
+    """Everything one chunk needs to issue, shared by its worker threads."""
+
+    def __init__(self, ref: BatchRef, batch: dict, customer: dict, *, store: DocumentStore, keys: KeyStore,
+                 outputs: OutputFiles, password: bytes | None, settings: BatchSettings, registrar: Registrar | None,
+                 now: dt.datetime):
+        self.ref, self.batch, self.customer, self.store, self.outputs = ref, batch, customer, store, outputs
+        self.password, self.settings, self.registrar, self.now = password, settings, registrar, now
+        options = batch["options"]
+        self.key_type = KeyType(options["keyType"])
+        self.validity_days = options["validityDays"]
+        self.output = options["output"]
+        self.reissue = options["reissue"]
+        self.register = options["register"]
+        self.intermediate = x509.load_pem_x509_certificate(customer["intermediate"]["certificatePem"].encode())
+        key = keys.get_key(customer["key"]["name"], customer["key"]["version"])
+        self.signer = remote_key(key.public_key, keys.signer(key))
+        self.prefix = f"{settings.output_container}/{ref.customer_id}/{ref.batch_name}"
+
+    def row(self, row: batch_format.Row, duplicate_of: int | None) -> dict[str, Any]:
+        result: dict[str, Any] = {"row": row.index, "deviceId": row.device_id}
+        if row.error:
+            return {**result, "status": "failed", "error": f"row {row.index}: {row.error}"}
+        if duplicate_of is not None:
+            return {**result, "status": "failed", "error": f"row {row.index}: duplicate of row {duplicate_of}"}
+        problem = registration_id_problem(row.device_id)
+        if problem:
+            return {**result, "status": "failed", "error": f"row {row.index}: deviceId {row.device_id!r} {problem}"}
+        existing = self.store.get(device_document(self.ref.customer_id, row.device_id))
+        if existing is not None:
+            recorded = existing.data
+            if recorded.get("batch") == self.ref.batch_name and recorded.get("customerId") == self.ref.customer_id:
+                return {**result, **_published(recorded), "status": "already_issued"}
+            if not self.reissue:
+                return {**result, "status": "failed",
+                        "error": f"row {row.index}: already provisioned by batch {recorded.get('batch')!r} "
+                                 f"(serial {recorded.get('serial')}); set metadata reissue=true to re-issue"}
+        try:
+            issued, private_key = self._issue(row)
+        except InvalidInput as exc:
+            return {**result, "status": "failed", "error": f"row {row.index}: {exc}"}
+        record = self._record(row, issued, private_key)
+        try:
+            if existing is None:
+                self.store.create(device_document(self.ref.customer_id, row.device_id), record,
+                                  tags=device_tags(record))
+            else:
+                self.store.replace(existing, record, tags=device_tags(record))
+        except (AlreadyExists, Conflict):
+            winner = self.store.get(device_document(self.ref.customer_id, row.device_id))
+            for path in record["outputs"].values():
+                self.outputs.delete(path)  # ours lost the race: keep only the recorded certificate's files
+            return {**result, "status": "failed", "error": f"row {row.index}: provisioned meanwhile by batch "
+                    f"{winner.data.get('batch') if winner else '?'!r}"}
+        published = {**result, **_published(record), "status": "issued"}
+        if issued.notice:
+            published["notice"] = issued.notice
+        if private_key is not None and self._should_register(row.index):
+            published["assignedHub"] = self._register(row.device_id, issued.certificate, private_key)
+        return published
+
+    def _issue(self, row: batch_format.Row):
+        if row.csr:
+            public_key, private_key = accept_csr(row.csr, row.device_id, field="csr"), None
+        else:
+            private_key = generate_key(self.key_type)
+            public_key = private_key.public_key()
+        issued = profiles.issue_device(issuer=self.intermediate, issuer_key=self.signer, public_key=public_key,
+                                       device_id=row.device_id, now=self.now, validity_days=self.validity_days)
+        certificate = issued.certificate
+        base = f"{self.prefix}/{row.device_id}"
+        self.outputs.put(f"{base}/cert.pem", export.cert_pem(certificate), "application/x-pem-file")
+        self.outputs.put(f"{base}/chain.pem", export.chain_pem([certificate, self.intermediate]),
+                         "application/x-pem-file")
+        if private_key is not None and self.output == "pfx":
+            self.outputs.put(f"{base}/device.pfx", export.pfx(private_key, certificate, [self.intermediate],
+                                                              self.password, friendly_name=row.device_id),
+                             "application/x-pkcs12")
+        elif private_key is not None:
+            self.outputs.put(f"{base}/device.key", export.key_pem(private_key, self.password), "application/x-pem-file")
+        return issued, private_key
+
+    def _record(self, row: batch_format.Row, issued: profiles.Issued, private_key) -> dict[str, Any]:
+        certificate = issued.certificate
+        base = f"{self.prefix}/{row.device_id}"
+        outputs = {"certificate": f"{base}/cert.pem", "chain": f"{base}/chain.pem"}
+        if private_key is not None:
+            outputs["pfx" if self.output == "pfx" else "key"] = f"{base}/device.{'pfx' if self.output == 'pfx' else 'key'}"
+        return {"customerId": self.ref.customer_id, "deviceId": row.device_id, "status": "issued",
+                "batch": self.ref.batch_name, "row": row.index, "keySource": "generated" if private_key else "csr",
+                **export.summary(certificate), "intermediateSerial": self.customer["intermediate"]["serial"],
+                "outputs": outputs, "pfxSecret": self.batch.get("pfxSecret") if private_key is not None else None,
+                "issuedAt": _stamp(self.now)}
+
+    def _should_register(self, index: int) -> bool:
+        if self.registrar is None or not self.register:
+            return False
+        return self.register == "all" or index <= int(self.register)
+
+    def _register(self, device_id: str, certificate: x509.Certificate, private_key) -> str:
+        try:
+            return self.registrar.register(self.customer["dps"]["idScope"], device_id,
+                                           export.chain_pem([certificate, self.intermediate]), export.key_pem(private_key))
+        except Exception as exc:  # noqa: BLE001 - a failed test registration is reported, the certificate stands
+            return f"registration failed: {exc}"
+
+
+def device_tags(record: dict) -> dict[str, str]:
+    """Index tags the expiry sweep and the CLI query (notAfter as YYYYMMDD sorts as text)."""
+    return {"kind": "device", "customer": record["customerId"], "status": record["status"],
+            "notAfter": record["notAfter"][:10].replace("-", "")}
+
+
+def _published(record: dict) -> dict[str, Any]:
+    outputs = record.get("outputs", {})
+    return {"serial": record.get("serial"), "thumbprintSha1": record.get("thumbprintSha1"),
+            "thumbprintSha256": record.get("thumbprintSha256"), "notAfter": record.get("notAfter"),
+            "certificate": outputs.get("certificate"), "chain": outputs.get("chain"), "pfx": outputs.get("pfx"),
+            "key": outputs.get("key")}
+
+
+def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFiles, store: DocumentStore,
+                  keys: KeyStore, secrets_store: Secrets, audit: AuditLog, settings: BatchSettings, now: dt.datetime,
+                  owner: str | None = None, registrar: Registrar | None = None,
+                  sleep: Callable[[float], None] = time.sleep) -> str:
+    ref = BatchRef(message.customer_id, message.batch_name)
+    owner = owner or secrets.token_hex(8)
+    batch_doc = store.get(ref.document)
+    if batch_doc is None or batch_doc.data["status"] not in ("issuing", "assembling", "complete"):
+        raise TransientError(f"batch {ref.batch_name}: not ready for chunks yet")  # intake still writing
+    batch = batch_doc.data
+    if message.chunk >= len(batch["chunks"]):
+        from .errors import InvalidMessage
+
+        raise InvalidMessage("chunk", f"batch {ref.batch_name} has {len(batch['chunks'])} chunks")
+    chunk_doc = _claim_chunk(ref, message.chunk, owner, store, now, sleep)
+    if chunk_doc.data["status"] != "done":
+        customer = store.get(customer_document(ref.customer_id))
+        if customer is None or customer.data.get("status") != "active":
+            raise TransientError(f"customer {ref.customer_id} is not active")
+        secret = batch.get("pfxSecret")
+        password = secrets_store.get_secret(secret["name"], secret["version"]).encode() if secret else None
+        issuer = _Issuer(ref, batch, customer.data, store=store, keys=keys, outputs=outputs, password=password,
+                         settings=settings, registrar=registrar, now=now)
+        chunk = batch["chunks"][message.chunk]
+        data = files.read_range(batch["input"], chunk["start"], chunk["end"])
+        header = batch_format.Header(tuple(batch["columns"]), chunk["start"])
+        rows = list(batch_format.rows_in_range(data, chunk["start"], header, batch["format"], chunk["firstRow"]))
+        with ThreadPoolExecutor(max_workers=settings.inflight, thread_name_prefix="issue") as pool:
+            results = list(pool.map(lambda r: issuer.row(r, chunk["duplicates"].get(str(r.index))), rows))
+        chunk_doc = store.replace(chunk_doc, {**chunk_doc.data, "status": "done", "results": results, "lease": None,
+                                              "doneAt": _stamp(now)})
+        issued = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "issued"]
+        audit.append({"at": _stamp(now), "action": "batch.issue", "effect": "changed" if issued else "no-op",
+                      "customer": ref.customer_id, "batch": ref.batch_name, "chunk": message.chunk,
+                      "issued": issued, "requestId": batch["options"].get("requestId")})
+    return _complete(ref, message.chunk, chunk_doc.data["results"], store=store, outputs=outputs, settings=settings,
+                     now=now)
+
+
+def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: dt.datetime, sleep) -> Any:
+    waited = 0.0
+    while True:
+        doc = store.get(ref.chunk_document(n))
+        lease = {"owner": owner, "until": _stamp(now + LEASE)}
+        try:
+            if doc is None:
+                return store.create(ref.chunk_document(n), {"status": "issuing", "lease": lease})
+            if doc.data["status"] == "done":
+                return doc
+            held = doc.data.get("lease") or {}
+            if held.get("owner") == owner or held.get("until", "") <= _stamp(now):
+                return store.replace(doc, {**doc.data, "lease": lease})
+        except (AlreadyExists, Conflict):
+            continue
+        if waited >= 20:
+            raise TransientError(f"chunk {n} of {ref.batch_name} is being issued elsewhere; retry later")
+        sleep(0.5)
+        waited += 0.5
+
+
+def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStore, outputs: OutputFiles,
+              settings: BatchSettings, now: dt.datetime) -> str:
+    """Count chunk ``n`` once; whoever completes the last chunk assembles the report."""
+    for _ in range(50):
+        doc = store.get(ref.document)
+        data = doc.data
+        if n not in data["completedChunks"]:
+            counts = dict(data["counts"])
+            for result in results:
+                counts[result["status"]] = counts.get(result["status"], 0) + 1
+            data = {**data, "completedChunks": sorted([*data["completedChunks"], n]), "counts": counts,
+                    "updatedAt": _stamp(now)}
+            if len(data["completedChunks"]) == len(data["chunks"]):
+                data["status"] = "assembling"
+            try:
+                doc = store.replace(doc, data, tags={"kind": "batch", "customer": ref.customer_id,
+                                                      "status": data["status"]})
+            except Conflict:
+                continue  # another chunk finished at the same moment: count again on fresh data
+        break
+    else:
+        raise TransientError(f"batch {ref.batch_name}: could not count chunk {n}; retry")
+    if data["status"] != "assembling":
+        return f"batch {ref.customer_id}/{ref.batch_name}: chunk {n} done ({len(data['completedChunks'])}/" \
+               f"{len(data['chunks'])})"
+    _assemble(ref, data, store=store, outputs=outputs, settings=settings, now=now)
+    final = {**data, "status": "complete", "completedAt": _stamp(now),
+             "report": {"json": ref.report_path(settings, "json"), "csv": ref.report_path(settings, "csv")}}
+    try:
+        store.replace(doc, final, tags={"kind": "batch", "customer": ref.customer_id, "status": "complete"})
+    except Conflict:
+        pass  # a concurrent assembler of the same (deterministic) report finished first
+    return f"batch {ref.customer_id}/{ref.batch_name}: complete ({data['counts']})"
+
+
+def _assemble(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs: OutputFiles, settings: BatchSettings,
+              now: dt.datetime) -> None:
+    """JSON and CSV reports from the chunk records, one staged block per chunk (bounded memory)."""
+    totals = {"rows": batch["rows"], **{k: batch["counts"].get(k, 0) for k in ("issued", "already_issued", "failed")}}
+
+    def chunk_results(n: int) -> list[dict]:
+        return store.get(ref.chunk_document(n)).data["results"]
+
+    def json_parts() -> Iterator[bytes]:
+        head = {"customerId": ref.customer_id, "batchName": ref.batch_name, "status": "complete",
+                "completedAt": _stamp(now), "totals": totals, "pfxPasswordSecret": batch.get("pfxSecret"),
+                "options": batch["options"]}
+        yield json.dumps(head)[:-1].encode() + b', "rows": ['
+        for n in range(len(batch["chunks"])):
+            rows = ",\n".join(json.dumps(r) for r in chunk_results(n))
+            yield ((",\n" if n else "\n") + rows).encode()
+        yield b"\n]}\n"
+
+    def csv_parts() -> Iterator[bytes]:
+        yield (",".join(REPORT_COLUMNS) + "\r\n").encode()
+        for n in range(len(batch["chunks"])):
+            yield "".join(",".join(_csv_cell(r.get(c)) for c in REPORT_COLUMNS) + "\r\n"
+                          for r in chunk_results(n)).encode()
+
+    outputs.assemble(ref.report_path(settings, "json"), json_parts(), "application/json")
+    outputs.assemble(ref.report_path(settings, "csv"), csv_parts(), "text/csv")
