@@ -38,6 +38,7 @@ from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
 
 from .errors import translated
+from .storage import pooled_transport
 from .retry import RateLimitPolicy, ThrottlingRetryPolicy, TokenBucket
 
 # A quarter of Key Vault's EC/RSA-2048 sign limit (4,000 per 10 s): the limit is per vault, shared by
@@ -101,8 +102,10 @@ class KeyVaultKeyStore:
         self._keys = KeyClient(vault_url, credential, **_client_options(
             connection_verify, verify_challenge_resource, ThrottlingRetryPolicy(**retry)))
         sign_retry = ThrottlingRetryPolicy(retry_post=True, **retry)
+        transport = pooled_transport(connection_verify)  # one pool for every key's CryptographyClient: chunks sign from many threads
         self._crypto_options = {
-            key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, per_retry_policies=[
+            key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, transport=transport,
+                                      per_retry_policies=[
                 RateLimitPolicy(TokenBucket(sign_rate_per_s * limit / _SIGN_LIMIT_PER_10S[KeyType.EC_P256]))])
             for key_type, limit in _SIGN_LIMIT_PER_10S.items()
         }

@@ -9,14 +9,33 @@ from settings import Settings
 from .blob_state import BlobDocumentStore
 
 
+# Batch chunks write from many threads at once; requests' default pool of 10 connections per host
+# would open and discard a connection for every extra concurrent call.
+POOL_SIZE = 64
+
+
+def pooled_transport(connection_verify: str | None = None):
+    """A requests transport with a larger pool; ``connection_verify`` must be given here, since a client's own
+    ``connection_verify`` kwarg only configures the transport it would have built itself."""
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    options = {"connection_verify": connection_verify} if connection_verify else {}
+    return RequestsTransport(session=session, session_owner=False, **options)
+
+
 def blob_service(settings: Settings) -> BlobServiceClient:
     storage = settings.storage
     if storage.connection_string:
-        return BlobServiceClient.from_connection_string(storage.connection_string)
+        return BlobServiceClient.from_connection_string(storage.connection_string, transport=pooled_transport())
     from azure.identity import DefaultAzureCredential
 
     credential = DefaultAzureCredential(managed_identity_client_id=storage.managed_identity_client_id)
-    return BlobServiceClient(storage.blob_service_uri, credential=credential)
+    return BlobServiceClient(storage.blob_service_uri, credential=credential, transport=pooled_transport())
 
 
 def state_store(settings: Settings, *, ensure: bool = True) -> BlobDocumentStore:
