@@ -49,7 +49,7 @@ def _issue_chunk(body: bytes, wired: Services, message_id: str | None) -> str:
     return batch_chunk.process_chunk(
         batch_chunk.ChunkMessage.parse(body), files=wired.files, outputs=wired.files, store=wired.store,
         keys=wired.keys, secrets_store=wired.secrets, audit=wired.audit, settings=wired.batches, now=_now(),
-        owner=message_id, registrar=wired.registrar)
+        registrar=wired.registrar)
 
 
 @app.queue_trigger(arg_name="msg", queue_name=batch_intake.CHUNK_QUEUE, connection="AzureWebJobsStorage")

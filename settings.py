@@ -52,6 +52,7 @@ class Settings:
     key_vault_sign_rate_per_s: float = 100.0
     emulator_ca_path: Path | None = None
     local_keystore_dir: Path = Path(".pki-local/keystore")
+    local_keystore_passphrase: str | None = field(default=None, repr=False)
     root_key_name: str = "pki-root-ca"
     root_common_name: str = "IoT PKI Root CA"
     root_organization: str | None = None
@@ -66,6 +67,7 @@ class Settings:
     batch_max_rows: int = 100_000
     batch_max_bytes: int = 64 * 1024 * 1024
     batch_inflight: int = 16
+    batch_chunk_lease_s: float = 120.0
     device_key_type: KeyType = KeyType.EC_P256
     device_validity_days: int = 365
     dps_device_endpoint: str = "global.azure-devices-provisioning.net"
@@ -182,9 +184,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     connection_strings = _json(env, "DPS_CONNECTION_STRINGS", {})
     if not isinstance(connection_strings, dict) or not all(isinstance(v, str) for v in connection_strings.values()):
         raise SettingsError("DPS_CONNECTION_STRINGS", "must be a JSON object of instance name -> connection string")
+    pool = _dps_pool(env)
+    unknown = sorted(set(connection_strings) - {i.name for i in pool})
+    if unknown:
+        raise SettingsError("DPS_CONNECTION_STRINGS", f"names {', '.join(unknown)}, not in DPS_INSTANCES")
     return Settings(
         storage=_storage(env),
-        dps_pool=_dps_pool(env),
+        dps_pool=pool,
         dps_connection_strings=connection_strings,
         intermediate_key_type=intermediate_key_type,
         intermediate_validity_days=_int(env, "INTERMEDIATE_VALIDITY_DAYS", 5 * 365, 30, 30 * 365),
@@ -193,6 +199,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         batch_max_rows=_int(env, "BATCH_MAX_ROWS", 100_000, 1, 1_000_000),
         batch_max_bytes=_int(env, "BATCH_MAX_BYTES", 64 * 1024 * 1024, 1024, 1024 ** 3),
         batch_inflight=_int(env, "BATCH_INFLIGHT", 16, 1, 256),
+        batch_chunk_lease_s=float(_int(env, "BATCH_CHUNK_LEASE_SECONDS", 120, 5, 3600)),
         device_key_type=_device_key_type(env),
         device_validity_days=_int(env, "DEVICE_VALIDITY_DAYS", 365, 1, 30 * 365),
         dps_device_endpoint=env.get("DPS_DEVICE_ENDPOINT", "").strip() or "global.azure-devices-provisioning.net",
@@ -202,6 +209,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                                "is not a blob container name (3-63 of a-z, 0-9, '-')"),
         key_vault_url=key_vault_url,
         local_keystore_dir=Path(env.get("LOCAL_KEYSTORE_DIR", "").strip() or ".pki-local/keystore"),
+        local_keystore_passphrase=env.get("LOCAL_KEYSTORE_PASSPHRASE") or None,
         root_key_name=_match(env, "ROOT_CA_KEY_NAME", "pki-root-ca", _KEY_NAME,
                              "is not a Key Vault key name (1-127 of a-z, A-Z, 0-9, '-')"),
         root_common_name=env.get("ROOT_CA_COMMON_NAME", "").strip() or "IoT PKI Root CA",

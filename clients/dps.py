@@ -15,7 +15,7 @@ from azure.core.exceptions import HttpResponseError
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
 from handlers.dps_pool import DpsInstance
-from handlers.errors import CapacityExhausted, NotFound
+from handlers.errors import CapacityExhausted, NotFound, Rejected
 from handlers.onboarding import Group
 
 from .errors import translated
@@ -88,6 +88,8 @@ class DpsEnrollmentGroups:
         except HttpResponseError as exc:
             if _is_quota(exc):
                 raise CapacityExhausted(f"DPS instance {dps} is full: {exc.message}") from exc
+            if exc.status_code == 400:  # DPS's verdict on the group (e.g. hubs not linked): retrying cannot help
+                raise Rejected(f"DPS {dps} refused enrollment group {group['enrollmentGroupId']}: {exc.message}") from exc
             raise
         return Group(data=data, etag=data.get("etag", ""))
 

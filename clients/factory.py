@@ -19,10 +19,11 @@ def credential(settings: Settings):
     return DefaultAzureCredential()
 
 
-def key_store(settings: Settings, *, local_passphrase: bytes | None = None) -> KeyStore:
+def key_store(settings: Settings) -> KeyStore:
     """Key Vault when ``KEY_VAULT_URL`` is set; otherwise the development-only local key store."""
     if not settings.key_vault_url:
-        return LocalKeyStore(settings.local_keystore_dir, local_passphrase)
+        passphrase = settings.local_keystore_passphrase
+        return LocalKeyStore(settings.local_keystore_dir, passphrase.encode() if passphrase else None)
     from .keyvault import KeyVaultKeyStore
 
     local = settings.emulator_ca_path is not None

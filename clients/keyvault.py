@@ -33,6 +33,7 @@ from azure.keyvault.keys.crypto import CryptographyClient
 from azure.keyvault.secrets import SecretClient
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from handlers.errors import AlreadyExists, Rejected
 from handlers.ports import KeyRef
 from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
@@ -120,13 +121,19 @@ class KeyVaultKeyStore:
 
     def create_key(self, name: str, key_type: KeyType) -> KeyRef:
         _check_name(name, "key")
-        with translated(f"key {name}"):
-            if key_type.is_ec:
-                key = self._keys.create_ec_key(name, curve=_CURVE_NAMES[key_type], key_operations=_KEY_OPERATIONS,
-                                               exportable=False)
-            else:
-                key = self._keys.create_rsa_key(name, size=key_type.rsa_bits, key_operations=_KEY_OPERATIONS,
-                                                exportable=False)
+        try:
+            with translated(f"key {name}"):
+                if key_type.is_ec:
+                    key = self._keys.create_ec_key(name, curve=_CURVE_NAMES[key_type],
+                                                   key_operations=_KEY_OPERATIONS, exportable=False)
+                else:
+                    key = self._keys.create_rsa_key(name, size=key_type.rsa_bits, key_operations=_KEY_OPERATIONS,
+                                                    exportable=False)
+        except AlreadyExists:
+            # Key Vault answers 409 to a create on a soft-deleted name (soft delete is on by default): no retry
+            # can pass that; an operator must recover or purge the key.
+            raise Rejected(f"key {name} is soft-deleted in Key Vault: recover it (az keyvault key recover) or "
+                           "purge it, then send the message again") from None
         return self._ref(key)
 
     def get_key(self, name: str, version: str | None = None) -> KeyRef:

@@ -50,6 +50,7 @@ from .schedule import Schedule
 log = logging.getLogger("devhost")
 HOSTS_CONTAINER = "azure-webjobs-hosts"
 BLOB_POISON_QUEUE = "webjobs-blobtrigger-poison"
+_FINAL_RECEIPTS = frozenset({"done", "poisoned", "superseded"})
 _SETTING = re.compile(r"%([^%]+)%")
 
 
@@ -188,6 +189,32 @@ class _InFlight:
             self.message.pop_receipt = updated.pop_receipt
 
 
+@dataclass(eq=False)
+class _BlobClaim:
+    """A blob receipt this host holds: every write is conditional on the ETag of its own last write."""
+
+    receipt: Any
+    state: dict
+    etag: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def write(self, state: dict) -> None:
+        """Replace the receipt; ResourceModifiedError if another host has taken the claim over."""
+        with self.lock:
+            self._put(state)
+
+    def renew(self) -> None:
+        """Refresh ``since`` so that other hosts do not take a long invocation for an abandoned one."""
+        with self.lock:
+            if self.state["status"] == "running":  # not finished meanwhile
+                self._put({**self.state, "since": time.time()})
+
+    def _put(self, state: dict) -> None:
+        result = self.receipt.upload_blob(json.dumps(state), overwrite=True, etag=self.etag,
+                                          match_condition=MatchConditions.IfNotModified)
+        self.state, self.etag = state, result["etag"]
+
+
 class FunctionHost:
     def __init__(self, app, env: Mapping[str, str], *, host_config: HostConfig | None = None,
                  concurrency: int = 4, message_lease_s: float = 60.0, poll_interval_s: float = 0.25,
@@ -202,6 +229,8 @@ class FunctionHost:
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="devhost")
         self._slots = threading.Semaphore(concurrency)
         self._inflight: set[_InFlight] = set()
+        self._claims: dict[str, _BlobClaim] = {}  # by receipt name: blobs being invoked, not to be claimed again
+        self._finished: set[str] = set()  # receipt names known final, so scans need not download them again
         self._busy = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -311,6 +340,18 @@ class FunctionHost:
         return started
 
     def _handle_message(self, function: Function, inflight: _InFlight) -> None:
+        try:
+            if inflight.message.dequeue_count > self.config.max_dequeue_count:
+                # Every earlier attempt died with its worker, before any failure could be handled; the host
+                # poisons such a message before invoking (QueueProcessor.BeginProcessingMessageAsync).
+                self._poison_message(function, inflight, "Earlier attempts ended without a result.")
+            else:
+                self._invoke_message(function, inflight)
+        finally:
+            with self._lock:
+                self._inflight.discard(inflight)
+
+    def _invoke_message(self, function: Function, inflight: _InFlight) -> None:
         message = inflight.message
         body = message.content if isinstance(message.content, (str, bytes)) else str(message.content)
         value = QueueMessage(id=message.id, body=body, pop_receipt=message.pop_receipt,
@@ -319,28 +360,31 @@ class FunctionHost:
         try:
             self._invoke(function, value)
         except Exception as exc:  # noqa: BLE001 - the host's retry/poison decision
-            with inflight.lock:
-                if message.dequeue_count >= self.config.max_dequeue_count:
-                    poison = f"{function.trigger['queueName']}-poison"
-                    self._queue(function.trigger, poison).send_message(message.content)
-                    inflight.queue_client.delete_message(message.id, message.pop_receipt)
-                    with self._lock:
-                        self.stats["poisoned"] += 1
-                    log.error("Message %s has reached MaxDequeueCount of %d; moved to %s. Last error: %s: %s",
-                              message.id, self.config.max_dequeue_count, poison, type(exc).__name__, exc)
-                else:
+            if message.dequeue_count >= self.config.max_dequeue_count:
+                self._poison_message(function, inflight, f"Last error: {type(exc).__name__}: {exc}")
+            else:
+                with inflight.lock:
                     inflight.queue_client.update_message(message, visibility_timeout=int(
                         self.config.visibility_timeout_s))
         else:
             with inflight.lock:
                 inflight.queue_client.delete_message(message.id, message.pop_receipt)
-        finally:
-            with self._lock:
-                self._inflight.discard(inflight)
+
+    def _poison_message(self, function: Function, inflight: _InFlight, why: str) -> None:
+        message = inflight.message
+        poison = f"{function.trigger['queueName']}-poison"
+        with inflight.lock:
+            self._queue(function.trigger, poison).send_message(message.content)
+            inflight.queue_client.delete_message(message.id, message.pop_receipt)
+        with self._lock:
+            self.stats["poisoned"] += 1
+        log.error("Message %s has reached MaxDequeueCount of %d; moved to %s. %s",
+                  message.id, self.config.max_dequeue_count, poison, why)
 
     def _renew_leases(self) -> None:
         with self._lock:
             inflight = list(self._inflight)
+            claims = list(self._claims.values())
         for item in inflight:
             try:
                 item.renew(self.message_lease_s)
@@ -348,6 +392,11 @@ class FunctionHost:
                 pass  # finished meanwhile
             except Exception:  # noqa: BLE001 - a failed renewal only risks a redelivery, which handlers tolerate
                 log.warning("could not renew the lease of message %s", item.message.id, exc_info=True)
+        for claim in claims:
+            try:
+                claim.renew()
+            except Exception:  # noqa: BLE001 - as above; a lost claim is reported when the invocation ends
+                log.warning("could not renew blob receipt %s", claim.receipt.blob_name, exc_info=True)
 
     # -- blob triggers -------------------------------------------------------------------------
     def _receipt_name(self, function: Function, container: str, blob_name: str, etag: str) -> str:
@@ -366,31 +415,40 @@ class FunctionHost:
         for blob in blobs:
             if not pattern.match(blob.name):
                 continue
-            receipt = receipts.get_blob_client(self._receipt_name(function, container_name, blob.name, blob.etag))
-            claimed = self._claim_receipt(receipt)
-            if claimed is None:
+            name = self._receipt_name(function, container_name, blob.name, blob.etag)
+            with self._lock:
+                if name in self._claims or name in self._finished:
+                    continue
+            claim = self._claim_receipt(receipts.get_blob_client(name))
+            if claim is None:
                 continue
             if not self._slots.acquire(blocking=False):
-                self._release_receipt(receipt, claimed)
+                claim.write({"status": "failed", "attempts": claim.state["attempts"] - 1,
+                             "since": claim.state["since"], "retryAt": 0})
                 break
-            self._submit(lambda f=function, c=container, b=blob, r=receipt, s=claimed:
-                         self._handle_blob(f, c, b, r, s))
+            with self._lock:
+                self._claims[name] = claim
+            self._submit(lambda f=function, c=container, b=blob, s=claim: self._handle_blob(f, c, b, s))
             started += 1
         return started
 
-    def _claim_receipt(self, receipt) -> dict | None:
+    def _claim_receipt(self, receipt) -> _BlobClaim | None:
         """Claim a blob version for this host: create its receipt, or take over a retryable one."""
         now = time.time()
         claim = {"status": "running", "attempts": 1, "since": now}
         try:
-            receipt.upload_blob(json.dumps(claim), overwrite=False)
-            return {**claim, "etag": receipt.get_blob_properties().etag}
+            result = receipt.upload_blob(json.dumps(claim), overwrite=False)
+            return _BlobClaim(receipt, claim, result["etag"])
         except ResourceExistsError:
             pass
         try:
             download = receipt.download_blob()
             state = json.loads(download.readall())
         except ResourceNotFoundError:
+            return None
+        if state["status"] in _FINAL_RECEIPTS:
+            with self._lock:
+                self._finished.add(receipt.blob_name)
             return None
         retryable = state["status"] == "failed" and now >= state.get("retryAt", 0)
         abandoned = state["status"] == "running" and now - state["since"] > self.message_lease_s
@@ -402,20 +460,35 @@ class FunctionHost:
                                          match_condition=MatchConditions.IfNotModified)
         except (ResourceModifiedError, ResourceExistsError):
             return None
-        return {**claim, "etag": result["etag"]}
+        return _BlobClaim(receipt, claim, result["etag"])
 
-    def _release_receipt(self, receipt, claim: dict) -> None:
-        state = {"status": "failed", "attempts": claim["attempts"] - 1, "since": claim["since"], "retryAt": 0}
-        receipt.upload_blob(json.dumps(state), overwrite=True)
+    def _finish_blob(self, claim: _BlobClaim, **changes: Any) -> bool:
+        """Record the invocation's outcome in the receipt; False if another host has taken the claim over."""
+        try:
+            claim.write({**claim.state, **changes})
+        except ResourceModifiedError:
+            log.warning("blob receipt %s was taken over by another host meanwhile; leaving it to that host",
+                        claim.receipt.blob_name)
+            return False
+        return True
 
-    def _handle_blob(self, function: Function, container, blob, receipt, claim: dict) -> None:
+    def _handle_blob(self, function: Function, container, blob, claim: _BlobClaim) -> None:
+        try:
+            self._invoke_blob(function, container, blob, claim)
+        finally:
+            with self._lock:
+                del self._claims[claim.receipt.blob_name]
+                if claim.state["status"] in _FINAL_RECEIPTS:
+                    self._finished.add(claim.receipt.blob_name)
+
+    def _invoke_blob(self, function: Function, container, blob, claim: _BlobClaim) -> None:
         client = container.get_blob_client(blob.name)
         try:
             data = client.download_blob(etag=blob.etag,
                                         match_condition=MatchConditions.IfNotModified
                                         ).readall()
         except (ResourceNotFoundError, ResourceModifiedError):
-            receipt.upload_blob(json.dumps({**claim, "status": "superseded"}), overwrite=True)
+            self._finish_blob(claim, status="superseded")
             return  # deleted or overwritten meanwhile: the new version gets its own receipt
         stream = func.blob.InputStream(data=data, name=f"{container.container_name}/{blob.name}", uri=client.url,
                                        length=len(data), metadata=blob.metadata or {},
@@ -423,21 +496,18 @@ class FunctionHost:
         try:
             self._invoke(function, stream)
         except Exception as exc:  # noqa: BLE001 - retry, then poison, as the host does for blob triggers
-            if claim["attempts"] >= self.config.max_dequeue_count:
+            if claim.state["attempts"] < self.config.max_dequeue_count:
+                self._finish_blob(claim, status="failed", retryAt=time.time() + self.config.visibility_timeout_s)
+            elif self._finish_blob(claim, status="poisoned", error=type(exc).__name__):
                 self._queue(function.trigger, BLOB_POISON_QUEUE).send_message(json.dumps({
                     "Type": "BlobTrigger", "FunctionId": f"{self.host_id}.{function.name}", "BlobType": "BlockBlob",
                     "ContainerName": container.container_name, "BlobName": blob.name, "ETag": blob.etag}))
-                receipt.upload_blob(json.dumps({**claim, "status": "poisoned", "error": type(exc).__name__}),
-                                    overwrite=True)
                 with self._lock:
                     self.stats["poisoned"] += 1
                 log.error("Blob %s/%s failed %d times; sent to %s", container.container_name, blob.name,
-                          claim["attempts"], BLOB_POISON_QUEUE)
-            else:
-                receipt.upload_blob(json.dumps({**claim, "status": "failed", "retryAt": time.time() +
-                                                self.config.visibility_timeout_s}), overwrite=True)
+                          claim.state["attempts"], BLOB_POISON_QUEUE)
         else:
-            receipt.upload_blob(json.dumps({**claim, "status": "done"}), overwrite=True)
+            self._finish_blob(claim, status="done")
 
     # -- timers ----------------------------------------------------------------------------------
     def _timer_status(self, function: Function):
@@ -530,12 +600,23 @@ class FunctionHost:
                 last_activity = now
             elif until_idle is not None and now - last_activity >= until_idle:
                 break
-            if now - last_renewal >= self.message_lease_s / 2:
-                self._renew_leases()
-                last_renewal = now
+            last_renewal = self._renew_when_due(last_renewal)
             if not started:
                 stop.wait(self.poll_interval_s)
+        # In-flight work keeps its leases until it ends: a lapsed lease would hand its message or blob to
+        # another poller (or to this host's next start) while it still runs.
+        while self.busy:
+            last_renewal = self._renew_when_due(last_renewal)
+            time.sleep(self.poll_interval_s)
         self.close(wait=True)
+
+    def _renew_when_due(self, last_renewal: float) -> float:
+        """Renew leases and receipts every half lease; the time of the last renewal."""
+        now = time.monotonic()
+        if now - last_renewal < self.message_lease_s / 2:
+            return last_renewal
+        self._renew_leases()
+        return now
 
     def stop(self) -> None:
         self._stop.set()

@@ -32,7 +32,9 @@ def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
     try:
         outcome = handle(blob.name, wired)
     except Rejected as exc:
-        where = record_rejection(wired.store, queue="device-batches", message_id=None, body=blob.name,
+        # keyed by blob version: a re-upload of the same name is a new rejection, not a duplicate of the old one
+        version = (blob.blob_properties or {}).get("ETag", "") if hasattr(blob, "blob_properties") else ""
+        where = record_rejection(wired.store, queue="device-batches", message_id=None, body=f"{blob.name} {version}",
                                  reason=exc.reason, field=exc.field, now=now)
         log.warning("rejected blob %s: %s (recorded in %s)", blob.name, exc, where, extra={**context, "rejections": 1})
         return
@@ -58,7 +60,7 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
         outcome = handle(body, wired, msg.id)
     except Rejected as exc:
         where = record_rejection(wired.store, queue=queue, message_id=msg.id, body=body, reason=exc.reason,
-                                 field=exc.field, now=now)
+                                 field=exc.field, now=now, request_id=_request_id(body))
         log.warning("rejected message %s from %s: %s (recorded in %s)", msg.id, queue, exc, where,
                     extra={**context, "rejections": 1})
         return
@@ -69,3 +71,14 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
                     msg.dequeue_count, type(exc).__name__, exc, extra=context)
         raise
     log.info("message %s from %s: %s", msg.id, queue, outcome, extra=context)
+
+
+def _request_id(body: bytes) -> str | None:
+    """The message's ``requestId`` if it can be read at all (a rejected message may be anything)."""
+    from handlers.messages import decode_json_message
+
+    try:
+        value = decode_json_message(body).get("requestId")
+    except Exception:  # noqa: BLE001 - unreadable: the rejection says so itself
+        return None
+    return value if isinstance(value, str) else None

@@ -14,7 +14,7 @@ from clients.storage import StorageQueues, blob_service, state_store
 from handlers.batch_intake import BatchSettings
 from handlers.onboarding import OnboardingSettings
 from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Secrets
-from settings import Settings, load_settings
+from settings import Settings, SettingsError, load_settings
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Services:
         s = self.settings
         return BatchSettings(chunk_rows=s.batch_chunk_rows, max_rows=s.batch_max_rows, max_bytes=s.batch_max_bytes,
                              default_key_type=s.device_key_type, default_validity_days=s.device_validity_days,
-                             inflight=s.batch_inflight)
+                             inflight=s.batch_inflight, chunk_lease_s=s.batch_chunk_lease_s)
 
     @property
     def onboarding(self) -> OnboardingSettings:
@@ -45,6 +45,9 @@ class Services:
 
 
 def build_services(settings: Settings) -> Services:
+    if os.environ.get("WEBSITE_INSTANCE_ID") and not settings.key_vault_url:
+        # On Azure a local key store would live on one instance's disk: CA keys must be in Key Vault.
+        raise SettingsError("KEY_VAULT_URL", "is required when running on Azure Functions")
     store = state_store(settings)
     groups = DpsEnrollmentGroups.for_pool(
         settings.dps_pool, connection_strings=settings.dps_connection_strings, credential=credential(settings),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,6 @@ from .errors import AlreadyExists, Conflict, NotFound, TransientError
 from .onboarding import customer_document
 from .ports import AuditLog, DocumentStore, InputFiles, KeyStore, OutputFiles, Secrets
 
-LEASE = dt.timedelta(minutes=10)
 REPORT_COLUMNS = ("row", "deviceId", "status", "serial", "thumbprintSha1", "thumbprintSha256", "notAfter",
                   "certificate", "chain", "pfx", "key", "assignedHub", "notice", "error")
 
@@ -195,12 +195,44 @@ def _published(record: dict) -> dict[str, Any]:
             "key": outputs.get("key")}
 
 
+class _Heartbeat:
+    """Renews a chunk's lease while it is being issued, so a long chunk keeps it and a crashed worker's
+    chunk is free ``chunk_lease_s`` after its last beat."""
+
+    def __init__(self, store: DocumentStore, name: str, owner: str, lease_s: float, now: dt.datetime):
+        self.store, self.name, self.owner, self.lease_s = store, name, owner, lease_s
+        self.started, self.base = time.monotonic(), now
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="chunk-heartbeat")
+
+    def until(self) -> str:
+        elapsed = dt.timedelta(seconds=time.monotonic() - self.started + self.lease_s)
+        return _stamp(self.base + elapsed)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.lease_s / 3):
+            try:
+                doc = self.store.get(self.name)
+                if doc is not None and (doc.data.get("lease") or {}).get("owner") == self.owner:
+                    self.store.replace(doc, {**doc.data, "lease": {"owner": self.owner, "until": self.until()}})
+            except Exception:  # noqa: BLE001 - a missed beat only shortens the lease
+                pass
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFiles, store: DocumentStore,
                   keys: KeyStore, secrets_store: Secrets, audit: AuditLog, settings: BatchSettings, now: dt.datetime,
-                  owner: str | None = None, registrar: Registrar | None = None,
-                  sleep: Callable[[float], None] = time.sleep) -> str:
+                  registrar: Registrar | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
     ref = BatchRef(message.customer_id, message.batch_name)
-    owner = owner or secrets.token_hex(8)
+    # One owner per run, never per message: two deliveries of one message must not both hold the chunk.
+    owner = secrets.token_hex(8)
     batch_doc = store.get(ref.document)
     if batch_doc is None or batch_doc.data["status"] not in ("issuing", "assembling", "complete"):
         raise TransientError(f"batch {ref.batch_name}: not ready for chunks yet")  # intake still writing
@@ -209,7 +241,7 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
         from .errors import InvalidMessage
 
         raise InvalidMessage("chunk", f"batch {ref.batch_name} has {len(batch['chunks'])} chunks")
-    chunk_doc = _claim_chunk(ref, message.chunk, owner, store, now, sleep)
+    chunk_doc = _claim_chunk(ref, message.chunk, owner, store, now, settings.chunk_lease_s, sleep)
     if chunk_doc.data["status"] != "done":
         customer = store.get(customer_document(ref.customer_id))
         if customer is None or customer.data.get("status") != "active":
@@ -222,10 +254,14 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
         data = files.read_range(batch["input"], chunk["start"], chunk["end"])
         header = batch_format.Header(tuple(batch["columns"]), chunk["start"])
         rows = list(batch_format.rows_in_range(data, chunk["start"], header, batch["format"], chunk["firstRow"]))
-        with ThreadPoolExecutor(max_workers=settings.inflight, thread_name_prefix="issue") as pool:
+        with _Heartbeat(store, ref.chunk_document(message.chunk), owner, settings.chunk_lease_s, now), \
+                ThreadPoolExecutor(max_workers=settings.inflight, thread_name_prefix="issue") as pool:
             results = list(pool.map(lambda r: issuer.row(r, chunk["duplicates"].get(str(r.index))), rows))
-        chunk_doc = store.replace(chunk_doc, {**chunk_doc.data, "status": "done", "results": results, "lease": None,
-                                              "doneAt": _stamp(now)})
+        current = store.get(ref.chunk_document(message.chunk))
+        if (current.data.get("lease") or {}).get("owner") != owner:
+            raise TransientError(f"chunk {message.chunk} of {ref.batch_name}: lost its lease while issuing; retry")
+        chunk_doc = store.replace(current, {**current.data, "status": "done", "results": results, "lease": None,
+                                            "doneAt": _stamp(now)})
         issued = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "issued"]
         audit.append({"at": _stamp(now), "action": "batch.issue", "effect": "changed" if issued else "no-op",
                       "customer": ref.customer_id, "batch": ref.batch_name, "chunk": message.chunk,
@@ -234,18 +270,20 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
                      now=now)
 
 
-def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: dt.datetime, sleep) -> Any:
+def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: dt.datetime, lease_s: float,
+                 sleep) -> Any:
     waited = 0.0
     while True:
         doc = store.get(ref.chunk_document(n))
-        lease = {"owner": owner, "until": _stamp(now + LEASE)}
+        lease = {"owner": owner, "until": _stamp(now + dt.timedelta(seconds=lease_s + waited))}
+        current = _stamp(now + dt.timedelta(seconds=waited))
         try:
             if doc is None:
                 return store.create(ref.chunk_document(n), {"status": "issuing", "lease": lease})
             if doc.data["status"] == "done":
                 return doc
             held = doc.data.get("lease") or {}
-            if held.get("owner") == owner or held.get("until", "") <= _stamp(now):
+            if held.get("owner") == owner or held.get("until", "") <= current:
                 return store.replace(doc, {**doc.data, "lease": lease})
         except (AlreadyExists, Conflict):
             continue

@@ -43,6 +43,7 @@ class BatchSettings:
     default_key_type: KeyType = KeyType.EC_P256
     default_validity_days: int = 365
     inflight: int = 16
+    chunk_lease_s: float = 120.0  # renewed while a chunk runs; a crashed worker's chunk is free this long after
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,11 @@ def choose_instance(pool: Sequence[DpsInstance], groups: Mapping[str, int], *, h
     """The instance for a new group: fewest groups, below ``limit``, linking all ``hubs``; pool order breaks ties."""
     if not pool:
         raise CapacityExhausted("no DPS instance is configured (setting DPS_INSTANCES)")
-    candidates = [i for i in pool if i.name not in exclude and (not hubs or set(hubs) <= set(i.iot_hubs))]
+    linking = [i for i in pool if not hubs or set(hubs) <= set(i.iot_hubs)]
+    candidates = [i for i in linking if i.name not in exclude]
+    if linking and not candidates:
+        raise CapacityExhausted(f"every eligible DPS instance refused a new enrollment group as full "
+                                f"({', '.join(sorted(exclude))}); add a DPS instance to DPS_INSTANCES")
     if not candidates:
         linked = "; ".join(f"{i.name}: {', '.join(i.iot_hubs) or 'none'}" for i in pool)
         raise InvalidMessage("iotHubs", f"no DPS instance links all of {', '.join(hubs or ())} (linked hubs: {linked})")

@@ -32,7 +32,9 @@ QUEUE = "customer-onboarding"
 # suffix and the intermediate's CN (X.520 ub-common-name 64).
 CUSTOMER_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 ALLOCATION_POLICIES = ("hashed", "geoLatency", "static")  # "custom" needs an Azure Function webhook: not offered
-LEASE = dt.timedelta(minutes=2)
+# At least the function timeout (host.json: 10 min): a run throttled for minutes in Key Vault or DPS must not
+# lose its lease to a duplicate message, which would repeat its step. A failed run releases it at once.
+LEASE = dt.timedelta(minutes=10)
 LEASE_WAIT_S = 20.0  # wait this long for a concurrent run to finish before asking the host to retry
 _ATTEMPTS = 8
 STATES = ("pending", "key_created", "certificate_issued", "group_created", "active")
@@ -170,9 +172,9 @@ class _Run:
                  audit: AuditLog, settings: OnboardingSettings, now: dt.datetime, message_id: str | None):
         self.request, self.store, self.keys, self.groups = request, store, keys, groups
         self.audit_log, self.settings, self.now, self.message_id = audit, settings, now, message_id
-        # The lease belongs to the message: its redelivery (after a failure or a crashed worker) resumes at
-        # once, while a duplicate message (another id) waits for the holder to finish.
-        self.owner = message_id or secrets.token_hex(8)
+        # One owner per run, never per message: the same message can be delivered twice at once (a visibility
+        # lapse), and both deliveries must not count as the lease holder.
+        self.owner = secrets.token_hex(8)
         self.name = customer_document(request.customer_id)
 
     def audit(self, effect: str, before: str | None, after: str | None, **extra: Any) -> None:
@@ -197,13 +199,14 @@ class _Run:
                 "dps": {"name": instance.name, "idScope": instance.id_scope}, "lease": self.lease()}
 
     def release(self) -> None:
-        """Best effort: drop our lease after a failure (a stale read just leaves it to expire)."""
-        current = self.store.get(self.name)
-        if current is not None and (current.data.get("lease") or {}).get("owner") == self.owner:
-            try:
+        """Best effort: drop our lease after a failure, so the next delivery resumes at once. It never raises:
+        the failure being handled is what the caller must see."""
+        try:
+            current = self.store.get(self.name)
+            if current is not None and (current.data.get("lease") or {}).get("owner") == self.owner:
                 self.store.replace(current, {**current.data, "lease": None}, tags=_tags(current.data))
-            except (Conflict, TransientError):
-                pass
+        except Exception:  # noqa: BLE001 - the lease then simply runs out
+            pass
 
     def instance(self, name: str) -> DpsInstance:
         for instance in self.settings.pool:
@@ -308,15 +311,21 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
                 doc = store.create(run.name, data, tags=_tags(data))
                 run.audit("changed", None, "pending", dps=data["dps"])
             elif status == "rejected":
-                data = run.pending(groups_per_dps())
-                doc = store.replace(doc, {**data, "createdAt": doc.data["createdAt"]}, tags=_tags(data))
-                run.audit("changed", "rejected", "pending", dps=data["dps"])
+                # Resume where the rejected run stopped, with a fresh placement: its key and intermediate stand.
+                resume = ("certificate_issued" if doc.data.get("intermediate") else
+                          "key_created" if doc.data.get("key") else "pending")
+                kept = {k: doc.data[k] for k in ("key", "intermediate") if doc.data.get(k)}
+                data = {**run.pending(groups_per_dps()), **kept, "status": resume, "createdAt": doc.data["createdAt"]}
+                doc = store.replace(doc, data, tags=_tags(data))
+                run.audit("changed", "rejected", resume, dps=data["dps"])
             elif lease.get("owner") != run.owner:  # free or expired: take over where the last run stopped
                 doc = store.replace(doc, {**doc.data, "lease": run.lease()}, tags=_tags(doc.data))
             try:
                 return run.advance(doc, groups_per_dps)
             except (AlreadyExists, Conflict):
-                raise  # a race: the loop re-reads and follows the winner
+                raise  # a race on the record: the loop re-reads and follows the winner
+            except CapacityExhausted:
+                raise  # handled below: the record is marked rejected
             except Exception:
                 run.release()  # let the next delivery resume at once instead of waiting out the lease
                 raise
@@ -324,10 +333,13 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             continue  # another run wrote first: read again and follow its state
         except CapacityExhausted as exc:
             current = store.get(run.name)
-            if current is not None and current.data.get("status") in STATES[:4]:
-                try:  # free the record for a later message once the pool has room again
-                    store.replace(current, {**current.data, "status": "rejected", "reason": str(exc), "lease": None},
-                                  tags={**_tags(current.data), "status": "rejected"})
+            holder = ((current.data.get("lease") or {}).get("owner") if current else None)
+            # Only a record this run holds (or nobody does), and only before its group exists, is rejected; its
+            # placement is dropped so it no longer counts against the instance.
+            if current is not None and current.data.get("status") in STATES[:3] and holder in (None, run.owner):
+                rejected = {**current.data, "status": "rejected", "reason": str(exc), "lease": None, "dps": {}}
+                try:
+                    store.replace(current, rejected, tags=_tags(rejected))
                 except Conflict:
                     pass
             run.audit("rejected", status, "rejected", reason=str(exc))

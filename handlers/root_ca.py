@@ -74,10 +74,22 @@ def root_signer(root: RootCa, keys: KeyStore) -> PrivateKey:
     return remote_key(root.key.public_key, keys.signer(root.key))
 
 
+def _unused_latest_key(request: RootRequest, data: dict, keys: KeyStore) -> KeyRef | None:
+    """A version a crashed run created but never recorded: reuse it rather than make a second one."""
+    try:
+        latest = keys.get_key(request.key_name)
+    except NotFound:
+        return None
+    used = {(p["key"]["name"], p["key"]["version"]) for p in data.get("previous", [])}
+    if (latest.name, latest.version) in used or latest.key_type is not request.key_type:
+        return None
+    return latest
+
+
 def _finish(doc: Document, request: RootRequest, store: DocumentStore, keys: KeyStore, now: dt.datetime) -> RootCa:
     data = dict(doc.data)
     if data["status"] == "pending":
-        key = keys.create_key(request.key_name, request.key_type)
+        key = _unused_latest_key(request, data, keys) or keys.create_key(request.key_name, request.key_type)
         data.update(status="key_created", key={"name": key.name, "version": key.version}, updatedAt=_stamp(now))
         doc = store.replace(doc, data)
     key = keys.get_key(data["key"]["name"], data["key"]["version"])
@@ -89,6 +101,15 @@ def _finish(doc: Document, request: RootRequest, store: DocumentStore, keys: Key
                 summary=export.summary(certificate), updatedAt=_stamp(now), lease=None)
     doc = store.replace(doc, data)
     return RootCa(certificate, key, doc.data)
+
+
+def _release(store: DocumentStore, owner: str) -> None:
+    try:
+        doc = store.get(ROOT_DOCUMENT)
+        if doc is not None and (doc.data.get("lease") or {}).get("owner") == owner:
+            store.replace(doc, {**doc.data, "lease": None})
+    except Exception:  # noqa: BLE001 - the lease then simply runs out
+        pass
 
 
 def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, now: dt.datetime,
@@ -124,7 +145,13 @@ def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, n
                 replaced = True
             elif lease.get("owner") != owner:  # take over a crashed run's work
                 doc = store.replace(doc, {**doc.data, "lease": _lease(owner, now)})
-            return _finish(doc, request, store, keys, now)
         except (AlreadyExists, Conflict):
             continue  # lost a race with a concurrent run: read again and resume from its state
+        try:
+            return _finish(doc, request, store, keys, now)
+        except Conflict:
+            continue
+        except Exception:
+            _release(store, owner)  # the user's retry should not wait out their own run's lease
+            raise
     raise Conflict("the root CA record kept changing under this run; another `root create` is running")

@@ -18,22 +18,30 @@ STACK_FILE = STATE_DIR / "stack.json"
 READY_TIMEOUT_S = 180
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _is_stack(pid: object) -> bool:
+    """Whether ``pid`` is a running ``pkictl local up``: stack.json outlives a SIGKILL or a reboot, and its pid
+    may since belong to an unrelated process (and pid -1 or 0 would make os.kill signal many processes)."""
+    if type(pid) is not int or pid <= 1:
         return False
-    except PermissionError:
-        return True
-    return True
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"pkictl" in arg for arg in args) and b"local" in args and b"up" in args
 
 
-def _running() -> dict | None:
+def _running(out: TextIO) -> dict | None:
+    """What stack.json says of the running stack; a file left by a stack that is gone is removed."""
     try:
         info = json.loads(STACK_FILE.read_text())
     except (OSError, ValueError):
         return None
-    return info if _alive(info.get("pid", -1)) else None
+    pid = info.get("pid") if isinstance(info, dict) else None
+    if _is_stack(pid):
+        return info
+    STACK_FILE.unlink(missing_ok=True)
+    print(f"removed stale {STACK_FILE}: pid {pid} is not a running `pkictl local up`", file=out)
+    return None
 
 
 def _describe(stack: LocalStack, settings_path: Path) -> dict:
@@ -64,7 +72,7 @@ def _print_summary(info: dict, out: TextIO) -> None:
 
 
 def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO) -> int:
-    running = _running()
+    running = _running(out)
     if running:
         print(f"a local stack is running already (pid {running['pid']}); `pkictl local down` stops it", file=out)
         return 1
@@ -102,7 +110,7 @@ def _up_detached(dps_instances: int, functions: bool, out: TextIO) -> int:
                                  start_new_session=True, cwd=Path.cwd())
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        info = _running()
+        info = _running(out)
         if info and info.get("pid") == child.pid and info.get("ready"):
             _print_summary(info, out)
             return 0
@@ -117,7 +125,7 @@ def _up_detached(dps_instances: int, functions: bool, out: TextIO) -> int:
 
 
 def down(out: TextIO) -> int:
-    info = _running()
+    info = _running(out)
     if not info:
         STACK_FILE.unlink(missing_ok=True)
         print("no local stack is running", file=out)
@@ -125,9 +133,9 @@ def down(out: TextIO) -> int:
     pid = info["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while _alive(pid) and time.monotonic() < deadline:
+    while _is_stack(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if _is_stack(pid):
         os.kill(pid, signal.SIGKILL)
     STACK_FILE.unlink(missing_ok=True)
     print(f"local stack (pid {pid}) stopped", file=out)
@@ -135,7 +143,7 @@ def down(out: TextIO) -> int:
 
 
 def status(out: TextIO) -> int:
-    info = _running()
+    info = _running(out)
     if not info:
         print("no local stack is running; `pkictl local up --detach` starts one", file=out)
         return 1

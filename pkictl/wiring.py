@@ -21,7 +21,7 @@ class Wiring:
 
 def wire(env: Mapping[str, str]) -> Wiring:
     settings = load_settings(env)
-    keys = key_store(settings, local_passphrase=env.get("LOCAL_KEYSTORE_PASSPHRASE", "").encode() or None)
+    keys = key_store(settings)
     return Wiring(settings=settings, store=state_store(settings), keys=keys)
 
 

@@ -72,6 +72,8 @@ def app_env(azurite):
         "TEST_FAIL_QUEUE": f"fails-{suffix}",
         "TEST_CONTAINER": f"uploads-{suffix}",
         "TEST_RESULTS": f"results-{suffix}",
+        "TEST_SLOW_CONTAINER": f"slow-{suffix}",
+        "TEST_SLOW_SECONDS": "5",
         "TEST_SCHEDULE": "*/1 * * * * *",
     }
 
@@ -116,14 +118,21 @@ def queue(env: dict, name: str) -> QueueClient:
     return client
 
 
-def upload(env: dict, name: str, data: bytes) -> None:
+def upload(env: dict, name: str, data: bytes, container: str = "TEST_CONTAINER") -> None:
     service = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"])
-    container = service.get_container_client(env["TEST_CONTAINER"])
+    client = service.get_container_client(env[container])
+    if not client.exists():
+        client.create_container()
+    client.upload_blob(name, data, overwrite=True)
+
+
+def receipts(env: dict, function: str) -> list[dict]:
+    container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
+        "azure-webjobs-hosts")
     if not container.exists():
-        container.create_container()
-    container.upload_blob(name, data, overwrite=True)
-
-
+        return []
+    return [json.loads(container.download_blob(b.name).readall())
+            for b in container.list_blobs(f"blobreceipts/devhost/{function}/")]
 
 
 @pytest.mark.integration
@@ -197,3 +206,42 @@ def test_fire_runs_a_timer_on_demand(app_env):
     output, _ = bad.communicate(timeout=60)
     assert bad.returncode == 2
     assert "no timer function 'on_message'; timer functions: on_timer" in output
+
+
+@pytest.mark.integration
+def test_a_blob_invocation_longer_than_the_lease_runs_once_even_with_two_hosts(app_env):
+    """The receipt is renewed while the function runs (5 s, lease 3 s): neither the host running it nor a
+    second host polling the same receipts takes it for abandoned."""
+    hosts = [start_devhost(app_env, "--message-lease", "3") for _ in range(2)]
+    try:
+        upload(app_env, "slow.bin", b"x", container="TEST_SLOW_CONTAINER")
+        wait_for(lambda: [r for r in receipts(app_env, "slow_blob") if r["status"] == "done"], timeout=60,
+                 what="the slow invocation to finish")
+        time.sleep(3)  # more scans by both hosts
+    finally:
+        outputs = [stop(host) for host in hosts]
+    assert results(app_env, "slow") == [{"name": f"{app_env['TEST_SLOW_CONTAINER']}/slow.bin"}], outputs
+    assert [r["status"] for r in receipts(app_env, "slow_blob")] == ["done"]
+    assert "taken over by another host" not in "".join(outputs)
+
+
+@pytest.mark.integration
+def test_a_message_dequeued_more_than_max_dequeue_count_is_poisoned_without_invoking(app_env):
+    """Each earlier attempt died with its worker (here: received and dropped); the host poisons it first."""
+    work = queue(app_env, app_env["TEST_QUEUE"])
+    work.send_message("orphan")
+    for attempt in range(1, 4):  # maxDequeueCount in devhost_app/host.json
+        # Get Messages takes a visibility timeout of 1 s at least; Update Message makes it visible at once.
+        [message] = work.receive_messages(visibility_timeout=1)
+        assert (message.content, message.dequeue_count) == ("orphan", attempt)
+        work.update_message(message, visibility_timeout=0)
+    process = start_devhost(app_env)
+    try:
+        poisoned = wait_for(lambda: queue(app_env, app_env["TEST_QUEUE"] + "-poison").peek_messages(),
+                            what="the poison queue")
+    finally:
+        output = stop(process)
+    assert [m.content for m in poisoned] == ["orphan"]
+    assert results(app_env, "queue") == [], output
+    assert work.peek_messages() == []
+    assert "Earlier attempts ended without a result" in output

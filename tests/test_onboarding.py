@@ -198,3 +198,36 @@ def test_malformed_messages_name_the_field(raw, field, rule):
 def test_plain_and_base64_messages_are_the_same_request():
     plain = json.dumps(MESSAGE)
     assert OnboardingRequest.parse(plain) == OnboardingRequest.parse(base64.b64encode(plain.encode()))
+
+
+def test_the_same_message_delivered_twice_at_once_still_makes_one_key(world):
+    outcomes, errors = [], []
+
+    def deliver():
+        try:
+            outcomes.append(world.onboard(MESSAGE, message_id="same-message").status)
+        except Exception as exc:  # noqa: BLE001 - "in progress, retry" is the loser's answer
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert world.keys.created == 1 and world.groups.creates == 1
+    assert all(type(e).__name__ == "TransientError" for e in errors)
+
+
+def test_a_customer_rejected_for_capacity_keeps_its_intermediate_when_retried(tmp_path):
+    world = World(tmp_path, capacity=0)  # every DPS refuses: the customer is rejected after its intermediate
+    with pytest.raises(CapacityExhausted, match="refused a new enrollment group as full"):
+        world.onboard({"customerId": "late"})
+    rejected = world.store.get(customer_document("late")).data
+    assert rejected["status"] == "rejected" and rejected["dps"] == {}
+    assert list(world.store.find("\"kind\" = 'customer' AND \"dps\" = 'dps1'")) == []  # no longer counted
+    world.groups.capacity = 100
+    world.onboard({"customerId": "late"})
+    active = world.store.get(customer_document("late")).data
+    assert active["status"] == "active"
+    assert active["intermediate"]["serial"] == rejected["intermediate"]["serial"]
+    assert world.keys.created == 1

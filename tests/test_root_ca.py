@@ -64,17 +64,34 @@ def test_force_replaces_the_root_and_keeps_the_old_one_on_record(keys):
     assert second.record["previous"][0]["summary"]["serial"] == first.record["summary"]["serial"]
 
 
-def test_an_interrupted_run_resumes_with_the_key_it_made_once_its_lease_ran_out(keys):
+def test_an_interrupted_run_frees_its_lease_and_the_next_resumes_with_the_key_it_made(keys):
     store = MemoryDocumentStore()
     keys.fail_signing = 1
     with pytest.raises(ConnectionError):
         create_root(REQUEST, store=store, keys=keys, now=NOW)
     assert store.get(ROOT_DOCUMENT).data["status"] == "key_created"
-    with pytest.raises(TransientError, match="in progress"):
-        create_root(REQUEST, store=store, keys=keys, now=NOW)
-    root = create_root(REQUEST, store=store, keys=keys, now=NOW + LEASE)
+    assert store.get(ROOT_DOCUMENT).data["lease"] is None
+    root = create_root(REQUEST, store=store, keys=keys, now=NOW)
     assert keys.created == 1
     assert root.key.version == store.get(ROOT_DOCUMENT).data["key"]["version"]
+
+
+def test_a_key_created_by_a_run_that_died_before_recording_it_is_reused(keys):
+    store = MemoryDocumentStore()
+    store.create(ROOT_DOCUMENT, {"status": "pending", "request": REQUEST.as_dict(), "previous": [],
+                                 "createdAt": "x", "updatedAt": "x", "lease": None})
+    orphan = keys.create_key("root", KeyType.EC_P384)
+    root = create_root(REQUEST, store=store, keys=keys, now=NOW)
+    assert root.key.version == orphan.version and keys.created == 1
+
+
+def test_a_concurrent_run_holding_the_lease_makes_the_next_one_wait(keys):
+    store = MemoryDocumentStore()
+    store.create(ROOT_DOCUMENT, {"status": "pending", "request": REQUEST.as_dict(), "previous": [],
+                                 "createdAt": "x", "updatedAt": "x",
+                                 "lease": {"owner": "someone", "until": "2999-01-01T00:00:00Z"}})
+    with pytest.raises(TransientError, match="in progress"):
+        create_root(REQUEST, store=store, keys=keys, now=NOW)
 
 
 def test_an_interrupted_run_with_other_parameters_needs_force(keys):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import uuid
 
 import azure.functions as func
@@ -40,6 +41,13 @@ def always_fails(msg: func.QueueMessage) -> None:
 def on_blob(blob: func.InputStream, context) -> None:
     _record("blob", {"name": blob.name, "length": blob.length, "data": blob.read().decode(),
                      "function": context.function_name})
+
+
+@app.blob_trigger(arg_name="blob", path="%TEST_SLOW_CONTAINER%/{name}", connection="AzureWebJobsStorage",
+                  source="EventGrid")
+def slow_blob(blob: func.InputStream) -> None:
+    _record("slow", {"name": blob.name})
+    time.sleep(float(os.environ["TEST_SLOW_SECONDS"]))
 
 
 @app.timer_trigger(arg_name="timer", schedule="%TEST_SCHEDULE%", run_on_startup=False, use_monitor=True)

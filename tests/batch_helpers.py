@@ -1,0 +1,89 @@
+"""Shared set-up for batch tests: a wired service (real clients on Azurite + the emulators), a root,
+an onboarded customer, and helpers to upload a batch and run intake/chunks in-process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.queue import QueueClient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from edge.services import build_services
+from handlers import batch_chunk, batch_intake
+from handlers.onboarding import OnboardingRequest, onboard_customer
+from handlers.root_ca import RootRequest, create_root
+from pki.keys import KeyType, generate_key
+from settings import load_settings
+
+
+def wired_env(azurite, stack, **extra) -> dict[str, str]:
+    return {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "STATE_CONTAINER": f"state-{secrets.token_hex(5)}",
+        "KEY_VAULT_URL": stack.keyvault_url,
+        "EMULATOR_CA_PATH": str(stack.ca_path),
+        "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
+                                      "iotHubs": [stack.iothub.hostname]} for d in stack.dps_info()]),
+        "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in stack.dps_info()}),
+        "DPS_DEVICE_ENDPOINT": stack.device_endpoint_url,
+        **extra,
+    }
+
+
+def onboarded(env: dict[str, str], customer_id: str):
+    """Services for ``env`` with a root and one active customer."""
+    services = build_services(load_settings(env))
+    now = dt.datetime.now(dt.timezone.utc)
+    create_root(RootRequest(f"root-{secrets.token_hex(4)}", KeyType.EC_P256, 20, "Batch Root"), store=services.store,
+                keys=services.keys, now=now)
+    onboard_customer(OnboardingRequest(customer_id=customer_id), store=services.store, keys=services.keys,
+                     groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
+    return services
+
+
+def upload(services, customer_id: str, name: str, data: bytes, metadata: dict | None = None) -> str:
+    container = services.files._service.get_container_client("device-batches")  # noqa: SLF001 - test set-up
+    try:
+        container.create_container()
+    except ResourceExistsError:
+        pass
+    container.upload_blob(f"{customer_id}/{name}", data, overwrite=True, metadata=metadata or {})
+    return f"device-batches/{customer_id}/{name}"
+
+
+def intake(services, path: str) -> str:
+    return batch_intake.intake_batch(path, files=services.files, outputs=services.files, store=services.store,
+                                     queue=services.queue, secrets_store=services.secrets, audit=services.audit,
+                                     settings=services.batches, now=dt.datetime.now(dt.timezone.utc))
+
+
+def drain_chunks(services, env: dict[str, str], registrar=None) -> list[str]:
+    """Run every queued chunk message in-process (what devhost does with the chunk function)."""
+    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], batch_intake.CHUNK_QUEUE)
+    outcomes = []
+    while True:
+        messages = list(queue.receive_messages(max_messages=32, visibility_timeout=60))
+        if not messages:
+            return outcomes
+        for message in messages:
+            outcomes.append(batch_chunk.process_chunk(
+                batch_chunk.ChunkMessage.parse(message.content), files=services.files, outputs=services.files,
+                store=services.store, keys=services.keys, secrets_store=services.secrets, audit=services.audit,
+                settings=services.batches, now=dt.datetime.now(dt.timezone.utc), registrar=registrar))
+            queue.delete_message(message)
+
+
+def report(services, customer_id: str, name: str) -> dict:
+    return json.loads(services.files.get(f"device-batches-results/{customer_id}/{name}.json"))
+
+
+def csr_pem(device_id: str, key=None) -> str:
+    key = key or generate_key(KeyType.EC_P256)
+    return x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])).sign(key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM).decode()
