@@ -1,0 +1,123 @@
+"""``python -m bench batch --devices N [--kv-latency-ms L] [--kv-rate R] [--workers W] [--csr]``
+
+Runs one device batch end to end on the local stack (Azurite + emulators + devhost workers running
+function_app) and prints one JSON line: devices, wall seconds (upload to report), devices/s, worker CPU
+seconds per device, worker peak RSS, and the ideal devices/s for the emulated Key Vault (its rate cap,
+or the in-flight signs divided by its latency, whichever is lower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _proc_stats(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system, children included) and peak RSS in bytes of a running process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks
+    peak = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) * 1024
+    return cpu, peak
+
+
+def batch(args: argparse.Namespace) -> dict:
+    from azure.storage.blob import BlobServiceClient
+
+    from devhost.stack import LocalStack
+    from edge.services import build_services
+    from handlers.onboarding import OnboardingRequest, onboard_customer
+    from handlers.root_ca import RootRequest, create_root
+    from pki.keys import KeyType
+    from settings import load_settings
+
+    extra = {"BATCH_CHUNK_ROWS": str(args.chunk_rows), "BATCH_INFLIGHT": str(args.inflight),
+             "KEY_VAULT_SIGN_RATE_PER_S": str(int(args.kv_rate or 4000) // args.workers or 1)}
+    with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
+            LocalStack(Path(workdir), dps_instances=1, run_functions=False, extra_settings=extra) as stack:
+        if args.kv_latency_ms or args.kv_rate:
+            stack.emulators.faults("keyvault", latency_ms=args.kv_latency_ms, rate_per_s=args.kv_rate or None)
+        env = stack.settings()
+        services = build_services(load_settings(env))
+        now = dt.datetime.now(dt.timezone.utc)
+        create_root(RootRequest("root", KeyType.EC_P256, 20, "Bench Root"), store=services.store, keys=services.keys,
+                    now=now)
+        onboard_customer(OnboardingRequest(customer_id="bench"), store=services.store, keys=services.keys,
+                         groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
+        workers = []
+        for _ in range(args.workers):
+            log = open(Path(workdir) / f"worker-{len(workers)}.log", "wb")  # noqa: SIM115
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "devhost", "--script-root", str(REPO), "--concurrency", str(args.concurrency),
+                 "--log-level", "WARNING"], cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+                stdout=log, stderr=subprocess.STDOUT))
+        rows = "".join(f"bench-{i:07d}\n" for i in range(args.devices))
+        data = ("deviceId\n" + rows).encode()
+        container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
+            "device-batches")
+        container.create_container()
+        time.sleep(2)  # let the workers start polling
+        started = time.monotonic()
+        container.upload_blob("bench/batch.csv", data, metadata={"output": args.output})
+        peaks = {w.pid: 0 for w in workers}
+        while True:
+            doc = services.store.get("batches/bench/batch.csv.json")
+            if doc and doc.data["status"] in ("complete", "rejected"):
+                break
+            for w in workers:
+                if w.poll() is not None:
+                    raise SystemExit(f"worker {w.pid} died; see {workdir}")
+                peaks[w.pid] = max(peaks[w.pid], _proc_stats(w.pid)[1])
+            time.sleep(0.5)
+        wall = time.monotonic() - started
+        stats = [_proc_stats(w.pid) for w in workers]
+        for w in workers:
+            w.terminate()
+            w.wait(timeout=60)
+        counts = doc.data["counts"]
+        inflight = args.workers * args.concurrency * args.inflight
+        ideal = min(args.kv_rate or float("inf"), inflight * 1000 / args.kv_latency_ms if args.kv_latency_ms
+                    else float("inf"))
+        return {"benchmark": "batch", "devices": args.devices, "issued": counts.get("issued", 0),
+                "failed": counts.get("failed", 0), "status": doc.data["status"], "wall_s": round(wall, 2),
+                "devices_per_s": round(args.devices / wall, 1),
+                "worker_cpu_s_per_device": round(sum(s[0] for s in stats) / args.devices, 5),
+                "worker_peak_rss_mb": round(max(max(peaks.values()), max(s[1] for s in stats)) / 2 ** 20, 1),
+                "ideal_devices_per_s": None if ideal == float("inf") else round(ideal, 1),
+                "kv_latency_ms": args.kv_latency_ms, "kv_rate": args.kv_rate, "workers": args.workers,
+                "concurrency": args.concurrency, "inflight": args.inflight, "output": args.output}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("batch", help="a device batch end to end")
+    run.add_argument("--devices", type=int, default=1000)
+    run.add_argument("--kv-latency-ms", type=float, default=0.0)
+    run.add_argument("--kv-rate", type=float, default=0.0, help="emulated Key Vault sign cap per second (0: none)")
+    run.add_argument("--workers", type=int, default=2, help="devhost processes (Functions instances)")
+    run.add_argument("--concurrency", type=int, default=2, help="invocations per worker")
+    run.add_argument("--inflight", type=int, default=16, help="BATCH_INFLIGHT: signs in flight per chunk")
+    run.add_argument("--chunk-rows", type=int, default=500)
+    run.add_argument("--output", choices=["pfx", "pem"], default="pfx")
+    args = parser.parse_args(argv)
+    print(json.dumps(batch(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
