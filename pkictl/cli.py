@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -227,6 +228,111 @@ class Cli:
         self.say(f"sent to {QUEUE} (message {message_id}); follow it with `pkictl customer show {args.customer}`")
         return OK
 
+    def batch_show(self, args: argparse.Namespace) -> int:
+        from handlers.batch_intake import BatchRef
+
+        doc = self.wiring.store.get(BatchRef(args.customer, args.batch).document)
+        if doc is None:
+            raise NotFound(f"no batch {args.batch!r} for customer {args.customer!r}")
+        data = doc.data
+        if args.json:
+            self.say(json.dumps({k: v for k, v in data.items() if k not in ("chunks", "lease")}, indent=2))
+            return OK
+        self.say(_batch_line(data))
+        if data.get("report"):
+            self.say(f"report: {data['report']['json']} and {data['report']['csv']}")
+        if data.get("pfxSecret"):
+            self.say(f"PFX/key password: Key Vault secret {data['pfxSecret']['name']} "
+                     f"(version {data['pfxSecret']['version']})")
+        return OK
+
+    def send_batch(self, args: argparse.Namespace) -> int:
+        import time
+
+        from azure.storage.blob import BlobServiceClient
+
+        from clients.storage import blob_service
+        from handlers.batch_intake import BatchRef
+
+        path = Path(args.file)
+        data = _read(args.file, "FILE")
+        name = args.name or path.name
+        metadata = {k: str(v) for k, v in (("keytype", args.key_type), ("validitydays", args.validity_days),
+                                            ("output", args.output), ("register", args.register),
+                                            ("reissue", "true" if args.reissue else None),
+                                            ("requestid", args.request_id)) if v is not None}
+        service: BlobServiceClient = blob_service(self.wiring.settings)
+        container = service.get_container_client("device-batches")
+        if not container.exists():
+            container.create_container()
+        container.upload_blob(f"{args.customer}/{name}", data, overwrite=False, metadata=metadata)
+        self.say(f"uploaded device-batches/{args.customer}/{name} ({len(data)} bytes)")
+        if args.no_wait:
+            return OK
+        ref, deadline, last = BatchRef(args.customer, name), time.monotonic() + args.timeout, ""
+        while time.monotonic() < deadline:
+            doc = self.wiring.store.get(ref.document)
+            if doc is not None:
+                line = _batch_line(doc.data, bar=True)
+                if line != last:
+                    self.out.write("\r" + line)
+                    self.out.flush()
+                    last = line
+                if doc.data["status"] in ("complete", "rejected"):
+                    self.say("")
+                    return self.batch_show(argparse.Namespace(customer=args.customer, batch=name, json=False)) \
+                        if doc.data["status"] == "complete" else PROBLEM
+            time.sleep(0.5)
+        self.say(f"\nnot finished within {args.timeout:.0f}s; follow it with `pkictl batch show {args.customer} {name}`")
+        return PROBLEM
+
+    def device_export(self, args: argparse.Namespace) -> int:
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        from clients.factory import secrets_store
+        from clients.storage import blob_service
+        from handlers.batch_chunk import device_document
+        from handlers.root_ca import load_root
+
+        doc = self.wiring.store.get(device_document(args.customer, args.device))
+        if doc is None:
+            raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
+        record = doc.data
+        service = blob_service(self.wiring.settings)
+
+        def fetch(path: str) -> bytes:
+            container, _, name = path.partition("/")
+            return service.get_blob_client(container, name).download_blob().readall()
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        written = {"cert.pem": fetch(record["outputs"]["certificate"]), "chain.pem": fetch(record["outputs"]["chain"]),
+                   "root.pem": export.cert_pem(load_root(self.wiring.store, self.wiring.keys).certificate)}
+        if args.include_key:
+            if record.get("keySource") != "generated":
+                raise UsageError(f"--include-key: the key of {args.device} never left the device (it sent a CSR)")
+            secret = record["pfxSecret"]
+            password = secrets_store(self.wiring.settings, self.wiring.keys).get_secret(secret["name"],
+                                                                                        secret["version"]).encode()
+            if record["outputs"].get("pfx"):
+                pfx = fetch(record["outputs"]["pfx"])
+                key = pkcs12.load_key_and_certificates(pfx, password)[0]
+                written["device.pfx"] = pfx
+            else:
+                from cryptography.hazmat.primitives import serialization
+
+                key = serialization.load_pem_private_key(fetch(record["outputs"]["key"]), password)
+            written["device.key"] = export.key_pem(key)
+        for filename, content in written.items():
+            target = out / filename
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if filename.startswith("device.") else 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+        self.say(f"wrote {', '.join(written)} to {out} (serial {record['serial']}, notAfter {record['notAfter']})")
+        if args.include_key:
+            self.say("device.key is unencrypted: hand it to the factory line and delete it")
+        return OK
+
     def local(self, args: argparse.Namespace) -> int:
         from . import local
 
@@ -241,6 +347,21 @@ class Cli:
         from .demo import run_demo
 
         return run_demo(self.out)
+
+
+def _batch_line(data: dict, bar: bool = False) -> str:
+    status, rows = data.get("status", "?"), data.get("rows") or 0
+    counts = data.get("counts") or {}
+    done = sum(counts.values())
+    if status == "rejected":
+        return f"batch {data['batchName']}: rejected: {data.get('field') or ''} {data.get('reason', '')}".strip()
+    progress = f"{done}/{rows}" if rows else "validating"
+    meter = ""
+    if bar and rows:
+        filled = int(30 * done / rows)
+        meter = "[" + "#" * filled + "." * (30 - filled) + "] "
+    return (f"{meter}batch {data['batchName']}: {status} {progress} (issued {counts.get('issued', 0)}, already "
+            f"{counts.get('already_issued', 0)}, failed {counts.get('failed', 0)})")
 
 
 def _single_id_scope(env: Mapping[str, str]) -> str:
@@ -328,8 +449,37 @@ def build_parser() -> argparse.ArgumentParser:
     onboarding.add_argument("--base64", action="store_true", help="base64-encode the message (as Azure tools do)")
     onboarding.set_defaults(run=Cli.send_onboarding)
 
+    batch = send.add_parser("batch", help="upload a device batch (CSV/JSONL) and follow it to its report")
+    batch.add_argument("file", metavar="FILE")
+    batch.add_argument("--customer", required=True, metavar="ID")
+    batch.add_argument("--name", help="batch name (default: the file name); must end in .csv or .jsonl")
+    batch.add_argument("--key-type", help="generated keys: ec-p256 (default), ec-p384, rsa-2048/3072/4096")
+    batch.add_argument("--validity-days", type=int)
+    batch.add_argument("--output", choices=["pfx", "pem"], help="generated keys: PFX (default) or encrypted PEM")
+    batch.add_argument("--register", metavar="N|all", help="test-register the first N devices (or all) with DPS")
+    batch.add_argument("--reissue", action="store_true", help="re-issue devices another batch provisioned")
+    batch.add_argument("--request-id")
+    batch.add_argument("--no-wait", action="store_true", help="upload and return")
+    batch.add_argument("--timeout", type=float, default=3600, metavar="SECONDS")
+    batch.set_defaults(run=Cli.send_batch)
+
+    batches = commands.add_parser("batch", help="device batches").add_subparsers(dest="sub", required=True,
+                                                                                 metavar="SUBCOMMAND")
+    batch_show = batches.add_parser("show", help="a batch's status and progress")
+    batch_show.add_argument("customer")
+    batch_show.add_argument("batch")
+    batch_show.add_argument("--json", action="store_true")
+    batch_show.set_defaults(run=Cli.batch_show)
+
     device = commands.add_parser("device", help="devices").add_subparsers(dest="sub", required=True,
                                                                             metavar="SUBCOMMAND")
+    device_export = device.add_parser("export", help="what a factory line needs for one device")
+    device_export.add_argument("customer")
+    device_export.add_argument("device")
+    device_export.add_argument("--out", required=True, metavar="DIR")
+    device_export.add_argument("--include-key", action="store_true",
+                               help="also device.pfx and device.key (decrypted with the batch password from Key Vault)")
+    device_export.set_defaults(run=Cli.device_export)
     register = device.add_parser("register", help="register with DPS over HTTPS with the device certificate "
                                  "(mutual TLS), as a device does on first boot")
     register.add_argument("--cert", required=True, metavar="FILE", help="device certificate (PEM, may include chain)")
