@@ -101,6 +101,61 @@ def batch(args: argparse.Namespace) -> dict:
                 "concurrency": args.concurrency, "inflight": args.inflight, "output": args.output}
 
 
+def intake(args: argparse.Namespace) -> dict:
+    """Validate and fan out a batch of N rows in a child process; report the child's peak RSS."""
+    import resource
+
+    from azure.storage.blob import BlobServiceClient
+
+    from devhost.stack import LocalStack
+    from edge.services import build_services
+    from handlers.onboarding import OnboardingRequest, onboard_customer
+    from handlers.root_ca import RootRequest, create_root
+    from pki.keys import KeyType
+    from settings import load_settings
+
+    with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
+            LocalStack(Path(workdir), dps_instances=1, run_functions=False) as stack:
+        env = stack.settings()
+        services = build_services(load_settings(env))
+        now = dt.datetime.now(dt.timezone.utc)
+        create_root(RootRequest("root", KeyType.EC_P256, 20, "Bench Root"), store=services.store, keys=services.keys,
+                    now=now)
+        onboard_customer(OnboardingRequest(customer_id="bench"), store=services.store, keys=services.keys,
+                         groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
+        container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
+            "device-batches")
+        container.create_container()
+        container.upload_blob("bench/big.csv", ("deviceId\n" + "".join(
+            f"bench-{i:07d}\n" for i in range(args.devices))).encode())
+        started = time.monotonic()
+        child = subprocess.run([sys.executable, "-m", "bench", "_intake", "device-batches/bench/big.csv"], cwd=REPO,
+                               env={**os.environ, **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        if child.returncode:
+            raise SystemExit(child.stdout + child.stderr)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        return {"benchmark": "intake", "devices": args.devices, "outcome": child.stdout.strip(),
+                "wall_s": round(time.monotonic() - started, 2), "peak_rss_mb": round(peak / 2 ** 20, 1)}
+
+
+def _intake_child(path: str) -> None:
+    from edge.services import build_services
+    from handlers.batch_intake import intake_batch
+    from settings import load_settings
+
+    services = build_services(load_settings(os.environ))
+    print(intake_batch(path, files=services.files, outputs=services.files, store=services.store, queue=_NoQueue(),
+                       secrets_store=services.secrets, audit=services.audit, settings=services.batches,
+                       now=dt.datetime.now(dt.timezone.utc)))
+
+
+class _NoQueue:
+    """Chunk messages are counted, not sent: this measures the intake, not the queue."""
+
+    def send(self, queue: str, message) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,8 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--inflight", type=int, default=16, help="BATCH_INFLIGHT: signs in flight per chunk")
     run.add_argument("--chunk-rows", type=int, default=500)
     run.add_argument("--output", choices=["pfx", "pem"], default="pfx")
+    memory = commands.add_parser("intake", help="peak memory of validating and fanning out a batch")
+    memory.add_argument("--devices", type=int, default=100_000)
+    child = commands.add_parser("_intake", help=argparse.SUPPRESS)
+    child.add_argument("path")
     args = parser.parse_args(argv)
-    print(json.dumps(batch(args)), flush=True)
+    if args.command == "_intake":
+        _intake_child(args.path)
+        return 0
+    print(json.dumps(batch(args) if args.command == "batch" else intake(args)), flush=True)
     return 0
 
 

@@ -79,7 +79,8 @@ class _Issuer:
 
     def __init__(self, ref: BatchRef, batch: dict, customer: dict, *, store: DocumentStore, keys: KeyStore,
                  outputs: OutputFiles, password: bytes | None, settings: BatchSettings, registrar: Registrar | None,
-                 now: dt.datetime):
+                 now: dt.datetime, first_attempt: bool):
+        self.first_attempt = first_attempt
         self.ref, self.batch, self.customer, self.store, self.outputs = ref, batch, customer, store, outputs
         self.password, self.settings, self.registrar, self.now = password, settings, registrar, now
         options = batch["options"]
@@ -102,38 +103,52 @@ class _Issuer:
         problem = registration_id_problem(row.device_id)
         if problem:
             return {**result, "status": "failed", "error": f"row {row.index}: deviceId {row.device_id!r} {problem}"}
-        existing = self.store.get(device_document(self.ref.customer_id, row.device_id))
+        name = device_document(self.ref.customer_id, row.device_id)
+        # On a chunk's first attempt no device of it can be recorded for this batch yet (duplicates are caught at
+        # intake), so the read is skipped and the conditional create decides; a resumed chunk reads first.
+        existing = None if self.first_attempt else self.store.get(name)
         if existing is not None:
-            recorded = existing.data
-            if recorded.get("batch") == self.ref.batch_name and recorded.get("customerId") == self.ref.customer_id:
-                return {**result, **_published(recorded), "status": "already_issued"}
-            if not self.reissue:
-                return {**result, "status": "failed",
-                        "error": f"row {row.index}: already provisioned by batch {recorded.get('batch')!r} "
-                                 f"(serial {recorded.get('serial')}); set metadata reissue=true to re-issue"}
+            verdict = self._recorded(row, existing.data, result)
+            if verdict is not None:
+                return verdict
         try:
             issued, private_key = self._issue(row)
         except InvalidInput as exc:
             return {**result, "status": "failed", "error": f"row {row.index}: {exc}"}
         record = self._record(row, issued, private_key)
-        try:
-            if existing is None:
-                self.store.create(device_document(self.ref.customer_id, row.device_id), record,
-                                  tags=device_tags(record))
-            else:
-                self.store.replace(existing, record, tags=device_tags(record))
-        except (AlreadyExists, Conflict):
-            winner = self.store.get(device_document(self.ref.customer_id, row.device_id))
-            for path in record["outputs"].values():
-                self.outputs.delete(path)  # ours lost the race: keep only the recorded certificate's files
-            return {**result, "status": "failed", "error": f"row {row.index}: provisioned meanwhile by batch "
-                    f"{winner.data.get('batch') if winner else '?'!r}"}
+        for _ in range(2):
+            try:
+                if existing is None:
+                    self.store.create(name, record, tags=device_tags(record))
+                else:
+                    self.store.replace(existing, record, tags=device_tags(record))
+                break
+            except (AlreadyExists, Conflict):
+                existing = self.store.get(name)
+                verdict = self._recorded(row, existing.data, result) if existing is not None else None
+                if verdict is not None or existing is None:
+                    if existing is not None and existing.data.get("batch") != self.ref.batch_name:
+                        for path in record["outputs"].values():
+                            self.outputs.delete(path)  # ours, under this batch's prefix, and never recorded
+                    return verdict or {**result, "status": "failed", "error": f"row {row.index}: changed meanwhile"}
+        else:
+            return {**result, "status": "failed", "error": f"row {row.index}: its record kept changing"}
         published = {**result, **_published(record), "status": "issued"}
         if issued.notice:
             published["notice"] = issued.notice
         if private_key is not None and self._should_register(row.index):
             published["assignedHub"] = self._register(row.device_id, issued.certificate, private_key)
         return published
+
+    def _recorded(self, row: batch_format.Row, recorded: dict, result: dict) -> dict[str, Any] | None:
+        """The row's verdict when the device is already recorded; ``None`` when it may be (re-)issued."""
+        if recorded.get("batch") == self.ref.batch_name and recorded.get("customerId") == self.ref.customer_id:
+            return {**result, **_published(recorded), "status": "already_issued"}
+        if not self.reissue:
+            return {**result, "status": "failed",
+                    "error": f"row {row.index}: already provisioned by batch {recorded.get('batch')!r} "
+                             f"(serial {recorded.get('serial')}); set metadata reissue=true to re-issue"}
+        return None
 
     def _issue(self, row: batch_format.Row):
         if row.csr:
@@ -249,7 +264,8 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
         secret = batch.get("pfxSecret")
         password = secrets_store.get_secret(secret["name"], secret["version"]).encode() if secret else None
         issuer = _Issuer(ref, batch, customer.data, store=store, keys=keys, outputs=outputs, password=password,
-                         settings=settings, registrar=registrar, now=now)
+                         settings=settings, registrar=registrar, now=now,
+                         first_attempt=chunk_doc.data.get("attempts", 1) == 1)
         chunk = batch["chunks"][message.chunk]
         data = files.read_range(batch["input"], chunk["start"], chunk["end"])
         header = batch_format.Header(tuple(batch["columns"]), chunk["start"])
@@ -279,12 +295,12 @@ def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: d
         current = _stamp(now + dt.timedelta(seconds=waited))
         try:
             if doc is None:
-                return store.create(ref.chunk_document(n), {"status": "issuing", "lease": lease})
+                return store.create(ref.chunk_document(n), {"status": "issuing", "lease": lease, "attempts": 1})
             if doc.data["status"] == "done":
                 return doc
             held = doc.data.get("lease") or {}
             if held.get("owner") == owner or held.get("until", "") <= current:
-                return store.replace(doc, {**doc.data, "lease": lease})
+                return store.replace(doc, {**doc.data, "lease": lease, "attempts": doc.data.get("attempts", 1) + 1})
         except (AlreadyExists, Conflict):
             continue
         if waited >= 20:
