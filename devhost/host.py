@@ -238,6 +238,8 @@ class FunctionHost:
         self._blob_services: dict[str, BlobServiceClient] = {}
         self._queue_services: dict[str, QueueServiceClient] = {}
         self._next_timer: dict[str, dt.datetime] = {}
+        self._next_scan: dict[str, float] = {}
+        self.blob_scan_interval_s = 1.0
         self.stats = {"invocations": 0, "succeeded": 0, "failed": 0, "poisoned": 0}
 
     # -- connections -------------------------------------------------------------------
@@ -575,7 +577,10 @@ class FunctionHost:
             try:
                 if kind == "queueTrigger":
                     started += self._poll_queue(function)
-                elif kind == "blobTrigger":
+                elif kind == "blobTrigger" and time.monotonic() >= self._next_scan.get(function.name, 0.0):
+                    # Listing a container costs Azurite a walk over its blobs: scan once a second, not every poll
+                    # (Event Grid delivery on Azure takes seconds too).
+                    self._next_scan[function.name] = time.monotonic() + self.blob_scan_interval_s
                     started += self._scan_blobs(function)
             except HostError:
                 raise
