@@ -213,6 +213,7 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
     """One emulated service on one loopback port."""
 
     daemon_threads = True
+    block_on_close = False  # keep-alive handler threads die with their sockets; do not wait for each to notice
     allow_reuse_address = True
     request_queue_size = 128
 
