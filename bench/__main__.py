@@ -34,15 +34,27 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
-def batch(args: argparse.Namespace) -> dict:
-    from azure.storage.blob import BlobServiceClient
-
-    from devhost.stack import LocalStack
+def _with_customer(env: dict[str, str]):
+    """Services wired to ``env``, with a root CA and an active customer "bench"."""
     from edge.services import build_services
     from handlers.onboarding import OnboardingRequest, onboard_customer
     from handlers.root_ca import RootRequest, create_root
     from pki.keys import KeyType
     from settings import load_settings
+
+    services = build_services(load_settings(env))
+    now = dt.datetime.now(dt.timezone.utc)
+    create_root(RootRequest("root", KeyType.EC_P256, 20, "Bench Root"), store=services.store, keys=services.keys,
+                now=now)
+    onboard_customer(OnboardingRequest(customer_id="bench"), store=services.store, keys=services.keys,
+                     groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
+    return services
+
+
+def batch(args: argparse.Namespace) -> dict:
+    from azure.storage.blob import BlobServiceClient
+
+    from devhost.stack import LocalStack
 
     extra = {"BATCH_CHUNK_ROWS": str(args.chunk_rows), "BATCH_INFLIGHT": str(args.inflight),
              "KEY_VAULT_SIGN_RATE_PER_S": str(int(args.kv_rate or 4000) // args.workers or 1)}
@@ -51,12 +63,7 @@ def batch(args: argparse.Namespace) -> dict:
         if args.kv_latency_ms or args.kv_rate:
             stack.emulators.faults("keyvault", latency_ms=args.kv_latency_ms, rate_per_s=args.kv_rate or None)
         env = stack.settings()
-        services = build_services(load_settings(env))
-        now = dt.datetime.now(dt.timezone.utc)
-        create_root(RootRequest("root", KeyType.EC_P256, 20, "Bench Root"), store=services.store, keys=services.keys,
-                    now=now)
-        onboard_customer(OnboardingRequest(customer_id="bench"), store=services.store, keys=services.keys,
-                         groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
+        services = _with_customer(env)
         workers = []
         for _ in range(args.workers):
             log = open(Path(workdir) / f"worker-{len(workers)}.log", "wb")  # noqa: SIM115
@@ -108,21 +115,11 @@ def intake(args: argparse.Namespace) -> dict:
     from azure.storage.blob import BlobServiceClient
 
     from devhost.stack import LocalStack
-    from edge.services import build_services
-    from handlers.onboarding import OnboardingRequest, onboard_customer
-    from handlers.root_ca import RootRequest, create_root
-    from pki.keys import KeyType
-    from settings import load_settings
 
     with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
             LocalStack(Path(workdir), dps_instances=1, run_functions=False) as stack:
         env = stack.settings()
-        services = build_services(load_settings(env))
-        now = dt.datetime.now(dt.timezone.utc)
-        create_root(RootRequest("root", KeyType.EC_P256, 20, "Bench Root"), store=services.store, keys=services.keys,
-                    now=now)
-        onboard_customer(OnboardingRequest(customer_id="bench"), store=services.store, keys=services.keys,
-                         groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
+        services = _with_customer(env)
         container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
             "device-batches")
         container.create_container()

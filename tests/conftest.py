@@ -17,6 +17,14 @@ def azurite():
         yield running
 
 
+@pytest.fixture(scope="module")
+def own_azurite():
+    """An Azurite of the test module's own: its queues (customer-onboarding, batch-chunks) hold only that
+    module's messages."""
+    with Azurite() as running:
+        yield running
+
+
 @pytest.fixture
 def blob_service(azurite) -> BlobServiceClient:
     return BlobServiceClient.from_connection_string(azurite.connection_string)

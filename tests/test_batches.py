@@ -13,7 +13,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from clients.factory import DpsRegistrar
-from devhost.azurite import Azurite
 from handlers.batch_chunk import device_document
 from pki.keys import KeyType, generate_key
 
@@ -24,9 +23,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def storage():
-    with Azurite() as running:
-        yield running
+def storage(own_azurite):
+    return own_azurite
 
 
 @pytest.fixture

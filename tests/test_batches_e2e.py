@@ -16,7 +16,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from devhost.azurite import Azurite
 from emulators.stack import EmulatorStack
 from handlers.batch_chunk import device_document
 from pkictl.cli import main
@@ -28,9 +27,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def storage():
-    with Azurite() as running:
-        yield running
+def storage(own_azurite):
+    return own_azurite
 
 
 @pytest.fixture

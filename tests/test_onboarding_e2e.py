@@ -24,7 +24,6 @@ from clients.audit import StoreAuditLog
 from clients.dps import DpsEnrollmentGroups
 from clients.factory import key_store
 from clients.storage import state_store
-from devhost.azurite import Azurite
 from emulators.stack import EmulatorStack
 from handlers.errors import CapacityExhausted
 from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
@@ -33,6 +32,7 @@ from pki.export import thumbprints
 from pki.keys import KeyType
 from settings import load_settings
 
+from .batch_helpers import wired_env
 from .x509_helpers import assert_ca_cert, openssl_verify
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,23 +41,12 @@ QUEUE = "customer-onboarding"
 
 
 @pytest.fixture(scope="module")
-def storage():
-    """Azurite of this module's own, so its queues hold only this module's messages."""
-    with Azurite() as running:
-        yield running
+def storage(own_azurite):
+    return own_azurite
 
 
 def stack_settings(azurite, stack, container: str) -> dict[str, str]:
-    return {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "STATE_CONTAINER": container,
-        "KEY_VAULT_URL": stack.keyvault_url,
-        "EMULATOR_CA_PATH": str(stack.ca_path),
-        "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
-                                      "iotHubs": [stack.iothub.hostname]} for d in stack.dps_info()]),
-        "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in stack.dps_info()}),
-        "DPS_DEVICE_ENDPOINT": stack.device_endpoint_url,
-    }
+    return wired_env(azurite, stack, STATE_CONTAINER=container)
 
 
 @pytest.fixture
