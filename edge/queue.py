@@ -49,7 +49,7 @@ def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
 def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[[], Services],
                       handle: Callable[[bytes, Services, str | None], str]) -> None:
     body = msg.get_body()
-    context = {"queue": queue, "messageId": msg.id, "dequeueCount": msg.dequeue_count}
+    context = {"queue": queue, "messageId": msg.id, "dequeueCount": msg.dequeue_count, "requestId": _request_id(body)}
     now = dt.datetime.now(dt.timezone.utc)
     try:
         wired = services()
@@ -60,7 +60,7 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
         outcome = handle(body, wired, msg.id)
     except Rejected as exc:
         where = record_rejection(wired.store, queue=queue, message_id=msg.id, body=body, reason=exc.reason,
-                                 field=exc.field, now=now, request_id=_request_id(body))
+                                 field=exc.field, now=now, request_id=context["requestId"])
         log.warning("rejected message %s from %s: %s (recorded in %s)", msg.id, queue, exc, where,
                     extra={**context, "rejections": 1})
         return
@@ -70,7 +70,7 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
         log.warning("message %s from %s failed (attempt %s), the host will retry: %s: %s", msg.id, queue,
                     msg.dequeue_count, type(exc).__name__, exc, extra=context)
         raise
-    log.info("message %s from %s: %s", msg.id, queue, outcome, extra=context)
+    log.info("message %s from %s (requestId %s): %s", msg.id, queue, context["requestId"], outcome, extra=context)
 
 
 def _request_id(body: bytes) -> str | None:

@@ -64,7 +64,7 @@ class OnboardingRequest:
         display_name = fields.text("displayName", max_length=64)
         if display_name is not None and (not display_name.strip() or not display_name.isprintable()):
             raise InvalidMessage("displayName", "must be printable text, not empty")
-        country = fields.text("country", max_length=2 + 62)
+        country = fields.text("country", max_length=64)  # a long value reaches the ISO check, which names it
         if country is not None and country not in ISO_3166_ALPHA2:
             raise InvalidMessage("country", f"{country!r} is not an ISO 3166 alpha-2 code such as 'DE'")
         policy = fields.text("allocationPolicy", max_length=32)

@@ -160,7 +160,6 @@ class Cli:
         import tempfile
 
         from clients.device_registration import DEFAULT_ENDPOINT, RegistrationError, register
-        from pki.ids import check_registration_id
 
         certs = load_certificates(_read(args.cert, "--cert"), field="--cert")
         if args.chain:
