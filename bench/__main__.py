@@ -135,6 +135,34 @@ def intake(args: argparse.Namespace) -> dict:
                 "wall_s": round(time.monotonic() - started, 2), "peak_rss_mb": round(peak / 2 ** 20, 1)}
 
 
+def storage(args: argparse.Namespace) -> dict:
+    """Azurite's own upload rate as it fills: the ceiling for a batch, which writes 4 blobs per device."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from azure.storage.blob import BlobServiceClient
+
+    from clients.storage import pooled_transport
+    from devhost.azurite import Azurite
+
+    tags = {"kind": "device", "customer": "bench", "status": "issued", "notAfter": "20271129"}
+    rates: dict[str, list[float]] = {"plain": [], "tagged": []}
+    with Azurite() as azurite, ThreadPoolExecutor(8) as pool:
+        service = BlobServiceClient.from_connection_string(azurite.connection_string, transport=pooled_transport())
+        for kind in rates:
+            container = service.get_container_client(kind)
+            container.create_container()
+            for step in range(4):
+                started = time.monotonic()
+                list(pool.map(lambda i: container.upload_blob(f"{step}/{i}", b"x" * 1000,
+                                                              tags=tags if kind == "tagged" else None),
+                              range(args.blobs // 4)))
+                rates[kind].append(round(args.blobs // 4 / (time.monotonic() - started)))
+    per_device = 3 / (sum(rates["plain"]) / 4) + 1 / (sum(rates["tagged"]) / 4)
+    return {"benchmark": "storage", "blobs_per_kind": args.blobs, "plain_uploads_per_s_by_quarter": rates["plain"],
+            "tagged_uploads_per_s_by_quarter": rates["tagged"],
+            "device_ceiling_per_s": round(1 / per_device, 1)}
+
+
 def _intake_child(path: str) -> None:
     from edge.services import build_services
     from handlers.batch_intake import intake_batch
@@ -168,13 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", choices=["pfx", "pem"], default="pfx")
     memory = commands.add_parser("intake", help="peak memory of validating and fanning out a batch")
     memory.add_argument("--devices", type=int, default=100_000)
+    ceiling = commands.add_parser("storage", help="Azurite's upload rate as it fills (a batch's ceiling here)")
+    ceiling.add_argument("--blobs", type=int, default=10_000)
     child = commands.add_parser("_intake", help=argparse.SUPPRESS)
     child.add_argument("path")
     args = parser.parse_args(argv)
     if args.command == "_intake":
         _intake_child(args.path)
         return 0
-    print(json.dumps(batch(args) if args.command == "batch" else intake(args)), flush=True)
+    run = {"batch": batch, "intake": intake, "storage": storage}[args.command]
+    print(json.dumps(run(args)), flush=True)
     return 0
 
 
