@@ -57,13 +57,18 @@ class Fields:
     def has(self, key: str) -> bool:
         return key in self._document and self._document[key] is not None
 
-    def text(self, key: str, *, required: bool = False, max_length: int = 256,
-             pattern: re.Pattern | None = None, rule: str = "") -> str | None:
+    def _value(self, key: str, required: bool) -> Any:
+        """The raw value (marking the key as known); ``None`` when absent and optional."""
         self._read.add(key)
         value = self._document.get(key)
+        if value is None and required:
+            raise InvalidMessage(self._name(key), "is required")
+        return value
+
+    def text(self, key: str, *, required: bool = False, max_length: int = 256,
+             pattern: re.Pattern | None = None, rule: str = "") -> str | None:
+        value = self._value(key, required)
         if value is None:
-            if required:
-                raise InvalidMessage(self._name(key), "is required")
             return None
         if not isinstance(value, str):
             raise InvalidMessage(self._name(key), f"must be a string, not {_json_type(value)}")
@@ -76,11 +81,8 @@ class Fields:
         return value
 
     def integer(self, key: str, *, required: bool = False, minimum: int = 0, maximum: int = 2 ** 31) -> int | None:
-        self._read.add(key)
-        value = self._document.get(key)
+        value = self._value(key, required)
         if value is None:
-            if required:
-                raise InvalidMessage(self._name(key), "is required")
             return None
         if not isinstance(value, int) or isinstance(value, bool):
             raise InvalidMessage(self._name(key), f"must be a whole number, not {_json_type(value)}")

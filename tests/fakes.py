@@ -126,3 +126,21 @@ class FakeEnrollmentGroups:
                 raise Conflict("stale etag")
             self.groups[dps][group["enrollmentGroupId"]] = {**copy.deepcopy(group), "etag": f'"{next(self._etags)}"'}
             return self._view(self.groups[dps][group["enrollmentGroupId"]])
+
+
+def run_concurrently(action, times: int, expected: tuple[type[BaseException], ...] = (Exception,)):
+    """Run ``action`` in ``times`` threads at once; returns (results, expected exceptions raised)."""
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(action())
+        except expected as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors

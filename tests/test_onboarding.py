@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 
 import pytest
 from cryptography import x509
@@ -16,7 +15,7 @@ from handlers.onboarding import (OnboardingRequest, OnboardingSettings, customer
 from handlers.root_ca import RootRequest, create_root
 from pki.keys import KeyType
 
-from .fakes import FakeEnrollmentGroups, ListAuditLog, MemoryDocumentStore
+from .fakes import FakeEnrollmentGroups, ListAuditLog, MemoryDocumentStore, run_concurrently
 from .test_root_ca import CountingKeys
 from .x509_helpers import NOW, assert_ca_cert, openssl_verify
 
@@ -107,19 +106,8 @@ def test_a_key_made_by_a_run_that_crashed_before_recording_it_is_reused(world):
 
 
 def test_concurrent_deliveries_converge_on_one_key_and_one_group(world):
-    outcomes, errors = [], []
-
-    def deliver():
-        try:
-            outcomes.append(world.onboard(MESSAGE).status)
-        except Exception as exc:  # noqa: BLE001 - a TransientError is an acceptable answer for the loser
-            errors.append(exc)
-
-    threads = [threading.Thread(target=deliver) for _ in range(5)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # a TransientError ("in progress, retry") is an acceptable answer for the losers
+    outcomes, errors = run_concurrently(lambda: world.onboard(MESSAGE).status, 5)
     assert "onboarded" in outcomes
     assert world.keys.created == 1 and world.groups.creates == 1
     assert all(type(e).__name__ == "TransientError" for e in errors)
@@ -201,19 +189,7 @@ def test_plain_and_base64_messages_are_the_same_request():
 
 
 def test_the_same_message_delivered_twice_at_once_still_makes_one_key(world):
-    outcomes, errors = [], []
-
-    def deliver():
-        try:
-            outcomes.append(world.onboard(MESSAGE, message_id="same-message").status)
-        except Exception as exc:  # noqa: BLE001 - "in progress, retry" is the loser's answer
-            errors.append(exc)
-
-    threads = [threading.Thread(target=deliver) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    outcomes, errors = run_concurrently(lambda: world.onboard(MESSAGE, message_id="same-message").status, 3)
     assert world.keys.created == 1 and world.groups.creates == 1
     assert all(type(e).__name__ == "TransientError" for e in errors)
 

@@ -1,6 +1,5 @@
 """The root CA use case with fakes: made once, resumable, safe under concurrency."""
 
-import threading
 
 import pytest
 
@@ -10,7 +9,7 @@ from handlers.root_ca import LEASE, ROOT_DOCUMENT, RootRequest, create_root, loa
 from handlers.verification_cert import root_verification_certificate
 from pki.keys import KeyType
 
-from .fakes import MemoryDocumentStore
+from .fakes import MemoryDocumentStore, run_concurrently
 from .x509_helpers import NOW, assert_ca_cert, cn
 
 REQUEST = RootRequest(key_name="root", key_type=KeyType.EC_P384, validity_years=20, common_name="Contoso Root",
@@ -108,19 +107,9 @@ def test_an_interrupted_run_with_other_parameters_needs_force(keys):
 
 def test_concurrent_creations_converge_on_one_root(keys):
     store = MemoryDocumentStore()
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(create_root(REQUEST, store=store, keys=keys, now=NOW))
-        except (AlreadyExists, TransientError) as exc:  # "made already" or "in progress, retry"
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # "made already" or "in progress, retry" are the answers for the others
+    results, errors = run_concurrently(lambda: create_root(REQUEST, store=store, keys=keys, now=NOW), 4,
+                                       (AlreadyExists, TransientError))
     final = load_root(store, keys)
     assert all(r.certificate == final.certificate for r in results)
     assert len(results) + len(errors) == 4 and results
