@@ -52,9 +52,13 @@ class BlobFiles:
             downloader = self._blob(path).download_blob(max_concurrency=1, **kwargs)
             yield from downloader.chunks()
 
-    def read_range(self, path: str, start: int, end: int) -> bytes:
+    def read_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
+        """Bytes ``start``..``end`` of the version ``etag`` (``Conflict`` if the blob was overwritten)."""
+        from azure.core import MatchConditions
+
+        kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
         with translated(f"blob {path} bytes {start}-{end}"):
-            return self._blob(path).download_blob(offset=start, length=end - start).readall()
+            return self._blob(path).download_blob(offset=start, length=end - start, **kwargs).readall()
 
     def put(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._ensure(path)

@@ -258,32 +258,65 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
         raise InvalidMessage("chunk", f"batch {ref.batch_name} has {len(batch['chunks'])} chunks")
     chunk_doc = _claim_chunk(ref, message.chunk, owner, store, now, settings.chunk_lease_s, sleep)
     if chunk_doc.data["status"] != "done":
-        customer = store.get(customer_document(ref.customer_id))
-        if customer is None or customer.data.get("status") != "active":
-            raise TransientError(f"customer {ref.customer_id} is not active")
+        try:
+            chunk_doc = _issue_chunk(ref, message.chunk, batch, chunk_doc, owner, files=files, outputs=outputs,
+                                     store=store, keys=keys, secrets_store=secrets_store, audit=audit,
+                                     settings=settings, registrar=registrar, now=now)
+        except BaseException:
+            _release_chunk(ref, message.chunk, owner, store)  # the retry must not wait out this run's lease
+            raise
+    return _complete(ref, message.chunk, chunk_doc.data["results"], store=store, outputs=outputs, settings=settings,
+                     now=now)
+
+
+def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, files: InputFiles,
+                 outputs: OutputFiles, store: DocumentStore, keys: KeyStore, secrets_store: Secrets, audit: AuditLog,
+                 settings: BatchSettings, registrar: Registrar | None, now: dt.datetime):
+    chunk = batch["chunks"][n]
+    customer = store.get(customer_document(ref.customer_id))
+    try:
+        data = files.read_range(batch["input"], chunk["start"], chunk["end"], etag=batch["etag"])
+    except Conflict:
+        data = None
+    header = batch_format.Header(tuple(batch["columns"]), chunk["start"])
+    if data is None or customer is None or customer.data.get("status") != "active":
+        # Permanent for this batch: every row of the chunk fails with the reason, so the batch still completes.
+        reason = ("the batch file was overwritten after it was accepted" if data is None else
+                  f"customer {ref.customer_id} is {customer.data.get('status') if customer else 'gone'}, not active")
+        results = [{"row": i, "deviceId": None, "status": "failed", "error": f"row {i}: {reason}"}
+                   for i in range(chunk["firstRow"], chunk["firstRow"] + chunk["rows"])]
+    else:
         secret = batch.get("pfxSecret")
         password = secrets_store.get_secret(secret["name"], secret["version"]).encode() if secret else None
         issuer = _Issuer(ref, batch, customer.data, store=store, keys=keys, outputs=outputs, password=password,
                          settings=settings, registrar=registrar, now=now,
                          first_attempt=chunk_doc.data.get("attempts", 1) == 1)
-        chunk = batch["chunks"][message.chunk]
-        data = files.read_range(batch["input"], chunk["start"], chunk["end"])
-        header = batch_format.Header(tuple(batch["columns"]), chunk["start"])
         rows = list(batch_format.rows_in_range(data, chunk["start"], header, batch["format"], chunk["firstRow"]))
-        with _Heartbeat(store, ref.chunk_document(message.chunk), owner, settings.chunk_lease_s, now), \
+        with _Heartbeat(store, ref.chunk_document(n), owner, settings.chunk_lease_s, now), \
                 ThreadPoolExecutor(max_workers=settings.inflight, thread_name_prefix="issue") as pool:
             results = list(pool.map(lambda r: issuer.row(r, chunk["duplicates"].get(str(r.index))), rows))
-        current = store.get(ref.chunk_document(message.chunk))
-        if (current.data.get("lease") or {}).get("owner") != owner:
-            raise TransientError(f"chunk {message.chunk} of {ref.batch_name}: lost its lease while issuing; retry")
-        chunk_doc = store.replace(current, {**current.data, "status": "done", "results": results, "lease": None,
-                                            "doneAt": _stamp(now)})
-        issued = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "issued"]
-        audit.append({"at": _stamp(now), "action": "batch.issue", "effect": "changed" if issued else "no-op",
-                      "customer": ref.customer_id, "batch": ref.batch_name, "chunk": message.chunk,
-                      "issued": issued, "requestId": batch["options"].get("requestId")})
-    return _complete(ref, message.chunk, chunk_doc.data["results"], store=store, outputs=outputs, settings=settings,
-                     now=now)
+    current = store.get(ref.chunk_document(n))
+    if (current.data.get("lease") or {}).get("owner") != owner:
+        raise TransientError(f"chunk {n} of {ref.batch_name}: lost its lease while issuing; retry")
+    done = store.replace(current, {**current.data, "status": "done", "results": results, "lease": None,
+                                   "doneAt": _stamp(now)})
+    # Every certificate this batch recorded for the chunk's devices, including those an earlier, crashed attempt
+    # recorded (reported "already_issued" now): none goes unaudited.
+    issued = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "issued"]
+    earlier = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "already_issued"]
+    audit.append({"at": _stamp(now), "action": "batch.issue", "effect": "changed" if issued else "no-op",
+                  "customer": ref.customer_id, "batch": ref.batch_name, "chunk": n, "issued": issued,
+                  "alreadyIssued": earlier, "requestId": batch["options"].get("requestId")})
+    return done
+
+
+def _release_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore) -> None:
+    try:
+        doc = store.get(ref.chunk_document(n))
+        if doc is not None and (doc.data.get("lease") or {}).get("owner") == owner:
+            store.replace(doc, {**doc.data, "lease": None})
+    except Exception:  # noqa: BLE001 - the lease then simply runs out
+        pass
 
 
 def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: dt.datetime, lease_s: float,
@@ -357,9 +390,12 @@ def _assemble(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs: Outp
                 "completedAt": _stamp(now), "totals": totals, "pfxPasswordSecret": batch.get("pfxSecret"),
                 "options": batch["options"]}
         yield json.dumps(head)[:-1].encode() + b', "rows": ['
+        separator = "\n"
         for n in range(len(batch["chunks"])):
             rows = ",\n".join(json.dumps(r) for r in chunk_results(n))
-            yield ((",\n" if n else "\n") + rows).encode()
+            if rows:
+                yield (separator + rows).encode()
+                separator = ",\n"
         yield b"\n]}\n"
 
     def csv_parts() -> Iterator[bytes]:

@@ -38,19 +38,16 @@ def batch_format(name: str) -> str:
 
 
 def _lines(chunks: Iterable[bytes], start: int) -> Iterator[tuple[bytes, int]]:
-    """Lines with their end offset (newline kept)."""
+    """Lines with their end offset (newline kept). Linear: each piece is scanned once from a moving index."""
     offset, pending = start, b""
     for chunk in chunks:
-        pending += chunk
-        while True:
-            cut = pending.find(b"\n")
-            if cut < 0:
-                break
-            line, pending = pending[:cut + 1], pending[cut + 1:]
+        buffer, position = pending + chunk, 0
+        while (cut := buffer.find(b"\n", position)) >= 0:
+            line = buffer[position:cut + 1]
+            position = cut + 1
             offset += len(line)
             yield line, offset
-        if len(pending) > MAX_ROW_BYTES * 4:
-            raise InvalidMessage("file", f"a line longer than {MAX_ROW_BYTES * 4} bytes at byte {offset}: not a batch")
+        pending = buffer[position:]
     if pending:
         offset += len(pending)
         yield pending, offset
@@ -73,6 +70,8 @@ def read_header(chunks: Iterable[bytes], kind: str) -> tuple[Header, Iterator[tu
     """The header (CSV) and the remaining lines; ``InvalidMessage`` for a file that is no batch at all."""
     lines = _lines(chunks, 0)
     first = next(lines, None)
+    while kind == "jsonl" and first is not None and not first[0].strip(_BOM + b" \t\r\n"):
+        first = next(lines, None)  # blank lines before the first object
     if first is None or not first[0].strip(_BOM + b" \t\r\n"):
         raise InvalidMessage("file", "is empty: expected a header row 'deviceId[,csr]'" if kind == "csv"
                              else "is empty: expected one JSON object per line")
@@ -103,17 +102,23 @@ def parse_rows(lines: Iterator[tuple[bytes, int]], header: Header, kind: str, fi
         for line, end in lines:
             if not line.strip():
                 continue
-            yield _json_row(line, index, end)
+            if len(line) > MAX_ROW_BYTES:
+                yield Row(index, None, None, f"line is longer than {MAX_ROW_BYTES} bytes", end)
+            else:
+                yield _json_row(line, index, end)
             index += 1
         return
     record_lines: list[bytes] = []
+    last_end = header.data_start
     for line, end in lines:
         record_lines.append(line)
+        last_end = end
         text = b"".join(record_lines)
-        if text.count(b'"') % 2:  # inside a quoted cell (a PEM CSR spans lines): read on
-            if len(text) > MAX_ROW_BYTES:
-                yield Row(index, None, None, f"row is longer than {MAX_ROW_BYTES} bytes (an unclosed quote?)", end)
-                record_lines, index = [], index + 1
+        if len(text) > MAX_ROW_BYTES:
+            yield Row(index, None, None, f"row is longer than {MAX_ROW_BYTES} bytes (an unclosed quote?)", end)
+            record_lines, index = [], index + 1
+            continue
+        if _open_quote(text):  # inside a quoted cell (a PEM CSR spans lines): read on
             continue
         record_lines = []
         if not text.strip():
@@ -121,7 +126,17 @@ def parse_rows(lines: Iterator[tuple[bytes, int]], header: Header, kind: str, fi
         yield _csv_row(text, header, index, end)
         index += 1
     if record_lines:
-        yield Row(index, None, None, "unclosed quote at the end of the file", header.data_start)
+        yield Row(index, None, None, "unclosed quote at the end of the file", last_end)
+
+
+def _open_quote(text: bytes) -> bool:
+    """Whether a CSV record is still inside a quoted cell, by CSV's own rules (a quote only opens a quoted
+    cell at the start of a cell; elsewhere it is a plain character)."""
+    try:
+        next(csv.reader(io.StringIO(text.decode("utf-8", "replace"), newline=""), strict=True), None)
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def _csv_row(raw: bytes, header: Header, index: int, end: int) -> Row:
@@ -141,8 +156,8 @@ def _csv_row(raw: bytes, header: Header, index: int, end: int) -> Row:
 def _json_row(raw: bytes, index: int, end: int) -> Row:
     try:
         document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        return Row(index, None, None, f"is not a JSON object ({exc})", end)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return Row(index, None, None, f"is not a JSON object ({type(exc).__name__})", end)
     if not isinstance(document, dict):
         return Row(index, None, None, "is not a JSON object", end)
     unknown = sorted(set(document) - set(COLUMNS))

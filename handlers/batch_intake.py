@@ -149,7 +149,7 @@ def _scan(files: InputFiles, path: str, etag: str, kind: str, settings: BatchSet
             current = {"n": len(scan.chunks), "start": start, "firstRow": row.index, "rows": 0, "duplicates": {}}
         current["rows"] += 1
         current["end"] = start = row.end
-        if row.device_id is not None:
+        if row.device_id is not None and row.error is None:
             digest = hashlib.blake2b(row.device_id.encode("utf-8", "replace"), digest_size=8).digest()
             if digest in seen:
                 current["duplicates"][str(row.index)] = seen[digest]
@@ -204,8 +204,13 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
             if data["etag"] != etag:
                 raise Rejected(f"batch name {ref.batch_name!r} was used already (for another upload on "
                                f"{data['createdAt']}); upload this one under a new name", field="batchName")
-            if data["status"] in ("issuing", "assembling", "complete", "rejected") and data.get("chunksEnqueued",
-                                                                                               True):
+            if data["status"] in ("issuing", "assembling", "complete", "rejected"):
+                if not data.get("chunksEnqueued", True):
+                    # A run died between recording the chunks and sending them all: send them again (a chunk
+                    # that ran already answers "done"); never rescan, which would reset the counts.
+                    _send_chunks(ref, data["chunks"], queue)
+                    _mark_enqueued(ref, store)
+                    return f"batch {ref.customer_id}/{ref.batch_name}: chunk messages sent again"
                 audit.append({"at": _stamp(now), "action": "batch.intake", "effect": "no-op",
                               "customer": ref.customer_id, "batch": ref.batch_name, "reason": f"already {data['status']}"})
                 return f"batch {ref.customer_id}/{ref.batch_name}: already {data['status']} (no-op)"
@@ -229,6 +234,9 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
     except InvalidMessage as exc:
         return _reject(ref, doc, exc.reason, exc.field, outputs=outputs, store=store, audit=audit, settings=settings,
                        now=now)
+    except BaseException:
+        _release(ref, store, owner)  # the host's retry must not find this run's lease in its way
+        raise
     audit.append({"at": _stamp(now), "action": "batch.intake", "effect": "changed", "customer": ref.customer_id,
                   "batch": ref.batch_name, "before": None, "after": "issuing", "rows": result["rows"],
                   "chunks": len(result["chunks"]), "requestId": result["options"]["requestId"]})
@@ -270,8 +278,33 @@ def _validate_and_fan_out(ref: BatchRef, doc, size: int, etag: str, metadata: di
             "counts": {"issued": 0, "already_issued": 0, "failed": 0}, "pfxSecret": secret,
             "intermediateSerial": customer.data["intermediate"]["serial"], "updatedAt": _stamp(now),
             "chunksEnqueued": False}
-    doc = store.replace(doc, data, tags=_tags(data))
-    for chunk in scan.chunks:
-        queue.send(CHUNK_QUEUE, {"customerId": ref.customer_id, "batchName": ref.batch_name, "chunk": chunk["n"]})
-    store.replace(doc, {**data, "chunksEnqueued": True, "lease": None}, tags=_tags(data))
+    store.replace(doc, data, tags=_tags(data))
+    _send_chunks(ref, scan.chunks, queue)
+    _mark_enqueued(ref, store)
     return data
+
+
+def _send_chunks(ref: BatchRef, chunks: list[dict], queue: MessageQueue) -> None:
+    for chunk in chunks:
+        queue.send(CHUNK_QUEUE, {"customerId": ref.customer_id, "batchName": ref.batch_name, "chunk": chunk["n"]})
+
+
+def _mark_enqueued(ref: BatchRef, store: DocumentStore) -> None:
+    """Set only ``chunksEnqueued`` (and drop the lease) on fresh data: chunks may be completing meanwhile."""
+    for _ in range(20):
+        doc = store.get(ref.document)
+        try:
+            store.replace(doc, {**doc.data, "chunksEnqueued": True, "lease": None}, tags=_tags(doc.data))
+            return
+        except Conflict:
+            continue
+    raise TransientError(f"batch {ref.batch_name}: could not record that its chunks were sent; retry")
+
+
+def _release(ref: BatchRef, store: DocumentStore, owner: str) -> None:
+    try:
+        doc = store.get(ref.document)
+        if doc is not None and (doc.data.get("lease") or {}).get("owner") == owner:
+            store.replace(doc, {**doc.data, "lease": None}, tags=_tags(doc.data))
+    except Exception:  # noqa: BLE001 - the lease then simply runs out
+        pass

@@ -74,7 +74,8 @@ class InputFiles(Protocol):
 
     def stream(self, path: str, etag: str | None = None) -> Iterator[bytes]: ...
 
-    def read_range(self, path: str, start: int, end: int) -> bytes: ...
+    def read_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
+        """Bytes of the version ``etag``; ``Conflict`` if the file changed since."""
 
 
 class OutputFiles(Protocol):

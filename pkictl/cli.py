@@ -254,18 +254,29 @@ class Cli:
         from handlers.batch_intake import BatchRef
 
         path = Path(args.file)
-        data = _read(args.file, "FILE")
+        if not path.is_file():
+            raise UsageError(f"FILE {args.file}: no such file")
+        size = path.stat().st_size
         name = args.name or path.name
         metadata = {k: str(v) for k, v in (("keytype", args.key_type), ("validitydays", args.validity_days),
                                             ("output", args.output), ("register", args.register),
                                             ("reissue", "true" if args.reissue else None),
                                             ("requestid", args.request_id)) if v is not None}
+        from azure.core.exceptions import ResourceExistsError
+
+        from handlers.batch_intake import BatchSettings
+
+        BatchRef.from_path(f"device-batches/{args.customer}/{name}", BatchSettings())  # what intake would refuse
         service: BlobServiceClient = blob_service(self.wiring.settings)
         container = service.get_container_client("device-batches")
         if not container.exists():
             container.create_container()
-        container.upload_blob(f"{args.customer}/{name}", data, overwrite=False, metadata=metadata)
-        self.say(f"uploaded device-batches/{args.customer}/{name} ({len(data)} bytes)")
+        try:
+            with open(path, "rb") as stream:  # streamed, not read into memory
+                container.upload_blob(f"{args.customer}/{name}", stream, overwrite=False, metadata=metadata)
+        except ResourceExistsError:
+            raise UsageError(f"batch name {name!r} is used already for {args.customer}; pass --name NEW") from None
+        self.say(f"uploaded device-batches/{args.customer}/{name} ({size} bytes)")
         if args.no_wait:
             return OK
         ref, deadline, last = BatchRef(args.customer, name), time.monotonic() + args.timeout, ""
@@ -324,7 +335,8 @@ class Cli:
             written["device.key"] = export.key_pem(key)
         for filename, content in written.items():
             target = out / filename
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if filename.startswith("device.") else 0o644)
+            target.unlink(missing_ok=True)  # never write a key through an old file's mode or a symlink
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if filename.startswith("device.") else 0o644)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
         self.say(f"wrote {', '.join(written)} to {out} (serial {record['serial']}, notAfter {record['notAfter']})")
@@ -536,6 +548,9 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except TransientError as exc:
         print(f"error: temporarily unavailable, try again: {exc}", file=err)
         return PROBLEM
+    except KeyboardInterrupt:
+        print("interrupted", file=err)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's last word; PKICTL_DEBUG=1 shows the traceback
         if env.get("PKICTL_DEBUG"):
             raise

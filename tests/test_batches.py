@@ -258,3 +258,53 @@ def test_bad_rows_fail_by_row_and_the_rest_are_issued(env):
     assert "already provisioned by batch 'rows.csv' (serial" in again["ok-1"]["error"]
     assert again["fresh-1"]["status"] == "issued"
     assert dt  # keeps the import used for readers following along
+
+
+class FlakyQueue:
+    """Fails once after the first message, as a storage hiccup would."""
+
+    def __init__(self, real):
+        self.real, self.sent, self.failed = real, 0, False
+
+    def send(self, queue, message):
+        if self.sent == 1 and not self.failed:
+            self.failed = True
+            from handlers.errors import TransientError
+
+            raise TransientError("queue: HTTP 503")
+        self.sent += 1
+        self.real.send(queue, message)
+
+
+def test_an_intake_that_fails_midway_is_finished_by_the_retry(env):
+    import datetime as dt
+
+    from handlers import batch_intake
+    from handlers.errors import TransientError
+
+    services = onboarded(env, "acme")
+    path = upload(services, "acme", "flaky.csv", ("deviceId\n" + "".join(f"f-{i}\n" for i in range(600))).encode())
+    flaky = FlakyQueue(services.queue)
+
+    def run():
+        return batch_intake.intake_batch(path, files=services.files, outputs=services.files, store=services.store,
+                                         queue=flaky, secrets_store=services.secrets, audit=services.audit,
+                                         settings=services.batches, now=dt.datetime.now(dt.timezone.utc))
+
+    with pytest.raises(TransientError):
+        run()
+    assert "sent again" in run()  # the host's retry: not locked out by the failed run's lease, nothing rescanned
+    drain_chunks(services, env)
+    assert report(services, "acme", "flaky.csv")["totals"]["issued"] == 600
+
+
+def test_a_customer_disabled_mid_batch_fails_the_remaining_rows_and_the_batch_completes(env):
+    services = onboarded(env, "acme")
+    path = upload(services, "acme", "mid.csv", ("deviceId\n" + "".join(f"m-{i}\n" for i in range(300))).encode())
+    intake(services, path)
+    record = services.store.get("customers/acme.json")
+    services.store.replace(record, {**record.data, "status": "disabled"})
+    drain_chunks(services, env)
+    result = report(services, "acme", "mid.csv")
+    assert result["totals"] == {"rows": 300, "issued": 0, "already_issued": 0, "failed": 300}
+    assert "customer acme is disabled, not active" in result["rows"][0]["error"]
