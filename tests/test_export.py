@@ -1,3 +1,4 @@
+import base64
 import secrets
 import subprocess
 
@@ -50,10 +51,13 @@ def test_chain_pem_keeps_leaf_first(chain):
 
 
 def test_key_pem_is_pkcs8_and_encrypted_when_asked(chain):
+    pkcs8 = chain.device_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption())
     plain = export.key_pem(chain.device_key)
-    assert plain.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert base64.b64decode(b"".join(plain.splitlines()[1:-1])) == pkcs8  # PKCS#8, not the SEC1 "EC" form
     encrypted = export.key_pem(chain.device_key, b"correct horse battery")
-    assert encrypted.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    with pytest.raises(TypeError, match="encrypted"):
+        serialization.load_pem_private_key(encrypted, None)
     loaded = serialization.load_pem_private_key(encrypted, b"correct horse battery")
     assert loaded.private_numbers() == chain.device_key.private_numbers()
 

@@ -1,7 +1,7 @@
 import stat
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from clients.local_keystore import LocalKeyStore
 from handlers.errors import NotFound
@@ -19,7 +19,9 @@ def test_keys_are_encrypted_at_rest_private_to_the_owner_and_versioned(tmp_path)
     assert store.get_key("root").version == second.version
     assert store.get_key("root", first.version).public_key.public_numbers() == first.public_key.public_numbers()
     for path in (tmp_path / "root").glob("*.pem"):
-        assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        with pytest.raises(TypeError, match="encrypted"):  # unreadable without the passphrase
+            serialization.load_pem_private_key(path.read_bytes(), None)
+        assert serialization.load_pem_private_key(path.read_bytes(), b"passphrase-for-tests")
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 

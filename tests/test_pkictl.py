@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pki import export
+from pki.keys import KeyType, generate_key
 from pkictl.cli import build_parser, main
 
 from .test_csr import break_signature, make_csr
@@ -34,7 +36,7 @@ def files(tmp_path_factory):
     write_pem(d, "intermediate.pem", chain.intermediate)
     write_pem(d, "root.pem", chain.root)
     (d / "broken.pem").write_text("-----BEGIN CERTIFICATE-----\nnot really base64!\n-----END CERTIFICATE-----\n")
-    (d / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    (d / "key.pem").write_bytes(export.key_pem(generate_key(KeyType.EC_P256)))  # made now, never committed
     (d / "good.csr").write_bytes(make_csr("device-001"))
     (d / "broken.csr").write_bytes(break_signature(make_csr("device-001")))
     return d
@@ -80,7 +82,7 @@ def test_doctor_json(files):
 
 @pytest.mark.parametrize("argv, message", [
     (["doctor", "--cert", "{d}/broken.pem"], "error: --cert: malformed PEM certificate"),
-    (["doctor", "--cert", "{d}/key.pem"], "error: --cert: expected '-----BEGIN CERTIFICATE-----', found '-----BEGIN PRIVATE KEY-----'"),
+    (["doctor", "--cert", "{d}/key.pem"], "error: --cert: expected '-----BEGIN CERTIFICATE-----', found '{key}'"),
     (["doctor", "--cert", "{d}/absent.pem"], "error: --cert {d}/absent.pem: No such file or directory"),
     (["doctor", "--cert", "{d}/device.pem", "--registration-id", "Device-1"], "must be lowercase"),
     (["doctor", "--cert", "{d}/device.pem", "--now", "yesterday"], "--now: 'yesterday' is not an ISO date"),
@@ -92,7 +94,8 @@ def test_doctor_json(files):
 def test_bad_input_is_one_clear_line_and_exit_2(files, argv, message):
     code, out, err = run([a.replace("{d}", str(files)) for a in argv])
     assert code == 2
-    assert message.replace("{d}", str(files)) in err
+    key_label = (files / "key.pem").read_text().splitlines()[0]
+    assert message.replace("{d}", str(files)).replace("{key}", key_label) in err
     assert "Traceback" not in err + out
     assert len(err.strip().splitlines()) == 1
 
