@@ -119,7 +119,7 @@ def intake(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
             LocalStack(Path(workdir), dps_instances=1, run_functions=False) as stack:
         env = stack.settings()
-        services = _with_customer(env)
+        _with_customer(env)
         container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
             "device-batches")
         container.create_container()

@@ -92,9 +92,3 @@ class DpsEnrollmentGroups:
                 raise Rejected(f"DPS {dps} refused enrollment group {group['enrollmentGroupId']}: {exc.message}") from exc
             raise
         return Group(data=data, etag=data.get("etag", ""))
-
-    def replace_group(self, dps: str, group: dict, etag: str) -> Group:
-        with translated(f"enrollment group {group['enrollmentGroupId']} on {dps}"):
-            data = self._client(dps).enrollment_group.create_or_update(group["enrollmentGroupId"], group,
-                                                                       if_match=etag)
-        return Group(data=data, etag=data.get("etag", ""))

@@ -33,7 +33,8 @@ from pki.signing import remote_key
 
 from . import batch_format
 from .batch_intake import BatchRef, BatchSettings, _csv_cell
-from .errors import AlreadyExists, Conflict, NotFound, TransientError
+from .errors import AlreadyExists, Conflict, TransientError
+from .leases import release, stamp
 from .onboarding import customer_document
 from .ports import AuditLog, DocumentStore, InputFiles, KeyStore, OutputFiles, Secrets
 
@@ -69,9 +70,6 @@ class ChunkMessage:
 def device_document(customer_id: str, device_id: str) -> str:
     return f"devices/{customer_id}/{device_id}.json"
 
-
-def _stamp(now: dt.datetime) -> str:
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Issuer:
@@ -181,7 +179,7 @@ class _Issuer:
                 "batch": self.ref.batch_name, "row": row.index, "keySource": "generated" if private_key else "csr",
                 **export.summary(certificate), "intermediateSerial": self.customer["intermediate"]["serial"],
                 "outputs": outputs, "pfxSecret": self.batch.get("pfxSecret") if private_key is not None else None,
-                "issuedAt": _stamp(self.now)}
+                "issuedAt": stamp(self.now)}
 
     def _should_register(self, index: int) -> bool:
         if self.registrar is None or not self.register:
@@ -222,7 +220,7 @@ class _Heartbeat:
 
     def until(self) -> str:
         elapsed = dt.timedelta(seconds=time.monotonic() - self.started + self.lease_s)
-        return _stamp(self.base + elapsed)
+        return stamp(self.base + elapsed)
 
     def _run(self) -> None:
         while not self.stop.wait(self.lease_s / 3):
@@ -263,7 +261,7 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
                                      store=store, keys=keys, secrets_store=secrets_store, audit=audit,
                                      settings=settings, registrar=registrar, now=now)
         except BaseException:
-            _release_chunk(ref, message.chunk, owner, store)  # the retry must not wait out this run's lease
+            release(store, ref.chunk_document(message.chunk), owner)  # the retry must not wait out this run's lease
             raise
     return _complete(ref, message.chunk, chunk_doc.data["results"], store=store, outputs=outputs, settings=settings,
                      now=now)
@@ -299,24 +297,16 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
     if (current.data.get("lease") or {}).get("owner") != owner:
         raise TransientError(f"chunk {n} of {ref.batch_name}: lost its lease while issuing; retry")
     done = store.replace(current, {**current.data, "status": "done", "results": results, "lease": None,
-                                   "doneAt": _stamp(now)})
+                                   "doneAt": stamp(now)})
     # Every certificate this batch recorded for the chunk's devices, including those an earlier, crashed attempt
     # recorded (reported "already_issued" now): none goes unaudited.
     issued = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "issued"]
     earlier = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "already_issued"]
-    audit.append({"at": _stamp(now), "action": "batch.issue", "effect": "changed" if issued else "no-op",
+    audit.append({"at": stamp(now), "action": "batch.issue", "effect": "changed" if issued else "no-op",
                   "customer": ref.customer_id, "batch": ref.batch_name, "chunk": n, "issued": issued,
                   "alreadyIssued": earlier, "requestId": batch["options"].get("requestId")})
     return done
 
-
-def _release_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore) -> None:
-    try:
-        doc = store.get(ref.chunk_document(n))
-        if doc is not None and (doc.data.get("lease") or {}).get("owner") == owner:
-            store.replace(doc, {**doc.data, "lease": None})
-    except Exception:  # noqa: BLE001 - the lease then simply runs out
-        pass
 
 
 def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: dt.datetime, lease_s: float,
@@ -324,8 +314,8 @@ def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: d
     waited = 0.0
     while True:
         doc = store.get(ref.chunk_document(n))
-        lease = {"owner": owner, "until": _stamp(now + dt.timedelta(seconds=lease_s + waited))}
-        current = _stamp(now + dt.timedelta(seconds=waited))
+        lease = {"owner": owner, "until": stamp(now + dt.timedelta(seconds=lease_s + waited))}
+        current = stamp(now + dt.timedelta(seconds=waited))
         try:
             if doc is None:
                 return store.create(ref.chunk_document(n), {"status": "issuing", "lease": lease, "attempts": 1})
@@ -353,7 +343,7 @@ def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStor
             for result in results:
                 counts[result["status"]] = counts.get(result["status"], 0) + 1
             data = {**data, "completedChunks": sorted([*data["completedChunks"], n]), "counts": counts,
-                    "updatedAt": _stamp(now)}
+                    "updatedAt": stamp(now)}
             if len(data["completedChunks"]) == len(data["chunks"]):
                 data["status"] = "assembling"
             try:
@@ -368,7 +358,7 @@ def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStor
         return f"batch {ref.customer_id}/{ref.batch_name}: chunk {n} done ({len(data['completedChunks'])}/" \
                f"{len(data['chunks'])})"
     _assemble(ref, data, store=store, outputs=outputs, settings=settings, now=now)
-    final = {**data, "status": "complete", "completedAt": _stamp(now),
+    final = {**data, "status": "complete", "completedAt": stamp(now),
              "report": {"json": ref.report_path(settings, "json"), "csv": ref.report_path(settings, "csv")}}
     try:
         store.replace(doc, final, tags={"kind": "batch", "customer": ref.customer_id, "status": "complete"})
@@ -387,7 +377,7 @@ def _assemble(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs: Outp
 
     def json_parts() -> Iterator[bytes]:
         head = {"customerId": ref.customer_id, "batchName": ref.batch_name, "status": "complete",
-                "completedAt": _stamp(now), "totals": totals, "pfxPasswordSecret": batch.get("pfxSecret"),
+                "completedAt": stamp(now), "totals": totals, "pfxPasswordSecret": batch.get("pfxSecret"),
                 "options": batch["options"]}
         yield json.dumps(head)[:-1].encode() + b', "rows": ['
         separator = "\n"

@@ -22,6 +22,7 @@ from pki.keys import DEVICE_KEY_TYPES, KeyType
 
 from . import batch_format
 from .errors import AlreadyExists, Conflict, InvalidMessage, NotFound, Rejected, TransientError
+from .leases import release, stamp
 from .onboarding import customer_document
 from .ports import AuditLog, DocumentStore, InputFiles, MessageQueue, OutputFiles, Secrets
 
@@ -128,9 +129,6 @@ class _Scan:
     generated_keys: int = 0
 
 
-def _stamp(now: dt.datetime) -> str:
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
 
 def _tags(data: dict) -> dict[str, str]:
     return {"kind": "batch", "customer": data["customerId"], "status": data["status"]}
@@ -170,7 +168,7 @@ def _scan(files: InputFiles, path: str, etag: str, kind: str, settings: BatchSet
 def write_rejection_report(ref: BatchRef, reason: str, field_name: str | None, outputs: OutputFiles,
                            settings: BatchSettings, now: dt.datetime) -> None:
     report = {"customerId": ref.customer_id, "batchName": ref.batch_name, "status": "rejected",
-              "reason": reason, "field": field_name, "at": _stamp(now),
+              "reason": reason, "field": field_name, "at": stamp(now),
               "totals": {"rows": 0, "issued": 0, "already_issued": 0, "failed": 0}, "rows": []}
     outputs.put(ref.report_path(settings, "json"), json.dumps(report, indent=2).encode(), "application/json")
     outputs.put(ref.report_path(settings, "csv"), f"status,reason\r\nrejected,{_csv_cell(reason)}\r\n".encode(),
@@ -211,15 +209,15 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
                     _send_chunks(ref, data["chunks"], queue)
                     _mark_enqueued(ref, store)
                     return f"batch {ref.customer_id}/{ref.batch_name}: chunk messages sent again"
-                audit.append({"at": _stamp(now), "action": "batch.intake", "effect": "no-op",
+                audit.append({"at": stamp(now), "action": "batch.intake", "effect": "no-op",
                               "customer": ref.customer_id, "batch": ref.batch_name, "reason": f"already {data['status']}"})
                 return f"batch {ref.customer_id}/{ref.batch_name}: already {data['status']} (no-op)"
             lease = data.get("lease") or {}
-            if lease.get("owner") not in (None, owner) and lease.get("until", "") > _stamp(now):
+            if lease.get("owner") not in (None, owner) and lease.get("until", "") > stamp(now):
                 raise TransientError(f"batch {ref.batch_name}: intake in progress elsewhere; retry later")
         record = {"customerId": ref.customer_id, "batchName": ref.batch_name, "input": path, "etag": etag,
-                  "size": size, "status": "validating", "createdAt": doc.data["createdAt"] if doc else _stamp(now),
-                  "updatedAt": _stamp(now), "lease": {"owner": owner, "until": _stamp(now + LEASE)}}
+                  "size": size, "status": "validating", "createdAt": doc.data["createdAt"] if doc else stamp(now),
+                  "updatedAt": stamp(now), "lease": {"owner": owner, "until": stamp(now + LEASE)}}
         try:
             doc = store.create(ref.document, record, tags=_tags(record)) if doc is None else \
                 store.replace(doc, {**doc.data, **record}, tags=_tags(record))
@@ -235,9 +233,9 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
         return _reject(ref, doc, exc.reason, exc.field, outputs=outputs, store=store, audit=audit, settings=settings,
                        now=now)
     except BaseException:
-        _release(ref, store, owner)  # the host's retry must not find this run's lease in its way
+        release(store, ref.document, owner, _tags)  # the host's retry must not find this run's lease in its way
         raise
-    audit.append({"at": _stamp(now), "action": "batch.intake", "effect": "changed", "customer": ref.customer_id,
+    audit.append({"at": stamp(now), "action": "batch.intake", "effect": "changed", "customer": ref.customer_id,
                   "batch": ref.batch_name, "before": None, "after": "issuing", "rows": result["rows"],
                   "chunks": len(result["chunks"]), "requestId": result["options"]["requestId"]})
     return f"batch {ref.customer_id}/{ref.batch_name}: {result['rows']} rows in {len(result['chunks'])} chunks"
@@ -247,9 +245,9 @@ def _reject(ref: BatchRef, doc, reason: str, field_name: str | None, *, outputs:
             audit: AuditLog, settings: BatchSettings, now: dt.datetime) -> str:
     write_rejection_report(ref, reason, field_name, outputs, settings, now)
     data = {**doc.data, "status": "rejected", "reason": reason, "field": field_name, "lease": None,
-            "updatedAt": _stamp(now), "chunksEnqueued": True}
+            "updatedAt": stamp(now), "chunksEnqueued": True}
     store.replace(doc, data, tags=_tags(data))
-    audit.append({"at": _stamp(now), "action": "batch.intake", "effect": "rejected", "customer": ref.customer_id,
+    audit.append({"at": stamp(now), "action": "batch.intake", "effect": "rejected", "customer": ref.customer_id,
                   "batch": ref.batch_name, "reason": reason, "field": field_name})
     return f"batch {ref.customer_id}/{ref.batch_name}: rejected: {field_name + ': ' if field_name else ''}{reason}"
 
@@ -276,7 +274,7 @@ def _validate_and_fan_out(ref: BatchRef, doc, size: int, etag: str, metadata: di
     data = {**doc.data, "status": "issuing", "format": kind, "columns": list(header.columns),
             "options": options.as_dict(), "rows": scan.rows, "chunks": scan.chunks, "completedChunks": [],
             "counts": {"issued": 0, "already_issued": 0, "failed": 0}, "pfxSecret": secret,
-            "intermediateSerial": customer.data["intermediate"]["serial"], "updatedAt": _stamp(now),
+            "intermediateSerial": customer.data["intermediate"]["serial"], "updatedAt": stamp(now),
             "chunksEnqueued": False}
     store.replace(doc, data, tags=_tags(data))
     _send_chunks(ref, scan.chunks, queue)
@@ -300,11 +298,3 @@ def _mark_enqueued(ref: BatchRef, store: DocumentStore) -> None:
             continue
     raise TransientError(f"batch {ref.batch_name}: could not record that its chunks were sent; retry")
 
-
-def _release(ref: BatchRef, store: DocumentStore, owner: str) -> None:
-    try:
-        doc = store.get(ref.document)
-        if doc is not None and (doc.data.get("lease") or {}).get("owner") == owner:
-            store.replace(doc, {**doc.data, "lease": None}, tags=_tags(doc.data))
-    except Exception:  # noqa: BLE001 - the lease then simply runs out
-        pass

@@ -23,6 +23,7 @@ from pki.keys import KeyType
 
 from .dps_pool import MAX_GROUPS_PER_DPS, DpsInstance, choose_instance
 from .errors import AlreadyExists, CapacityExhausted, Conflict, InvalidMessage, NotFound, Rejected, TransientError
+from .leases import release, stamp
 from .messages import Fields, decode_json_message
 from .ports import AuditLog, Document, DocumentStore, KeyStore
 from .root_ca import load_root, root_signer
@@ -107,8 +108,6 @@ class EnrollmentGroups(Protocol):
     def create_group(self, dps: str, group: dict) -> Group:
         """Create only if absent: ``AlreadyExists`` if it exists, ``CapacityExhausted`` if DPS is full."""
 
-    def replace_group(self, dps: str, group: dict, etag: str) -> Group:
-        """Update only if unchanged since ``etag``: ``Conflict`` otherwise."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,6 @@ def customer_document(customer_id: str) -> str:
 def key_name(customer_id: str) -> str:
     return f"customer-{customer_id}"
 
-
-def _stamp(now: dt.datetime) -> str:
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _tags(data: dict) -> dict[str, str]:
@@ -178,15 +174,15 @@ class _Run:
         self.name = customer_document(request.customer_id)
 
     def audit(self, effect: str, before: str | None, after: str | None, **extra: Any) -> None:
-        self.audit_log.append({"at": _stamp(self.now), "action": "customer.onboard", "effect": effect,
+        self.audit_log.append({"at": stamp(self.now), "action": "customer.onboard", "effect": effect,
                                "customer": self.request.customer_id, "before": before, "after": after,
                                "requestId": self.request.request_id, "messageId": self.message_id, **extra})
 
     def lease(self) -> dict:
-        return {"owner": self.owner, "until": _stamp(self.now + LEASE)}
+        return {"owner": self.owner, "until": stamp(self.now + LEASE)}
 
     def write(self, doc: Document, status: str, **changes: Any) -> Document:
-        data = {**doc.data, **changes, "status": status, "updatedAt": _stamp(self.now)}
+        data = {**doc.data, **changes, "status": status, "updatedAt": stamp(self.now)}
         updated = self.store.replace(doc, data, tags=_tags(data))
         self.audit("changed", doc.data["status"], status, **{k: v for k, v in changes.items() if k in ("dps", "key")})
         return updated
@@ -195,18 +191,8 @@ class _Run:
         instance = choose_instance(self.settings.pool, groups_per_dps, hubs=self.request.iot_hubs, exclude=exclude,
                                    limit=self.settings.max_groups_per_dps)
         return {"customerId": self.request.customer_id, "status": "pending", "parameters": self.request.parameters(),
-                "requestId": self.request.request_id, "createdAt": _stamp(self.now), "updatedAt": _stamp(self.now),
+                "requestId": self.request.request_id, "createdAt": stamp(self.now), "updatedAt": stamp(self.now),
                 "dps": {"name": instance.name, "idScope": instance.id_scope}, "lease": self.lease()}
-
-    def release(self) -> None:
-        """Best effort: drop our lease after a failure, so the next delivery resumes at once. It never raises:
-        the failure being handled is what the caller must see."""
-        try:
-            current = self.store.get(self.name)
-            if current is not None and (current.data.get("lease") or {}).get("owner") == self.owner:
-                self.store.replace(current, {**current.data, "lease": None}, tags=_tags(current.data))
-        except Exception:  # noqa: BLE001 - the lease then simply runs out
-            pass
 
     def instance(self, name: str) -> DpsInstance:
         for instance in self.settings.pool:
@@ -297,7 +283,7 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             run.audit("no-op", "active", "active", reason="already active with the same parameters")
             return Outcome("already_active", doc.data)
         lease = (doc.data.get("lease") or {}) if doc else {}
-        if lease and lease.get("owner") != run.owner and lease.get("until", "") > _stamp(now) and status != "rejected":
+        if lease and lease.get("owner") != run.owner and lease.get("until", "") > stamp(now) and status != "rejected":
             if waited >= LEASE_WAIT_S:
                 run.audit("no-op", status, status, reason="another run holds the lease; the host will retry")
                 raise TransientError(f"customer {request.customer_id}: onboarding in progress elsewhere "
@@ -327,7 +313,7 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             except CapacityExhausted:
                 raise  # handled below: the record is marked rejected
             except Exception:
-                run.release()  # let the next delivery resume at once instead of waiting out the lease
+                release(store, run.name, run.owner, _tags)  # let the next delivery resume at once instead of waiting out the lease
                 raise
         except (AlreadyExists, Conflict):
             continue  # another run wrote first: read again and follow its state

@@ -18,6 +18,7 @@ from pki.keys import KeyType, PrivateKey
 from pki.signing import remote_key
 
 from .errors import AlreadyExists, Conflict, NotFound, TransientError
+from .leases import release, stamp
 from .ports import Document, DocumentStore, KeyRef, KeyStore
 
 ROOT_DOCUMENT = "root-ca.json"
@@ -47,16 +48,13 @@ class RootCa:
     record: dict
 
 
-def _stamp(now: dt.datetime) -> str:
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
 
 def _lease(owner: str, now: dt.datetime) -> dict:
-    return {"owner": owner, "until": _stamp(now + LEASE)}
+    return {"owner": owner, "until": stamp(now + LEASE)}
 
 
 def _pending(request: RootRequest, now: dt.datetime, owner: str, previous: list | None = None) -> dict:
-    return {"status": "pending", "request": request.as_dict(), "createdAt": _stamp(now), "updatedAt": _stamp(now),
+    return {"status": "pending", "request": request.as_dict(), "createdAt": stamp(now), "updatedAt": stamp(now),
             "previous": previous or [], "lease": _lease(owner, now)}
 
 
@@ -90,7 +88,7 @@ def _finish(doc: Document, request: RootRequest, store: DocumentStore, keys: Key
     data = dict(doc.data)
     if data["status"] == "pending":
         key = _unused_latest_key(request, data, keys) or keys.create_key(request.key_name, request.key_type)
-        data.update(status="key_created", key={"name": key.name, "version": key.version}, updatedAt=_stamp(now))
+        data.update(status="key_created", key={"name": key.name, "version": key.version}, updatedAt=stamp(now))
         doc = store.replace(doc, data)
     key = keys.get_key(data["key"]["name"], data["key"]["version"])
     certificate = profiles.issue_root(
@@ -98,18 +96,9 @@ def _finish(doc: Document, request: RootRequest, store: DocumentStore, keys: Key
         organization=request.organization, country=request.country, now=now,
         validity_days=request.validity_years * 365 + request.validity_years // 4)
     data.update(status="active", certificatePem=export.cert_pem(certificate).decode(),
-                summary=export.summary(certificate), updatedAt=_stamp(now), lease=None)
+                summary=export.summary(certificate), updatedAt=stamp(now), lease=None)
     doc = store.replace(doc, data)
     return RootCa(certificate, key, doc.data)
-
-
-def _release(store: DocumentStore, owner: str) -> None:
-    try:
-        doc = store.get(ROOT_DOCUMENT)
-        if doc is not None and (doc.data.get("lease") or {}).get("owner") == owner:
-            store.replace(doc, {**doc.data, "lease": None})
-    except Exception:  # noqa: BLE001 - the lease then simply runs out
-        pass
 
 
 def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, now: dt.datetime,
@@ -131,7 +120,7 @@ def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, n
             raise Conflict("an interrupted root CA creation with other parameters is on record "
                            f"({doc.data.get('request')}); re-run it with those, or pass --force")
         lease = (doc.data.get("lease") or {}) if doc is not None and not active else {}
-        if lease and lease.get("owner") != owner and lease.get("until", "") > _stamp(now):
+        if lease and lease.get("owner") != owner and lease.get("until", "") > stamp(now):
             raise TransientError(f"another root CA creation is in progress (lease until {lease['until']}); "
                                  "try again after it")
         try:
@@ -152,6 +141,6 @@ def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, n
         except Conflict:
             continue
         except Exception:
-            _release(store, owner)  # the user's retry should not wait out their own run's lease
+            release(store, ROOT_DOCUMENT, owner)  # the user's retry should not wait out their own run's lease
             raise
     raise Conflict("the root CA record kept changing under this run; another `root create` is running")

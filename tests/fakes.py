@@ -119,13 +119,6 @@ class FakeEnrollmentGroups:
             groups[group["enrollmentGroupId"]] = {**copy.deepcopy(group), "etag": f'"{next(self._etags)}"'}
             return self._view(groups[group["enrollmentGroupId"]])
 
-    def replace_group(self, dps: str, group: dict, etag: str):
-        with self._lock:
-            current = self.groups[dps][group["enrollmentGroupId"]]
-            if current["etag"] != etag:
-                raise Conflict("stale etag")
-            self.groups[dps][group["enrollmentGroupId"]] = {**copy.deepcopy(group), "etag": f'"{next(self._etags)}"'}
-            return self._view(self.groups[dps][group["enrollmentGroupId"]])
 
 
 def run_concurrently(action, times: int, expected: tuple[type[BaseException], ...] = (Exception,)):
