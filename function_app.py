@@ -10,7 +10,8 @@ import azure.functions as func
 
 from edge.queue import run_blob, run_queue_message
 from edge.services import Services, services
-from handlers import batch_chunk, batch_intake, onboarding
+from handlers import batch_chunk, batch_intake, commands, onboarding
+from handlers.messages import Delivery
 
 app = func.FunctionApp()
 
@@ -19,11 +20,11 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _onboard(body: bytes, wired: Services, message_id: str | None) -> str:
+def _onboard(body: bytes, wired: Services, delivery: Delivery) -> str:
     request = onboarding.OnboardingRequest.parse(body)
     outcome = onboarding.onboard_customer(
         request, store=wired.store, keys=wired.keys, groups=wired.groups, audit=wired.audit,
-        settings=wired.onboarding, now=_now(), message_id=message_id)
+        settings=wired.onboarding, now=_now(), message_id=delivery.message_id)
     return f"customer {request.customer_id}: {outcome.status} (requestId {request.request_id})"
 
 
@@ -45,7 +46,7 @@ def device_batch(blob: func.InputStream) -> None:
     run_blob(blob, services=services, handle=_intake)
 
 
-def _issue_chunk(body: bytes, wired: Services, message_id: str | None) -> str:
+def _issue_chunk(body: bytes, wired: Services, delivery: Delivery) -> str:
     return batch_chunk.process_chunk(
         batch_chunk.ChunkMessage.parse(body), files=wired.files, outputs=wired.files, store=wired.store,
         keys=wired.keys, secrets_store=wired.secrets, audit=wired.audit, settings=wired.batches, now=_now(),
@@ -56,3 +57,13 @@ def _issue_chunk(body: bytes, wired: Services, message_id: str | None) -> str:
 def batch_chunk_issue(msg: func.QueueMessage) -> None:
     """One chunk of a batch -> one certificate per device; the last chunk assembles the report."""
     run_queue_message(msg, queue=batch_intake.CHUNK_QUEUE, services=services, handle=_issue_chunk)
+
+
+def _command(body: bytes, wired: Services, delivery: Delivery) -> str:
+    return commands.run_command(commands.Command.parse(body), delivery, ports=wired.commands, now=_now())
+
+
+@app.queue_trigger(arg_name="msg", queue_name=commands.QUEUE, connection="AzureWebJobsStorage")
+def operator_command(msg: func.QueueMessage) -> None:
+    """Operator/ERP command -> device or customer disabled/enabled (IoT Hub + DPS), intermediate renewed."""
+    run_queue_message(msg, queue=commands.QUEUE, services=services, handle=_command)

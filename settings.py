@@ -71,6 +71,8 @@ class Settings:
     device_key_type: KeyType = KeyType.EC_P256
     device_validity_days: int = 365
     dps_device_endpoint: str = "global.azure-devices-provisioning.net"
+    iot_hub_connection_strings: dict[str, str] = field(default_factory=dict, repr=False)
+    iot_hub_registry_ops_per_min: int = 100
 
 
 def _storage(env: Mapping[str, str]) -> StorageSettings:
@@ -188,8 +190,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     unknown = sorted(set(connection_strings) - {i.name for i in pool})
     if unknown:
         raise SettingsError("DPS_CONNECTION_STRINGS", f"names {', '.join(unknown)}, not in DPS_INSTANCES")
+    hub_connections = _json(env, "IOT_HUB_CONNECTION_STRINGS", {})
+    if not isinstance(hub_connections, dict) or not all(isinstance(v, str) for v in hub_connections.values()):
+        raise SettingsError("IOT_HUB_CONNECTION_STRINGS", "must be a JSON object of hub host name -> connection string")
     return Settings(
         storage=_storage(env),
+        iot_hub_connection_strings=hub_connections,
+        iot_hub_registry_ops_per_min=_int(env, "IOT_HUB_REGISTRY_OPS_PER_MIN", 100, 1, 100_000),
         dps_pool=pool,
         dps_connection_strings=connection_strings,
         intermediate_key_type=intermediate_key_type,

@@ -9,7 +9,7 @@ attempt did succeed reads as "exists", and the handler checks the group is its o
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from azure.core.exceptions import HttpResponseError
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
@@ -80,6 +80,68 @@ class DpsEnrollmentGroups:
         except NotFound:
             return None
         return Group(data=data, etag=data.get("etag", ""))
+
+    def replace_group(self, dps: str, group: dict, etag: str) -> Group:
+        """Replace a group only if unchanged since it was read at ``etag``; ``Conflict`` otherwise."""
+        group_id = group["enrollmentGroupId"]
+        try:
+            with translated(f"enrollment group {group_id} on {dps}"):
+                data = self._client(dps).enrollment_group.create_or_update(group_id, group, if_match=etag)
+        except HttpResponseError as exc:
+            if exc.status_code == 400:
+                raise Rejected(f"DPS {dps} refused enrollment group {group_id}: {exc.message}") from exc
+            raise
+        return Group(data=data, etag=data.get("etag", ""))
+
+    # --- individual enrollments (blocking one device of a group) and registration states -------------
+    def get_enrollment(self, dps: str, registration_id: str) -> Group | None:
+        try:
+            with translated(f"individual enrollment {registration_id} on {dps}"):
+                data = self._client(dps).enrollment.get(registration_id)
+        except NotFound:
+            return None
+        return Group(data=data, etag=data.get("etag", ""))
+
+    def put_enrollment(self, dps: str, enrollment: dict, etag: str | None) -> Group:
+        """Create (``etag`` None: ``AlreadyExists`` if present) or replace at ``etag`` (``Conflict`` if stale)."""
+        registration_id = enrollment["registrationId"]
+        try:
+            with translated(f"individual enrollment {registration_id} on {dps}"):
+                data = self._client(dps).enrollment.create_or_update(registration_id, enrollment, if_match=etag)
+        except HttpResponseError as exc:
+            if exc.status_code == 400:
+                raise Rejected(f"DPS {dps} refused individual enrollment {registration_id}: {exc.message}") from exc
+            raise
+        return Group(data=data, etag=data.get("etag", ""))
+
+    def delete_enrollment(self, dps: str, registration_id: str, etag: str) -> None:
+        """Delete at ``etag``; gone already is fine."""
+        try:
+            with translated(f"individual enrollment {registration_id} on {dps}"):
+                self._client(dps).enrollment.delete(registration_id, if_match=etag)
+        except NotFound:
+            pass
+
+    def registration(self, dps: str, registration_id: str) -> dict | None:
+        """The device's registration state (``assignedHub``, ``deviceId``), or None if it never registered."""
+        try:
+            with translated(f"registration {registration_id} on {dps}"):
+                return self._client(dps).device_registration_state.get(registration_id)
+        except NotFound:
+            return None
+
+    def registrations(self, dps: str, group_id: str, page_size: int = 1000) -> Iterator[dict]:
+        """Registration states of every device that registered through a group, a page at a time."""
+        continuation = None
+        while True:
+            with translated(f"registrations of enrollment group {group_id} on {dps}"):
+                page, headers = self._client(dps).device_registration_state.query(
+                    group_id, x_ms_max_item_count=page_size, x_ms_continuation=continuation,
+                    cls=lambda _response, body, response_headers: (body, response_headers))
+            yield from page or []
+            continuation = (headers or {}).get("x-ms-continuation")
+            if not continuation:
+                return
 
     def create_group(self, dps: str, group: dict) -> Group:
         try:

@@ -60,7 +60,9 @@ class LocalStack:
                                           "iotHubs": [stack.iothub.hostname]} for d in stack.dps_info()]),
             "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in stack.dps_info()}),
             "DPS_DEVICE_ENDPOINT": stack.device_endpoint_url,
-            "IOTHUB_CONNECTION_STRING": stack.iothub_connection_string,
+            "IOT_HUB_CONNECTION_STRINGS": json.dumps({stack.iothub.hostname: stack.iothub_connection_string}),
+            # azure-iot-hub (msrest over requests) takes no CA option: requests trusts this bundle
+            "REQUESTS_CA_BUNDLE": str(stack.ca_path),
             **self.extra_settings,
         }
 

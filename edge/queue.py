@@ -16,6 +16,7 @@ from collections.abc import Callable
 import azure.functions as func
 
 from handlers.errors import Rejected
+from handlers.messages import Delivery
 from handlers.rejections import record_failure, record_rejection
 
 from .services import Services
@@ -47,7 +48,7 @@ def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
 
 
 def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[[], Services],
-                      handle: Callable[[bytes, Services, str | None], str]) -> None:
+                      handle: Callable[[bytes, Services, Delivery], str]) -> None:
     body = msg.get_body()
     context = {"queue": queue, "messageId": msg.id, "dequeueCount": msg.dequeue_count, "requestId": _request_id(body)}
     now = dt.datetime.now(dt.timezone.utc)
@@ -57,7 +58,7 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
         log.exception("cannot start: settings or clients are broken", extra=context)
         raise
     try:
-        outcome = handle(body, wired, msg.id)
+        outcome = handle(body, wired, Delivery(msg.id, getattr(msg, "insertion_time", None)))
     except Rejected as exc:
         where = record_rejection(wired.store, queue=queue, message_id=msg.id, body=body, reason=exc.reason,
                                  field=exc.field, now=now, request_id=context["requestId"])

@@ -10,8 +10,10 @@ from clients.audit import StoreAuditLog
 from clients.dps import DpsEnrollmentGroups
 from clients.blob_files import BlobFiles
 from clients.factory import DpsRegistrar, credential, key_store, secrets_store
+from clients.iothub import IotHubRegistries
 from clients.storage import StorageQueues, blob_service, state_store
 from handlers.batch_intake import BatchSettings
+from handlers.commands import Ports
 from handlers.onboarding import OnboardingSettings
 from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Secrets
 from settings import Settings, SettingsError, load_settings
@@ -28,6 +30,7 @@ class Services:
     queue: MessageQueue
     secrets: Secrets
     registrar: DpsRegistrar
+    hubs: IotHubRegistries
 
     @property
     def batches(self) -> BatchSettings:
@@ -44,6 +47,12 @@ class Services:
                                   max_groups_per_dps=self.settings.dps_max_groups)
 
 
+    @property
+    def commands(self) -> Ports:
+        return Ports(store=self.store, keys=self.keys, dps=self.groups, hubs=self.hubs, files=self.files,
+                     audit=self.audit, settings=self.onboarding)
+
+
 def build_services(settings: Settings) -> Services:
     if os.environ.get("WEBSITE_INSTANCE_ID") and not settings.key_vault_url:
         # On Azure a local key store would live on one instance's disk: CA keys must be in Key Vault.
@@ -56,7 +65,10 @@ def build_services(settings: Settings) -> Services:
     ca = str(settings.emulator_ca_path) if settings.emulator_ca_path else None
     return Services(settings=settings, store=store, keys=keys, groups=groups, audit=StoreAuditLog(store),
                     files=BlobFiles(blob_service(settings)), queue=StorageQueues(settings),
-                    secrets=secrets_store(settings, keys), registrar=DpsRegistrar(settings.dps_device_endpoint, ca))
+                    secrets=secrets_store(settings, keys), registrar=DpsRegistrar(settings.dps_device_endpoint, ca),
+                    hubs=IotHubRegistries(connection_strings=settings.iot_hub_connection_strings,
+                                          credential=credential(settings),
+                                          ops_per_min=settings.iot_hub_registry_ops_per_min))
 
 
 @functools.cache

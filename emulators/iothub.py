@@ -224,6 +224,9 @@ def _matches(twin: dict, conditions: list[tuple[list[str], str, Any]]) -> bool:
     return True
 
 
+BULK_LIMIT = 100
+
+
 class IotHubEmulator:
     """The device registry of one IoT hub, in memory. Thread-safe: every read and write holds ``_lock``."""
 
@@ -239,6 +242,7 @@ class IotHubEmulator:
         device = r"/devices/(?P<device_id>[^/]+)"
         return [
             route("POST", r"/devices/query", self._query),
+            route("POST", r"/devices", self._bulk),
             route("GET", r"/devices", self._list),
             route("GET", device, self._get),
             route("PUT", device, self._put),
@@ -354,6 +358,59 @@ class IotHubEmulator:
             device.parent_scopes = list(body.get("parentScopes") or [])
             device.etag = self._new_etag()
             return Response(200, device.identity_json(), {"ETag": f'"{device.etag}"'})
+
+    def _bulk(self, request: Request) -> Response:
+        """``bulk_create_or_update_devices``: up to 100 identities per call; 200 when all succeed, otherwise 400
+        with the per-device errors (the others are applied, as IoT Hub does)."""
+        self._authorize(request)
+        body = request.json()
+        if not isinstance(body, list) or not all(isinstance(d, dict) for d in body):
+            raise _hub_error(400, "ArgumentInvalid", "the body must be a list of ExportImportDevice objects")
+        if len(body) > BULK_LIMIT:
+            raise _hub_error(400, "TooManyDevices", f"at most {BULK_LIMIT} devices per bulk call, got {len(body)}")
+        ids = [d.get("id") for d in body]
+        if len(set(ids)) != len(ids):
+            raise _hub_error(400, "ArgumentInvalid", "a device may appear only once per bulk call")
+        errors = []
+        with self._lock:
+            for item in body:
+                problem = self._bulk_one(item)
+                if problem:
+                    errors.append({"deviceId": item.get("id"), "errorCode": problem[0], "errorStatus": problem[1],
+                                   "operation": item.get("importMode")})
+        return Response(400 if errors else 200, {"isSuccessful": not errors, "errors": errors, "warnings": []})
+
+    def _bulk_one(self, item: dict) -> tuple[str, str] | None:
+        device_id, mode = item.get("id"), item.get("importMode", "")
+        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+            return "ArgumentInvalid", f"id {device_id!r} is not a valid device id"
+        status = item.get("status") or "enabled"
+        if status not in ("enabled", "disabled"):
+            return "ArgumentInvalid", f"status must be 'enabled' or 'disabled', not {status!r}"
+        device = self._devices.get(device_id)
+        if mode.endswith("IfMatchETag") and device is not None and \
+                _unquote_etag(item.get("eTag") or "") not in ("*", device.etag):
+            return "PreconditionFailed", f"device {device_id!r} has another etag"
+        if mode in ("delete", "deleteIfMatchETag"):
+            if device is None:
+                return "DeviceNotFound", f"device {device_id!r} not found"
+            del self._devices[device_id]
+            return None
+        if mode not in ("create", "update", "updateIfMatchETag"):
+            return "ArgumentInvalid", f"importMode {mode!r} is not supported by the emulator"
+        if mode == "create" and device is not None:
+            return "DeviceAlreadyExists", f"a device with ID {device_id!r} is already registered"
+        if device is None:
+            device = _Device(device_id=device_id, etag="", status=status, authentication={},
+                             capabilities={"iotEdge": False})
+            self._devices[device_id] = device
+        if status != device.status:
+            device.status_updated = utc_now()
+        device.status, device.status_reason = status, item.get("statusReason")
+        device.authentication = _authentication(item.get("authentication"))
+        device.capabilities = {"iotEdge": bool((item.get("capabilities") or {}).get("iotEdge"))}
+        device.etag = self._new_etag()
+        return None
 
     def _delete(self, request: Request, device_id: str) -> Response:
         self._authorize(request)

@@ -10,13 +10,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import datetime as dt
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidMessage
 
 MAX_MESSAGE_BYTES = 64 * 1024  # Azure Storage queue messages are at most 64 KiB
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Which queue message a handler is running: its id (the same on every redelivery) and enqueue time."""
+
+    message_id: str | None = None
+    enqueued_at: dt.datetime | None = None
 
 
 def decode_json_message(raw: bytes | str) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def key_name(customer_id: str) -> str:
 
 
 
-def _tags(data: dict) -> dict[str, str]:
+def customer_tags(data: dict) -> dict[str, str]:
     return {"kind": "customer", "customer": data["customerId"], "status": data["status"],
             "dps": data.get("dps", {}).get("name", "")}
 
@@ -143,14 +143,18 @@ def _differences(recorded: dict, asked: dict) -> str:
                      for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k))
 
 
-def group_body(record: dict, instance: DpsInstance) -> dict:
-    """The DPS enrollment group for a customer (camelCase, as the DPS REST API takes it)."""
+def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = None) -> dict:
+    """The DPS enrollment group for a customer (camelCase, as the DPS REST API takes it): its intermediate as
+    primary, the one it replaced as secondary until that expires (DPS rolling), disabled with the customer."""
     parameters = record["parameters"]
+    slots = {"primary": {"certificate": record["intermediate"]["certificatePem"]}}
+    previous = (record.get("previousIntermediates") or [None])[0]
+    if previous and (now is None or previous["notAfter"] > stamp(now)):
+        slots["secondary"] = {"certificate": previous["certificatePem"]}
     body: dict[str, Any] = {
         "enrollmentGroupId": record["customerId"],
-        "attestation": {"type": "x509", "x509": {"signingCertificates": {
-            "primary": {"certificate": record["intermediate"]["certificatePem"]}}}},
-        "provisioningStatus": "enabled",
+        "attestation": {"type": "x509", "x509": {"signingCertificates": slots}},
+        "provisioningStatus": "disabled" if record.get("status") == "disabled" else "enabled",
         "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": True},
         "capabilities": {"iotEdge": bool(parameters.get("iotEdge"))},
         "allocationPolicy": parameters.get("allocationPolicy") or "hashed",
@@ -183,7 +187,7 @@ class _Run:
 
     def write(self, doc: Document, status: str, **changes: Any) -> Document:
         data = {**doc.data, **changes, "status": status, "updatedAt": stamp(self.now)}
-        updated = self.store.replace(doc, data, tags=_tags(data))
+        updated = self.store.replace(doc, data, tags=customer_tags(data))
         self.audit("changed", doc.data["status"], status, **{k: v for k, v in changes.items() if k in ("dps", "key")})
         return updated
 
@@ -279,8 +283,8 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
                            f"({_differences(doc.data['parameters'], request.parameters())}); "
                            "a change needs an operator command, not a second onboarding message",
                            field="customerId")
-        if status == "active":
-            run.audit("no-op", "active", "active", reason="already active with the same parameters")
+        if status in ("active", "disabled"):  # disabled by an operator command: onboarded all the same
+            run.audit("no-op", status, status, reason=f"already onboarded ({status}) with the same parameters")
             return Outcome("already_active", doc.data)
         lease = (doc.data.get("lease") or {}) if doc else {}
         if lease and lease.get("owner") != run.owner and lease.get("until", "") > stamp(now) and status != "rejected":
@@ -294,7 +298,7 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
         try:
             if doc is None:
                 data = run.pending(groups_per_dps())
-                doc = store.create(run.name, data, tags=_tags(data))
+                doc = store.create(run.name, data, tags=customer_tags(data))
                 run.audit("changed", None, "pending", dps=data["dps"])
             elif status == "rejected":
                 # Resume where the rejected run stopped, with a fresh placement: its key and intermediate stand.
@@ -302,10 +306,10 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
                           "key_created" if doc.data.get("key") else "pending")
                 kept = {k: doc.data[k] for k in ("key", "intermediate") if doc.data.get(k)}
                 data = {**run.pending(groups_per_dps()), **kept, "status": resume, "createdAt": doc.data["createdAt"]}
-                doc = store.replace(doc, data, tags=_tags(data))
+                doc = store.replace(doc, data, tags=customer_tags(data))
                 run.audit("changed", "rejected", resume, dps=data["dps"])
             elif lease.get("owner") != run.owner:  # free or expired: take over where the last run stopped
-                doc = store.replace(doc, {**doc.data, "lease": run.lease()}, tags=_tags(doc.data))
+                doc = store.replace(doc, {**doc.data, "lease": run.lease()}, tags=customer_tags(doc.data))
             try:
                 return run.advance(doc, groups_per_dps)
             except (AlreadyExists, Conflict):
@@ -313,7 +317,7 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             except CapacityExhausted:
                 raise  # handled below: the record is marked rejected
             except Exception:
-                release(store, run.name, run.owner, _tags)  # let the next delivery resume at once instead of waiting out the lease
+                release(store, run.name, run.owner, customer_tags)  # let the next delivery resume at once instead of waiting out the lease
                 raise
         except (AlreadyExists, Conflict):
             continue  # another run wrote first: read again and follow its state
@@ -325,7 +329,7 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             if current is not None and current.data.get("status") in STATES[:3] and holder in (None, run.owner):
                 rejected = {**current.data, "status": "rejected", "reason": str(exc), "lease": None, "dps": {}}
                 try:
-                    store.replace(current, rejected, tags=_tags(rejected))
+                    store.replace(current, rejected, tags=customer_tags(rejected))
                 except Conflict:
                     pass
             run.audit("rejected", status, "rejected", reason=str(exc))

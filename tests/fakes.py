@@ -96,9 +96,9 @@ class FakeEnrollmentGroups:
         from pki.export import thumbprints
 
         view = copy.deepcopy(body)
-        primary = view["attestation"]["x509"]["signingCertificates"]["primary"]
-        cert = x509.load_pem_x509_certificate(primary.pop("certificate").encode())
-        primary["info"] = {"sha1Thumbprint": thumbprints(cert)["sha1"], "subjectName": cert.subject.rfc4514_string()}
+        for slot in view["attestation"]["x509"]["signingCertificates"].values():
+            cert = x509.load_pem_x509_certificate(slot.pop("certificate").encode())
+            slot["info"] = {"sha1Thumbprint": thumbprints(cert)["sha1"], "subjectName": cert.subject.rfc4514_string()}
         return Group(view, view["etag"])
 
     def get_group(self, dps: str, group_id: str):
@@ -119,6 +119,95 @@ class FakeEnrollmentGroups:
             groups[group["enrollmentGroupId"]] = {**copy.deepcopy(group), "etag": f'"{next(self._etags)}"'}
             return self._view(groups[group["enrollmentGroupId"]])
 
+
+    def replace_group(self, dps: str, group: dict, etag: str):
+        with self._lock:
+            groups = self.groups.setdefault(dps, {})
+            current = groups.get(group["enrollmentGroupId"])
+            if current is None or current["etag"] != etag:
+                raise Conflict(f"group {group['enrollmentGroupId']}: etag mismatch")
+            self.replaces = getattr(self, "replaces", 0) + 1
+            groups[group["enrollmentGroupId"]] = {**copy.deepcopy(group), "etag": f'"{next(self._etags)}"'}
+            return self._view(groups[group["enrollmentGroupId"]])
+
+
+class FakeDps(FakeEnrollmentGroups):
+    """The DPS pool for operator commands: groups, individual enrollments and registration states."""
+
+    def __init__(self, capacity: int = 100) -> None:
+        super().__init__(capacity)
+        self.enrollments: dict[str, dict] = {}
+        self.registered: dict[str, dict] = {}  # registrationId -> state (assignedHub, deviceId, group)
+
+    def get_enrollment(self, dps: str, registration_id: str):
+        from handlers.onboarding import Group
+
+        with self._lock:
+            body = self.enrollments.get(registration_id)
+            return Group(copy.deepcopy(body), body["etag"]) if body else None
+
+    def put_enrollment(self, dps: str, enrollment: dict, etag):
+        from handlers.onboarding import Group
+
+        with self._lock:
+            current = self.enrollments.get(enrollment["registrationId"])
+            if etag is None and current is not None:
+                raise AlreadyExists("enrollment exists")
+            if etag is not None and (current is None or current["etag"] != etag):
+                raise Conflict("enrollment etag mismatch")
+            body = {**copy.deepcopy(enrollment), "etag": f'"{next(self._etags)}"'}
+            self.enrollments[enrollment["registrationId"]] = body
+            return Group(copy.deepcopy(body), body["etag"])
+
+    def delete_enrollment(self, dps: str, registration_id: str, etag: str) -> None:
+        with self._lock:
+            current = self.enrollments.get(registration_id)
+            if current is not None and current["etag"] != etag:
+                raise Conflict("enrollment etag mismatch")
+            self.enrollments.pop(registration_id, None)
+
+    def registration(self, dps: str, registration_id: str):
+        return copy.deepcopy(self.registered.get(registration_id))
+
+    def registrations(self, dps: str, group_id: str):
+        return iter([copy.deepcopy(s) for s in self.registered.values() if s.get("group") == group_id])
+
+
+class FakeHubs:
+    """HubRegistry: device statuses with etags; counts calls (bulk calls count once)."""
+
+    def __init__(self) -> None:
+        self.devices: dict[tuple[str, str], dict] = {}
+        self.calls = 0
+        self._etags = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def add(self, hub: str, device_id: str, status: str = "enabled") -> None:
+        self.devices[(hub, device_id)] = {"deviceId": device_id, "status": status, "etag": str(next(self._etags)),
+                                          "iotEdge": False}
+
+    def device(self, hub: str, device_id: str):
+        with self._lock:
+            self.calls += 1
+            found = self.devices.get((hub, device_id))
+            return dict(found) if found else None
+
+    def set_status(self, hub: str, device: dict, status: str, reason: str) -> None:
+        with self._lock:
+            self.calls += 1
+            current = self.devices[(hub, device["deviceId"])]
+            if current["etag"] != device["etag"]:
+                raise Conflict("device etag mismatch")
+            current.update(status=status, etag=str(next(self._etags)))
+
+    def set_statuses(self, hub: str, device_ids, status: str, reason: str, *, iot_edge: bool = False):
+        with self._lock:
+            for start in range(0, len(device_ids), 100):
+                self.calls += 1
+                for device_id in device_ids[start:start + 100]:
+                    self.devices.setdefault((hub, device_id), {"deviceId": device_id, "iotEdge": iot_edge}).update(
+                        status=status, etag=str(next(self._etags)))
+        return []
 
 
 def run_concurrently(action, times: int, expected: tuple[type[BaseException], ...] = (Exception,)):

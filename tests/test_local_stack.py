@@ -39,7 +39,7 @@ def test_local_up_detach_then_down_leaves_nothing_running(tmp_path):
     processes = [info["pid"], *_children_of(info["pid"])]
     assert len(processes) >= 3  # the stack process, Azurite (node), devhost
     values = json.loads((tmp_path / "local.settings.json").read_text())["Values"]
-    for key in ("AzureWebJobsStorage", "KEY_VAULT_URL", "DPS_INSTANCES", "IOTHUB_CONNECTION_STRING"):
+    for key in ("AzureWebJobsStorage", "KEY_VAULT_URL", "DPS_INSTANCES", "IOT_HUB_CONNECTION_STRINGS"):
         assert key in values
     assert all("127.0.0.1" in u for u in (values["KEY_VAULT_URL"], values["DPS_DEVICE_ENDPOINT"]))
     assert oct((tmp_path / "local.settings.json").stat().st_mode)[-3:] == "600"

@@ -1,0 +1,104 @@
+"""The IoT hubs' device registries behind the handlers' ``HubRegistry`` port, over ``azure-iot-hub``.
+
+``IoTHubRegistryManager`` is an msrest client (not azure-core): its errors are ``HttpOperationError``
+and it trusts the CA bundle requests trusts (``REQUESTS_CA_BUNDLE``; the local stack sets it to the
+emulators' CA). Registry operations are throttled by IoT Hub at 100/min per S1 unit, shared by the
+whole hub: every call here takes a token from a client-side bucket (``IOT_HUB_REGISTRY_OPS_PER_MIN``),
+and a bulk call changes up to 100 devices for one token. Throttling (429) and server faults become
+``TransientError``: the command message is retried by the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+
+from handlers.errors import Conflict, NotFound, Rejected, TransientError
+
+from .retry import TokenBucket
+
+BULK_LIMIT = 100  # devices per bulk registry call (IoT Hub's limit)
+_TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    from msrest.exceptions import ClientRequestError, HttpOperationError
+
+    try:
+        yield
+    except HttpOperationError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        if status == 404:
+            raise NotFound(f"{what}: not found") from exc
+        if status == 412:
+            raise Conflict(f"{what}: changed by someone else (etag mismatch)") from exc
+        if status in _TRANSIENT:
+            raise TransientError(f"{what}: HTTP {status}") from exc
+        body = exc.response.text[:300] if exc.response is not None else ""
+        raise Rejected(f"{what}: IoT Hub answered HTTP {status}: {body}") from exc
+    except ClientRequestError as exc:
+        raise TransientError(f"{what}: {exc}") from exc
+
+
+class IotHubRegistries:
+    """``HubRegistry`` over every hub the DPS pool assigns to, by host name."""
+
+    def __init__(self, *, connection_strings: Mapping[str, str], credential=None, ops_per_min: float = 100):
+        self._connection_strings = dict(connection_strings)
+        self._credential = credential
+        self._bucket = TokenBucket(ops_per_min / 60)
+        self._managers: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _manager(self, hub: str):
+        from azure.iot.hub import IoTHubRegistryManager
+
+        with self._lock:
+            if hub not in self._managers:
+                if hub in self._connection_strings:
+                    manager = IoTHubRegistryManager.from_connection_string(self._connection_strings[hub])
+                elif self._credential is not None:
+                    manager = IoTHubRegistryManager.from_token_credential(f"https://{hub}", self._credential)
+                else:
+                    raise Rejected(f"IoT hub {hub} has no connection configured (IOT_HUB_CONNECTION_STRINGS)")
+                self._managers[hub] = manager
+            return self._managers[hub]
+
+    def device(self, hub: str, device_id: str) -> dict | None:
+        """The device's ``status``, ``etag`` and ``iotEdge``, or None if the hub does not know it."""
+        self._bucket.acquire()
+        try:
+            with _translated(f"device {device_id} on {hub}"):
+                device = self._manager(hub).get_device(device_id)
+        except NotFound:
+            return None
+        return {"deviceId": device_id, "status": device.status, "etag": device.etag,
+                "iotEdge": bool(device.capabilities and device.capabilities.iot_edge)}
+
+    def set_status(self, hub: str, device: Mapping, status: str, reason: str) -> None:
+        """Set one device's status at the etag ``device`` was read with (``Conflict`` if it changed since)."""
+        self._bucket.acquire()
+        with _translated(f"device {device['deviceId']} on {hub}"):
+            self._manager(hub).update_device_with_certificate_authority(
+                device["deviceId"], device["etag"], status, iot_edge=device["iotEdge"], status_reason=reason[:128])
+
+    def set_statuses(self, hub: str, device_ids: Sequence[str], status: str, reason: str, *,
+                     iot_edge: bool = False) -> list[str]:
+        """Set many devices' status, ``BULK_LIMIT`` per call; the ids IoT Hub refused, with its reasons."""
+        from azure.iot.hub.models import AuthenticationMechanism, DeviceCapabilities, ExportImportDevice
+
+        problems = []
+        for start in range(0, len(device_ids), BULK_LIMIT):
+            page = device_ids[start:start + BULK_LIMIT]
+            devices = [ExportImportDevice(id=device_id, import_mode="update", status=status,
+                                          status_reason=reason[:128],
+                                          authentication=AuthenticationMechanism(type="certificateAuthority"),
+                                          capabilities=DeviceCapabilities(iot_edge=iot_edge))
+                       for device_id in page]
+            self._bucket.acquire()
+            with _translated(f"bulk update of {len(page)} devices on {hub}"):
+                result = self._manager(hub).bulk_create_or_update_devices(devices)
+            problems += [f"{e.device_id}: {e.error_code} {e.error_status}" for e in (result.errors or [])]
+        return problems
