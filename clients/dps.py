@@ -131,17 +131,9 @@ class DpsEnrollmentGroups:
             return None
 
     def registrations(self, dps: str, group_id: str, page_size: int = 1000) -> Iterator[dict]:
-        """Registration states of every device that registered through a group, a page at a time."""
-        continuation = None
-        while True:
-            with translated(f"registrations of enrollment group {group_id} on {dps}"):
-                page, headers = self._client(dps).device_registration_state.query(
-                    group_id, x_ms_max_item_count=page_size, x_ms_continuation=continuation,
-                    cls=lambda _response, body, response_headers: (body, response_headers))
-            yield from page or []
-            continuation = (headers or {}).get("x-ms-continuation")
-            if not continuation:
-                return
+        """Registration states of every device that registered through a group (paged by the SDK)."""
+        with translated(f"registrations of enrollment group {group_id} on {dps}"):
+            yield from self._client(dps).device_registration_state.query(group_id, top=page_size)
 
     def create_group(self, dps: str, group: dict) -> Group:
         try:

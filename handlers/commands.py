@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ QUEUE = "pki-commands"
 COMMANDS = ("disable-device", "enable-device", "disable-customer", "enable-customer", "renew-intermediate")
 _DEVICE_COMMANDS = ("disable-device", "enable-device")
 _ATTEMPTS = 8
+SAME_COMMAND_WAIT_S = 20.0  # how long a second delivery waits for the first to finish before taking over
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,8 @@ def command_id(command: Command, delivery: Delivery) -> str:
 
 
 class _Run:
-    def __init__(self, command: Command, delivery: Delivery, ports: Ports, now: dt.datetime):
-        self.command, self.delivery, self.ports, self.now = command, delivery, ports, now
+    def __init__(self, command: Command, delivery: Delivery, ports: Ports, now: dt.datetime, sleep=time.sleep):
+        self.command, self.delivery, self.ports, self.now, self.sleep = command, delivery, ports, now, sleep
         self.order = order_key(command, delivery)
         self.id = command_id(command, delivery)
 
@@ -157,9 +159,18 @@ class _Run:
 
     def desire(self, name: str, read, wanted: str, changes) -> tuple[Any, str | None]:
         """Record the desired state; returns the record and None, or the record and the no-op reason."""
-        for _ in range(_ATTEMPTS):
+        waited = 0.0
+        for _ in range(_ATTEMPTS + int(SAME_COMMAND_WAIT_S / 0.5)):
             doc = read()
             last = doc.data.get("lastCommand") or {}
+            if last.get("id") == self.id:  # the same command again (redelivered, or sent twice with one requestId)
+                if last.get("applied"):
+                    return doc, f"already applied by this command ({self.id})"
+                if waited < SAME_COMMAND_WAIT_S:  # another run of it is applying it: let that one finish
+                    self.sleep(0.5)
+                    waited += 0.5
+                    continue
+                return doc, None  # that run is gone: finish its work
             if last.get("order", "") > self.order:
                 return doc, f"superseded by the later {last.get('command')} ({last.get('id')})"
             if doc.data["status"] == wanted and last.get("applied", True):
@@ -370,8 +381,9 @@ def _customer_command(run: _Run) -> str:
     return f"customer {command.customer_id}: {before} -> {wanted}" + (f", {len(touched)} hub devices" if touched else "")
 
 
-def run_command(command: Command, delivery: Delivery, *, ports: Ports, now: dt.datetime) -> str:
-    run = _Run(command, delivery, ports, now)
+def run_command(command: Command, delivery: Delivery, *, ports: Ports, now: dt.datetime,
+                sleep=time.sleep) -> str:
+    run = _Run(command, delivery, ports, now, sleep)
     if command.command in _DEVICE_COMMANDS:
         return _device_command(run)
     if command.command == "renew-intermediate":

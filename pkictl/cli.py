@@ -196,7 +196,8 @@ class Cli:
             self.out.write(record.get("intermediate", {}).get("certificatePem", ""))
             return OK if record.get("intermediate") else PROBLEM
         if not args.json:
-            record.get("intermediate", {}).pop("certificatePem", None)
+            for intermediate in [record.get("intermediate", {}), *record.get("previousIntermediates", [])]:
+                intermediate.pop("certificatePem", None)
         self.say(json.dumps(record, indent=2))
         return OK
 
@@ -225,6 +226,59 @@ class Cli:
             text = base64.b64encode(text.encode()).decode()
         message_id = send_queue_message(self.wiring.settings, QUEUE, text)
         self.say(f"sent to {QUEUE} (message {message_id}); follow it with `pkictl customer show {args.customer}`")
+        return OK
+
+    def send_command(self, args: argparse.Namespace) -> int:
+        import base64
+        import uuid
+
+        from clients.storage import send_queue_message
+        from handlers.commands import QUEUE, Command
+
+        message = {"command": args.kind, "customerId": args.customer, "deviceId": args.device,
+                   "reason": args.reason, "requestId": args.request_id or f"cli-{uuid.uuid4()}",
+                   "disableDevices": True if args.disable_devices else None}
+        text = json.dumps({k: v for k, v in message.items() if v is not None})
+        Command.parse(text)  # refuse here what the service would reject
+        if args.base64:
+            text = base64.b64encode(text.encode()).decode()
+        message_id = send_queue_message(self.wiring.settings, QUEUE, text)
+        follow = f"--device {args.device} " if args.device else ""
+        self.say(f"sent {args.kind} to {QUEUE} (message {message_id}, requestId {message['requestId']}); follow it "
+                 f"with `pkictl audit --customer {args.customer} {follow}--since today`")
+        return OK
+
+    def device_show(self, args: argparse.Namespace) -> int:
+        from handlers.batch_chunk import device_document
+
+        doc = self.wiring.store.get(device_document(args.customer, args.device))
+        if doc is None:
+            raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
+        self.say(json.dumps(doc.data, indent=2))
+        return OK
+
+    def audit(self, args: argparse.Namespace) -> int:
+        from clients.audit import StoreAuditLog
+
+        since = None
+        if args.since:
+            since = dt.datetime.now(dt.timezone.utc).date() if args.since == "today" else _now(args.since).date()
+        count = 0
+        for event in StoreAuditLog(self.wiring.store).query(customer=args.customer, device=args.device, since=since):
+            count += 1
+            if args.json:
+                self.say(json.dumps(event))
+                continue
+            subject = "/".join(v for v in (event.get("customer"), event.get("device")) if v) or "-"
+            change = f"{event.get('before')} -> {event.get('after')}" if "before" in event else ""
+            if event.get("action") == "batch.issue":
+                change = f"batch {event.get('batch')} chunk {event.get('chunk')}: {len(event.get('issued', []))} issued"
+            detail = event.get("why") or event.get("reason") or ""
+            self.say(f"{event.get('recordedAt', event.get('at'))}  {event.get('action', '?'):<20} "
+                     f"{event.get('effect', '?'):<8} {subject:<32} {change} {detail}".rstrip()
+                     + (f" (requestId {event['requestId']})" if event.get("requestId") else ""))
+        if not count:
+            self.say("no audit events match")
         return OK
 
     def batch_show(self, args: argparse.Namespace) -> int:
@@ -460,6 +514,20 @@ def build_parser() -> argparse.ArgumentParser:
     onboarding.add_argument("--base64", action="store_true", help="base64-encode the message (as Azure tools do)")
     onboarding.set_defaults(run=Cli.send_onboarding)
 
+    command = send.add_parser("command", help="an operator command on pki-commands")
+    command.add_argument("kind", choices=["disable-device", "enable-device", "disable-customer", "enable-customer",
+                                          "renew-intermediate"], metavar="COMMAND",
+                         help="disable-device | enable-device | disable-customer | enable-customer | "
+                              "renew-intermediate")
+    command.add_argument("--customer", required=True, metavar="ID")
+    command.add_argument("--device", metavar="ID", help="for disable-device / enable-device")
+    command.add_argument("--reason", required=True, help="why (kept in the record and the audit log)")
+    command.add_argument("--disable-devices", action="store_true",
+                         help="disable-customer: also disable the customer's devices in IoT Hub")
+    command.add_argument("--request-id", help="idempotency/ordering id (default: a new one)")
+    command.add_argument("--base64", action="store_true", help="base64-encode the message (as Azure tools do)")
+    command.set_defaults(run=Cli.send_command)
+
     batch = send.add_parser("batch", help="upload a device batch (CSV/JSONL) and follow it to its report")
     batch.add_argument("file", metavar="FILE")
     batch.add_argument("--customer", required=True, metavar="ID")
@@ -491,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     device_export.add_argument("--include-key", action="store_true",
                                help="also device.pfx and device.key (decrypted with the batch password from Key Vault)")
     device_export.set_defaults(run=Cli.device_export)
+    device_show = device.add_parser("show", help="a device's record: status, serial, notAfter, outputs, "
+                                    "last command")
+    device_show.add_argument("customer")
+    device_show.add_argument("device")
+    device_show.set_defaults(run=Cli.device_show)
     register = device.add_parser("register", help="register with DPS over HTTPS with the device certificate "
                                  "(mutual TLS), as a device does on first boot")
     register.add_argument("--cert", required=True, metavar="FILE", help="device certificate (PEM, may include chain)")
@@ -502,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "global.azure-devices-provisioning.net)")
     register.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
     register.set_defaults(run=Cli.device_register)
+
+    audit = commands.add_parser("audit", help="the audit trail: every state change and issuance, oldest first")
+    audit.add_argument("--customer", metavar="ID")
+    audit.add_argument("--device", metavar="ID", help="one device's history (with the batch that issued it)")
+    audit.add_argument("--since", metavar="DATE", help="ISO date, or 'today'")
+    audit.add_argument("--json", action="store_true", help="one JSON event per line")
+    audit.set_defaults(run=Cli.audit)
 
     local = commands.add_parser("local", help="the local stack: Azurite, Key Vault/DPS/IoT Hub emulators, devhost"
                                 ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")

@@ -1,0 +1,216 @@
+"""ACCEPTANCE for operator commands, on Azurite + the emulators: commands are sent with ``pkictl send command``
+and run by the queue-triggered function under devhost; devices register over mutual TLS with the device
+client, and the hub emulator is read with the real ``IoTHubRegistryManager``."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import time
+
+import pytest
+from azure.iot.hub import IoTHubRegistryManager
+from azure.storage.queue import QueueClient
+from cryptography import x509
+
+from clients.audit import StoreAuditLog
+from clients.device_registration import RegistrationRefused, register
+from handlers.batch_chunk import device_document
+from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
+from pki import export
+from pki.keys import KeyType, generate_key
+from pkictl.cli import main as pkictl
+
+from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, upload, wired_env
+from .test_onboarding_e2e import Devhost
+
+pytestmark = pytest.mark.integration
+QUEUE = "pki-commands"
+
+
+@pytest.fixture(scope="module")
+def storage(own_azurite):
+    return own_azurite
+
+
+@pytest.fixture
+def env(storage, stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))  # for this process's IoTHubRegistryManager
+    values = wired_env(storage, stack, REQUESTS_CA_BUNDLE=str(stack.ca_path), IOT_HUB_REGISTRY_OPS_PER_MIN="6000")
+    queue = QueueClient.from_connection_string(storage.connection_string, QUEUE)
+    try:
+        queue.create_queue()
+    except Exception:  # noqa: BLE001 - exists: empty it
+        queue.clear_messages()
+    host_json = tmp_path / "host.json"
+    host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
+        "messageEncoding": "none", "maxDequeueCount": 3, "visibilityTimeout": "00:00:01"}}}))
+    values["_HOST_JSON"] = str(host_json)
+    return values
+
+
+class Fleet:
+    """Customers with devices whose keys the test holds (issued from CSR batches), registered over mTLS."""
+
+    def __init__(self, env, stack, tmp_path):
+        self.env, self.stack, self.tmp = env, stack, tmp_path
+        self.settings_env = {k: v for k, v in env.items() if not k.startswith("_")}
+        self.acme, self.globex = f"acme-{secrets.token_hex(3)}", f"globex-{secrets.token_hex(3)}"
+        self.services = onboarded(self.settings_env, self.acme)
+        onboard_customer(OnboardingRequest(customer_id=self.globex), store=self.services.store,
+                         keys=self.services.keys, groups=self.services.groups, audit=self.services.audit,
+                         settings=self.services.onboarding, now=_now())
+        self.keys: dict[str, object] = {}
+        self.hub = IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string)
+
+    def issue(self, customer: str, devices: list[str], batch: str) -> None:
+        lines = ""
+        for device in devices:
+            self.keys[device] = generate_key(KeyType.EC_P256)
+            lines += json.dumps({"deviceId": device, "csr": csr_pem(device, self.keys[device])}) + "\n"
+        intake(self.services, upload(self.services, customer, batch, lines.encode()))
+        drain_chunks(self.services, self.settings_env)
+
+    def register(self, customer: str, device: str) -> str:
+        record = self.services.store.get(device_document(customer, device)).data
+        chain = self.services.files.get(record["outputs"]["chain"])
+        folder = self.tmp / device
+        folder.mkdir(exist_ok=True)
+        (folder / "chain.pem").write_bytes(chain)
+        (folder / "key.pem").write_bytes(export.key_pem(self.keys[device]))
+        scope = self.services.store.get(customer_document(customer)).data["dps"]["idScope"]
+        return register(self.stack.device_endpoint_url, scope, device, folder / "chain.pem", folder / "key.pem",
+                        ca_path=self.stack.ca_path).assigned_hub
+
+    def refused(self, customer: str, device: str) -> str:
+        with pytest.raises(RegistrationRefused) as refused:
+            self.register(customer, device)
+        return str(refused.value)
+
+    def send(self, *args: str) -> None:
+        out = io.StringIO()
+        assert pkictl(["send", "command", *args], env=self.settings_env, out=out, err=out) == 0, out.getvalue()
+
+    def events(self, customer: str, action: str) -> list[dict]:
+        return [e for e in StoreAuditLog(self.services.store).query(customer=customer) if e["action"] == action]
+
+    def wait(self, customer: str, action: str, count: int, timeout: float = 60) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = self.events(customer, action)
+            if len(events) >= count:
+                return events
+            time.sleep(0.3)
+        failures = [self.services.store.get(n).data for n in self.services.store.find("\"kind\" = 'failure'")]
+        raise AssertionError(f"{action} on {customer}: {len(self.events(customer, action))} events, wanted {count}; "
+                             f"failures: {json.dumps(failures)[:2000]}")
+
+
+def _now():
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, stack, tmp_path):
+    fleet = Fleet(env, stack, tmp_path)
+    acme, globex = fleet.acme, fleet.globex
+    fleet.issue(acme, ["a-1", "a-2"], "first.jsonl")
+    fleet.issue(globex, ["g-1"], "first.jsonl")
+    for customer, device in ((acme, "a-1"), (acme, "a-2"), (globex, "g-1")):
+        assert fleet.register(customer, device) == stack.iothub.hostname
+    host = Devhost(env)
+    try:
+        # disable-device, delivered twice (same requestId): hub disabled, re-registration refused
+        fleet.send("disable-device", "--customer", acme, "--device", "a-1", "--reason", "stolen", "--request-id", "op-1")
+        fleet.send("disable-device", "--customer", acme, "--device", "a-1", "--reason", "stolen", "--request-id", "op-1")
+        events = fleet.wait(acme, "disable-device", 2)
+        assert sorted(e["effect"] for e in events) == ["changed", "no-op"]
+        assert fleet.hub.get_device("a-1").status == "disabled"
+        assert "disabled" in fleet.refused(acme, "a-1")
+        assert fleet.register(acme, "a-2") == stack.iothub.hostname  # its neighbours are unaffected
+        fleet.send("enable-device", "--customer", acme, "--device", "a-1", "--reason", "found")
+        fleet.wait(acme, "enable-device", 1)
+        assert fleet.hub.get_device("a-1").status == "enabled"
+        assert fleet.register(acme, "a-1") == stack.iothub.hostname
+
+        # disable-customer: no new registration for any of its devices; the other customer is unaffected
+        fleet.send("disable-customer", "--customer", acme, "--reason", "unpaid", "--disable-devices",
+                   "--request-id", "op-2")
+        fleet.send("disable-customer", "--customer", acme, "--reason", "unpaid", "--disable-devices",
+                   "--request-id", "op-2")
+        events = fleet.wait(acme, "disable-customer", 2)
+        assert sorted(e["effect"] for e in events) == ["changed", "no-op"]
+        for device in ("a-1", "a-2"):
+            assert "disabled" in fleet.refused(acme, device)
+            assert fleet.hub.get_device(device).status == "disabled"
+        assert fleet.register(globex, "g-1") == stack.iothub.hostname
+        assert fleet.hub.get_device("g-1").status == "enabled"
+        fleet.send("enable-customer", "--customer", acme, "--reason", "paid")
+        fleet.wait(acme, "enable-customer", 1)
+        assert fleet.register(acme, "a-2") == stack.iothub.hostname
+        assert fleet.hub.get_device("a-2").status == "enabled"
+
+        # renew-intermediate, delivered twice: devices of the old and the new intermediate both register
+        old = fleet.services.store.get(customer_document(acme)).data["intermediate"]
+        fleet.send("renew-intermediate", "--customer", acme, "--reason", "yearly", "--request-id", "op-3")
+        fleet.send("renew-intermediate", "--customer", acme, "--reason", "yearly", "--request-id", "op-3")
+        events = fleet.wait(acme, "renew-intermediate", 2)
+        assert sorted(e["effect"] for e in events) == ["changed", "no-op"]
+    finally:
+        log = host.stop()
+    record = fleet.services.store.get(customer_document(acme)).data
+    assert record["intermediate"]["serial"] != old["serial"]
+    assert record["previousIntermediates"][0]["serial"] == old["serial"]
+    assert len(stack.keyvault.key_versions(f"customer-{acme}")) == 2, log[-2000:]
+    fleet.issue(acme, ["a-3"], "after-renewal.jsonl")
+    new_device = x509.load_pem_x509_certificates(fleet.services.files.get(
+        fleet.services.store.get(device_document(acme, "a-3")).data["outputs"]["chain"]))
+    assert format(new_device[1].serial_number, "X") == record["intermediate"]["serial"]
+    assert fleet.register(acme, "a-3") == stack.iothub.hostname  # issued by the new intermediate
+    assert fleet.register(acme, "a-2") == stack.iothub.hostname  # issued by the old one (group secondary)
+    out = io.StringIO()
+    assert pkictl(["customer", "show", acme], env=fleet.settings_env, out=out) == 0
+    shown = json.loads(out.getvalue())
+    assert [shown["intermediate"]["serial"], shown["previousIntermediates"][0]["serial"]] == [
+        record["intermediate"]["serial"], old["serial"]]
+    out = io.StringIO()
+    assert pkictl(["audit", "--customer", acme, "--device", "a-1"], env=fleet.settings_env, out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["batch.issue", "disable-device", "disable-device", "enable-device"]
+
+
+MALFORMED = [
+    "", "not json", "[1]", json.dumps({"command": "explode", "customerId": "x", "reason": "r"}),
+    json.dumps({"customerId": "x", "reason": "r"}),
+    json.dumps({"command": "disable-device", "customerId": "x", "reason": "r"}),
+    json.dumps({"command": "disable-device", "customerId": "x", "deviceId": "A B", "reason": "r"}),
+    json.dumps({"command": "enable-customer", "customerId": "x"}),
+    json.dumps({"command": "enable-customer", "customerId": "X!", "reason": "r"}),
+    json.dumps({"command": "renew-intermediate", "customerId": "x", "reason": "r", "extra": 1}),
+    json.dumps({"command": "disable-customer", "customerId": "nobody-here", "reason": "r"}),  # unknown customer
+]
+
+
+def test_malformed_commands_are_rejected_with_recorded_reasons(env):
+    settings_env = {k: v for k, v in env.items() if not k.startswith("_")}
+    services = onboarded(settings_env, f"x-{secrets.token_hex(3)}")
+    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], QUEUE)
+    for text in MALFORMED:
+        queue.send_message(text or " ")
+    host = Devhost(env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = list(services.store.find(f"\"kind\" = 'rejection' AND \"queue\" = '{QUEUE}'"))
+            if len(found) >= len(MALFORMED):
+                break
+            time.sleep(0.3)
+    finally:
+        host.stop()
+    records = [services.store.get(n).data for n in found]
+    assert len(records) == len(MALFORMED)
+    assert all(r["reason"] and r["payload"] is not None for r in records), records
+    fields = sorted(str(r.get("field")) for r in records)
+    assert fields.count("message") == 3 and "deviceId" in fields and "reason" in fields and "extra" in fields
