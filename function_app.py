@@ -8,9 +8,9 @@ import datetime as dt
 
 import azure.functions as func
 
-from edge.queue import run_blob, run_queue_message
+from edge.queue import run_blob, run_queue_message, run_timer
 from edge.services import Services, services
-from handlers import batch_chunk, batch_intake, commands, onboarding
+from handlers import batch_chunk, batch_intake, commands, expiry_sweep, onboarding
 from handlers.messages import Delivery
 
 app = func.FunctionApp()
@@ -67,3 +67,16 @@ def _command(body: bytes, wired: Services, delivery: Delivery) -> str:
 def operator_command(msg: func.QueueMessage) -> None:
     """Operator/ERP command -> device or customer disabled/enabled (IoT Hub + DPS), intermediate renewed."""
     run_queue_message(msg, queue=commands.QUEUE, services=services, handle=_command)
+
+
+def _sweep(wired: Services) -> str:
+    report = expiry_sweep.run_sweep(ports=wired.commands, queue=wired.queue, settings=wired.sweep, now=_now())
+    return f"expiry sweep {report['date']}: {report['counts']}"
+
+
+@app.timer_trigger(arg_name="timer", schedule="%EXPIRY_SWEEP_SCHEDULE%", run_on_startup=False, use_monitor=True)
+@app.retry(strategy="exponential_backoff", max_retry_count="4", minimum_interval="00:01:00",
+           maximum_interval="00:30:00")
+def expiry_sweep_timer(timer: func.TimerRequest) -> None:
+    """Daily: renew intermediates near expiry, notify customers of expiring devices, warn about the root."""
+    run_timer(timer, name="expiry-sweep", services=services, handle=_sweep)

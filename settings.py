@@ -73,6 +73,9 @@ class Settings:
     dps_device_endpoint: str = "global.azure-devices-provisioning.net"
     iot_hub_connection_strings: dict[str, str] = field(default_factory=dict, repr=False)
     iot_hub_registry_ops_per_min: int = 100
+    intermediate_renew_before_days: int = 90
+    device_notice_before_days: int = 30
+    root_warn_before_days: int = 365
 
 
 def _storage(env: Mapping[str, str]) -> StorageSettings:
@@ -197,6 +200,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         storage=_storage(env),
         iot_hub_connection_strings=hub_connections,
         iot_hub_registry_ops_per_min=_int(env, "IOT_HUB_REGISTRY_OPS_PER_MIN", 100, 1, 100_000),
+        intermediate_renew_before_days=_int(env, "INTERMEDIATE_RENEW_BEFORE_DAYS", 90, 1, 3650),
+        device_notice_before_days=_int(env, "DEVICE_NOTICE_BEFORE_DAYS", 30, 1, 3650),
+        root_warn_before_days=_int(env, "ROOT_WARN_BEFORE_DAYS", 365, 1, 36500),
         dps_pool=pool,
         dps_connection_strings=connection_strings,
         intermediate_key_type=intermediate_key_type,

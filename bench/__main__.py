@@ -1,4 +1,5 @@
-"""``python -m bench batch --devices N [--kv-latency-ms L] [--kv-rate R] [--workers W] [--csr]``
+"""``python -m bench batch --devices N [--kv-latency-ms L] [--kv-rate R] [--workers W] [--csr]``,
+``python -m bench sweep [--devices N ...] [--expiring K]``, ``intake``, ``storage``.
 
 Runs one device batch end to end on the local stack (Azurite + emulators + devhost workers running
 function_app) and prints one JSON line: devices, wall seconds (upload to report), devices/s, worker CPU
@@ -163,6 +164,45 @@ def storage(args: argparse.Namespace) -> dict:
             "device_ceiling_per_s": round(1 / per_device, 1)}
 
 
+def sweep(args: argparse.Namespace) -> dict:
+    """Seed N device records (K of them expiring, over 5 customers) per fleet size and time one expiry sweep."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from devhost.stack import LocalStack
+    from edge.services import build_services
+    from handlers.batch_chunk import device_document, device_tags
+    from handlers.expiry_sweep import run_sweep
+    from settings import load_settings
+
+    now = dt.datetime.now(dt.timezone.utc)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
+            LocalStack(Path(workdir), dps_instances=1, run_functions=False) as stack, ThreadPoolExecutor(16) as pool:
+        for size in args.devices:
+            env = {**stack.settings(), "STATE_CONTAINER": f"sweep-{size}"}
+            services = build_services(load_settings(env))
+            expiring = set(range(0, size, max(1, size // args.expiring))[: args.expiring])
+
+            def seed(i: int, services=services, expiring=expiring) -> None:
+                days = 10 if i in expiring else 200 + i % 300
+                record = {"customerId": f"customer-{i % 5}", "deviceId": f"dev-{i:07d}", "status": "issued",
+                          "serial": f"{i:X}", "outputs": {},
+                          "notAfter": (now + dt.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                services.store.create(device_document(record["customerId"], record["deviceId"]), record,
+                                      tags=device_tags(record))
+
+            seeded = time.monotonic()
+            list(pool.map(seed, range(size)))
+            seed_s = time.monotonic() - seeded
+            started = time.monotonic()
+            report = run_sweep(ports=services.commands, queue=services.queue, settings=services.sweep, now=now)
+            results.append({"devices": size, "seed_s": round(seed_s, 1),
+                            "sweep_s": round(time.monotonic() - started, 2),
+                            "found": report["devices"]["found"], "notices": len(report["notices"])})
+    return {"benchmark": "sweep", "expiring": args.expiring, "runs": results,
+            "sweep_time_ratio_largest_to_smallest": round(results[-1]["sweep_s"] / results[0]["sweep_s"], 2)}
+
+
 def _intake_child(path: str) -> None:
     from edge.services import build_services
     from handlers.batch_intake import intake_batch
@@ -198,13 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--devices", type=int, default=100_000)
     ceiling = commands.add_parser("storage", help="Azurite's upload rate as it fills (a batch's ceiling here)")
     ceiling.add_argument("--blobs", type=int, default=10_000)
+    expiry = commands.add_parser("sweep", help="expiry sweep time by fleet size, for the same expiring devices")
+    expiry.add_argument("--devices", type=int, nargs="+", default=[10_000, 100_000], metavar="N",
+                        help="fleet sizes, each seeded fresh (default: 10000 100000)")
+    expiry.add_argument("--expiring", type=int, default=500, metavar="K")
     child = commands.add_parser("_intake", help=argparse.SUPPRESS)
     child.add_argument("path")
     args = parser.parse_args(argv)
     if args.command == "_intake":
         _intake_child(args.path)
         return 0
-    run = {"batch": batch, "intake": intake, "storage": storage}[args.command]
+    run = {"batch": batch, "intake": intake, "storage": storage, "sweep": sweep}[args.command]
     print(json.dumps(run(args)), flush=True)
     return 0
 

@@ -63,6 +63,7 @@ class LocalStack:
             "IOT_HUB_CONNECTION_STRINGS": json.dumps({stack.iothub.hostname: stack.iothub_connection_string}),
             # azure-iot-hub (msrest over requests) takes no CA option: requests trusts this bundle
             "REQUESTS_CA_BUNDLE": str(stack.ca_path),
+            "EXPIRY_SWEEP_SCHEDULE": "0 0 2 * * *",
             **self.extra_settings,
         }
 

@@ -83,3 +83,16 @@ def _request_id(body: bytes) -> str | None:
     except Exception:  # noqa: BLE001 - unreadable: the rejection says so itself
         return None
     return value if isinstance(value, str) else None
+
+
+def run_timer(timer: func.TimerRequest, *, name: str, services: Callable[[], Services],
+              handle: Callable[[Services], str]) -> None:
+    """A timer trigger: the handler's outcome is logged; a failure is logged and raised for the retry policy."""
+    context = {"timer": name, "pastDue": timer.past_due}
+    try:
+        outcome = handle(services())
+    except Exception as exc:
+        log.warning("%s failed, the retry policy will run it again: %s: %s", name, type(exc).__name__, exc,
+                    extra=context)
+        raise
+    log.info("%s%s: %s", name, " (past due)" if timer.past_due else "", outcome, extra=context)

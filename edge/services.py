@@ -14,6 +14,7 @@ from clients.iothub import IotHubRegistries
 from clients.storage import StorageQueues, blob_service, state_store
 from handlers.batch_intake import BatchSettings
 from handlers.commands import Ports
+from handlers.expiry_sweep import SweepSettings
 from handlers.onboarding import OnboardingSettings
 from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Secrets
 from settings import Settings, SettingsError, load_settings
@@ -51,6 +52,14 @@ class Services:
     def commands(self) -> Ports:
         return Ports(store=self.store, keys=self.keys, dps=self.groups, hubs=self.hubs, files=self.files,
                      audit=self.audit, settings=self.onboarding)
+
+
+    @property
+    def sweep(self) -> SweepSettings:
+        s = self.settings
+        return SweepSettings(renew_before_days=s.intermediate_renew_before_days,
+                             notice_before_days=s.device_notice_before_days,
+                             root_warn_before_days=s.root_warn_before_days)
 
 
 def build_services(settings: Settings) -> Services:

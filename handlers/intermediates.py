@@ -34,7 +34,7 @@ _ATTEMPTS = 12
 
 def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store: DocumentStore, keys: KeyStore,
                        audit: AuditLog, now: dt.datetime, sync: Callable[[dict], None], settings: OnboardingSettings,
-                       request_id: str | None = None, message_id: str | None = None,
+                       request_id: str | None = None, message_id: str | None = None, wait_s: float = 20.0,
                        sleep: Callable[[float], None] = time.sleep) -> str:
     """Renew once per ``renewal_id``; ``sync(record)`` makes the enrollment group match a customer record."""
     name = customer_document(customer_id)
@@ -45,7 +45,10 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
                       "before": before, "after": after, "reason": reason, "renewalId": renewal_id,
                       "requestId": request_id, "messageId": message_id, **extra})
 
-    for _ in range(_ATTEMPTS):
+    waited = 0.0
+    attempts = 0
+    while attempts < _ATTEMPTS:
+        attempts += 1
         doc = store.get(name)
         if doc is None or doc.data.get("status") not in ("active", "disabled"):
             raise Rejected(f"customer {customer_id!r} is {'unknown' if doc is None else doc.data['status']}: "
@@ -59,6 +62,11 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
         renewal = data.get("renewal")
         lease = (renewal or {}).get("lease") or {}
         if lease and lease.get("owner") != owner and lease.get("until", "") > stamp(now):
+            if waited < wait_s:  # another run (a duplicate delivery, a second sweep) is renewing: let it finish
+                sleep(0.5)
+                waited += 0.5
+                attempts -= 1
+                continue
             raise TransientError(f"customer {customer_id}: renewal {renewal['id']} is in progress elsewhere "
                                  f"(lease until {lease['until']}); retry later")
         # A renewal left by a crashed run (any id) is finished first, under its own id; then this one runs.

@@ -281,6 +281,46 @@ class Cli:
             self.say("no audit events match")
         return OK
 
+    def sweep_run(self, args: argparse.Namespace) -> int:
+        from edge.services import build_services
+        from handlers.expiry_sweep import SweepIncomplete, run_sweep
+
+        services = build_services(self.wiring.settings)
+        try:
+            report = run_sweep(ports=services.commands, queue=services.queue, settings=services.sweep,
+                               now=_now(args.now))
+        except SweepIncomplete as exc:
+            self._sweep_summary(exc.report)
+            raise
+        self._sweep_summary(report)
+        return OK
+
+    def _sweep_summary(self, report: dict) -> None:
+        counts = report["counts"]
+        self.say(f"expiry sweep {report['date']} (now {report['now']}): {counts['intermediatesRenewed']} intermediate(s) "
+                 f"renewed, {counts['secondariesRemoved']} expired secondary removed, {counts['devicesExpiring']} "
+                 f"device(s) expiring within {report['settings']['notice_before_days']} days, "
+                 f"{counts['devicesMarkedExpired']} marked expired, {len(report['notices'])} notice(s) today")
+        for item in report["intermediates"]["renewed"]:
+            self.say(f"  renewed {item['customerId']}: serial {item['previousSerial']} -> {item['serial']} "
+                     f"(notAfter {item['notAfter']}); the old one stays the group's secondary")
+        for notice in report["notices"]:
+            self.say(f"  notice {notice['noticeId']}: {notice['devices']} device(s), {notice['status']} "
+                     "(queue certificate-expiry-notices)")
+        for warning in report["warnings"]:
+            self.say(f"  WARNING: {warning}")
+        self.say(f"report: {report_path(report['date'])} (`pkictl sweep show {report['date']}`)")
+
+    def sweep_show(self, args: argparse.Namespace) -> int:
+        from handlers.expiry_sweep import report_document
+
+        day = _now(args.date).date() if args.date else dt.datetime.now(dt.timezone.utc).date()
+        doc = self.wiring.store.get(report_document(day))
+        if doc is None:
+            raise NotFound(f"no expiry sweep report for {day}; `pkictl sweep run` makes one")
+        self.say(json.dumps(doc.data, indent=2))
+        return OK
+
     def batch_show(self, args: argparse.Namespace) -> int:
         from handlers.batch_intake import BatchRef
 
@@ -412,6 +452,12 @@ class Cli:
         from .demo import run_demo
 
         return run_demo(self.out)
+
+
+def report_path(day: str) -> str:
+    from handlers.expiry_sweep import report_document
+
+    return f"{report_document(dt.date.fromisoformat(day))} (state container)"
 
 
 def _batch_line(data: dict, bar: bool = False) -> str:
@@ -575,6 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "global.azure-devices-provisioning.net)")
     register.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
     register.set_defaults(run=Cli.device_register)
+
+    sweep = commands.add_parser("sweep", help="the expiry sweep (the daily timer)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    sweep_run = sweep.add_parser("run", help="run the sweep now, here (idempotent per day)")
+    sweep_run.add_argument("--now", metavar="DATE", help="pretend it is DATE (ISO) - for rehearsals")
+    sweep_run.set_defaults(run=Cli.sweep_run)
+    sweep_show = sweep.add_parser("show", help="a day's sweep report (default: today)")
+    sweep_show.add_argument("date", nargs="?", metavar="DATE")
+    sweep_show.set_defaults(run=Cli.sweep_show)
 
     audit = commands.add_parser("audit", help="the audit trail: every state change and issuance, oldest first")
     audit.add_argument("--customer", metavar="ID")

@@ -31,6 +31,7 @@ def wired_env(azurite, stack, **extra) -> dict[str, str]:
                                       "iotHubs": [stack.iothub.hostname]} for d in stack.dps_info()]),
         "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in stack.dps_info()}),
         "DPS_DEVICE_ENDPOINT": stack.device_endpoint_url,
+        "EXPIRY_SWEEP_SCHEDULE": "0 0 2 * * *",
         "IOT_HUB_CONNECTION_STRINGS": json.dumps({stack.iothub.hostname: stack.iothub_connection_string}),
         **extra,
     }

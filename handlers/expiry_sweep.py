@@ -1,0 +1,269 @@
+"""Use case: the expiry sweep (a daily timer, or ``pkictl sweep run --now DATE``).
+
+- Intermediates expiring within ``renew_before_days`` are renewed by the same code as the
+  ``renew-intermediate`` command, with the renewal id ``sweep-DATE``: two sweeps of one day renew once.
+  A previous intermediate that has expired leaves its group's secondary slot.
+- Devices expiring within ``notice_before_days`` are found with one blob index tag query
+  (``status = 'issued' AND notAfter <= D``), never by reading every record: the work grows with the
+  devices found, not with the fleet. Expired ones are marked ``expired``. Each customer with devices
+  not yet noticed gets one message on ``certificate-expiry-notices`` per day; a notice record,
+  created if absent, makes that once even when two sweeps run at the same time, and the devices
+  it lists are marked so tomorrow's sweep does not list them again.
+- A root within ``root_warn_before_days`` of expiry is a warning (renewing a root is a human decision).
+- The report ``reports/expiry/DATE.json`` describes the state the day's sweeps reached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .batch_chunk import device_tags
+from .commands import Ports, sync_group
+from .errors import AlreadyExists, Conflict, NotFound, TransientError
+from .intermediates import renew_intermediate
+from .leases import stamp
+from .onboarding import customer_document, customer_tags, list_customers
+from .ports import Document, MessageQueue
+from .root_ca import ROOT_DOCUMENT
+
+NOTICE_QUEUE = "certificate-expiry-notices"
+NOTICE_LEASE = dt.timedelta(minutes=5)
+MAX_NOTICE_BYTES = 48 * 1024  # a queue message is at most 64 KiB; larger lists stay in the notice record
+log = logging.getLogger("pki.sweep")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    renew_before_days: int = 90
+    notice_before_days: int = 30
+    root_warn_before_days: int = 365
+
+
+def report_document(day: dt.date) -> str:
+    return f"reports/expiry/{day.isoformat()}.json"
+
+
+def notice_document(day: dt.date, customer_id: str) -> str:
+    return f"notices/expiry/{day.isoformat()}/{customer_id}.json"
+
+
+def _days_left(not_after: str, now: dt.datetime) -> int:
+    expires = dt.datetime.strptime(not_after, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return (expires - now).days
+
+
+class _Sweep:
+    def __init__(self, ports: Ports, queue: MessageQueue, settings: SweepSettings, now: dt.datetime):
+        self.ports, self.queue, self.settings, self.now = ports, queue, settings, now
+        self.day = now.date()
+        self.owner = secrets.token_hex(8)
+        self.warnings: list[str] = []
+        self.notice_tags = {"kind": "expiry-notice", "date": self.day.strftime("%Y%m%d")}
+
+    def notices_of_the_day(self) -> list[dict]:
+        """Every notice of this date, whichever sweep sent it."""
+        notices = []
+        for name in sorted(self.ports.store.find(f"\"kind\" = 'expiry-notice' AND \"date\" = "
+                                                 f"'{self.notice_tags['date']}'")):
+            doc = self.ports.store.get(name)
+            if doc is not None:
+                notices.append({"customerId": doc.data["customerId"], "noticeId": doc.data["noticeId"],
+                                "devices": len(doc.data["devices"]), "status": doc.data["status"]})
+        return notices
+
+    # -- root --------------------------------------------------------------------------------------------------
+    def root(self) -> dict[str, Any]:
+        doc = self.ports.store.get(ROOT_DOCUMENT)
+        if doc is None or doc.data.get("status") != "active":
+            self.warnings.append("no active root CA: run `pkictl root create`")
+            return {"status": "missing"}
+        summary = doc.data["summary"]
+        left = _days_left(summary["notAfter"], self.now)
+        item = {"serial": summary["serial"], "notAfter": summary["notAfter"], "daysLeft": left}
+        if left <= self.settings.root_warn_before_days:
+            self.warnings.append(f"the root CA expires on {summary['notAfter']} ({left} days): plan a new root and "
+                                 "its rollout to devices and DPS now; the service never renews a root by itself")
+        return item
+
+    # -- intermediates -----------------------------------------------------------------------------------------
+    def intermediates(self) -> dict[str, list]:
+        renewed, dropped, failed = [], [], []
+        for customer_id in list_customers(self.ports.store):
+            doc = self.ports.store.get(customer_document(customer_id))
+            if doc is None or doc.data.get("status") not in ("active", "disabled") or not doc.data.get("intermediate"):
+                continue
+            try:
+                renewed += self._renew(doc)
+                dropped += self._drop_expired_secondary(customer_id)
+            except Exception as exc:  # noqa: BLE001 - one customer's failure must not stop the others' sweep
+                failed.append({"customerId": customer_id, "error": f"{type(exc).__name__}: {exc}"})
+                self.warnings.append(f"customer {customer_id}: {type(exc).__name__}: {exc}")
+        return {"renewed": renewed, "secondaryRemoved": dropped, "failed": failed}
+
+    def _renew(self, doc: Document) -> list[dict]:
+        data = doc.data
+        renewal_id = f"sweep-{self.day.isoformat()}"
+        done = next((r for r in data.get("renewals", []) if r["id"] == renewal_id), None)
+        left = _days_left(data["intermediate"]["notAfter"], self.now)
+        if done is None and left > self.settings.renew_before_days:
+            return []
+        old = data["intermediate"]["serial"] if done is None else data["previousIntermediates"][0]["serial"]
+        if done is None:  # (a concurrent sweep renewing it is waited for; then this finds it done)
+            renew_intermediate(
+                data["customerId"], renewal_id=renewal_id, store=self.ports.store, keys=self.ports.keys,
+                reason=f"expiry sweep: expires {data['intermediate']['notAfter']} ({left} days), within "
+                       f"{self.settings.renew_before_days} days", audit=self.ports.audit, now=self.now,
+                sync=lambda customer: sync_group(self.ports, customer, self.now), settings=self.ports.settings)
+        current = self.ports.store.get(customer_document(data["customerId"])).data
+        return [{"customerId": data["customerId"], "previousSerial": old, "serial": current["intermediate"]["serial"],
+                 "notAfter": current["intermediate"]["notAfter"]}]
+
+    def _drop_expired_secondary(self, customer_id: str) -> list[dict]:
+        for _ in range(5):
+            doc = self.ports.store.get(customer_document(customer_id))
+            previous = (doc.data.get("previousIntermediates") or [None])[0]
+            if not previous or previous["notAfter"] > stamp(self.now) or previous.get("removedFromGroup"):
+                return []
+            sync_group(self.ports, doc.data, self.now)  # group_body leaves out a secondary that has expired
+            kept = [{**previous, "removedFromGroup": stamp(self.now)}, *doc.data["previousIntermediates"][1:]]
+            data = {**doc.data, "previousIntermediates": kept}
+            try:
+                self.ports.store.replace(doc, data, tags=customer_tags(data))
+            except Conflict:
+                continue
+            self.ports.audit.append({"at": stamp(self.now), "action": "sweep.secondary-removed", "effect": "changed",
+                                     "customer": customer_id, "before": previous["serial"], "after": None,
+                                     "reason": f"expired {previous['notAfter']}"})
+            return [{"customerId": customer_id, "serial": previous["serial"], "notAfter": previous["notAfter"]}]
+        return []
+
+    # -- devices -----------------------------------------------------------------------------------------------
+    def devices(self) -> dict[str, Any]:
+        horizon = (self.now + dt.timedelta(days=self.settings.notice_before_days)).strftime("%Y%m%d")
+        store = self.ports.store
+        found = list(store.find(f"\"kind\" = 'device' AND \"status\" = 'issued' AND \"notAfter\" <= '{horizon}'"))
+        by_customer: dict[str, list[dict]] = {}
+        expired = expiring = 0
+        for name in found:
+            doc = store.get(name)
+            if doc is None or doc.data.get("status") != "issued":
+                continue
+            data = doc.data
+            is_expired = data["notAfter"] <= stamp(self.now)
+            if is_expired:
+                expired += 1
+                doc = self._mark(doc, status="expired", expiredAt=stamp(self.now))
+            else:
+                expiring += 1
+            if doc is not None and not doc.data.get("expiryNotice"):
+                by_customer.setdefault(data["customerId"], []).append({
+                    "deviceId": data["deviceId"], "serial": data.get("serial"), "notAfter": data["notAfter"],
+                    "status": "expired" if is_expired else "expiring", "_name": name})
+        notices = [self._notify(customer_id, devices) for customer_id, devices in sorted(by_customer.items())]
+        return {"found": len(found), "expiring": expiring, "expired": expired, "notices": notices}
+
+    def _mark(self, doc: Document, **changes: Any) -> Document | None:
+        for _ in range(5):
+            data = {**doc.data, **changes}
+            try:
+                return self.ports.store.replace(doc, data, tags=device_tags(data))
+            except Conflict:  # a command changed the device meanwhile: apply on top of it
+                doc = self.ports.store.get(doc.name)
+                if doc is None:
+                    return None
+        return None
+
+    def _notify(self, customer_id: str, devices: list[dict]) -> dict[str, Any]:
+        name = notice_document(self.day, customer_id)
+        notice_id = f"{self.day.isoformat()}/{customer_id}"
+        listed = sorted(({k: v for k, v in d.items() if k != "_name"} for d in devices), key=lambda d: d["notAfter"])
+        record = {"noticeId": notice_id, "customerId": customer_id, "status": "sending", "devices": listed,
+                  "lease": {"owner": self.owner, "until": stamp(self.now + NOTICE_LEASE)}}
+        try:
+            doc = self.ports.store.create(name, record, tags=self.notice_tags)
+        except AlreadyExists:
+            doc = self.ports.store.get(name)
+            lease = doc.data.get("lease") or {}
+            if doc.data["status"] == "sent" or lease.get("until", "") > stamp(self.now):
+                return {"customerId": customer_id, "noticeId": notice_id, "devices": len(doc.data["devices"]),
+                        "sent": doc.data["status"] == "sent", "by": "another sweep"}
+            try:  # a sweep that crashed before sending: take its notice over
+                doc = self.ports.store.replace(doc, {**doc.data, "lease": record["lease"]}, tags=self.notice_tags)
+            except Conflict:
+                return {"customerId": customer_id, "noticeId": notice_id, "devices": len(doc.data["devices"]),
+                        "sent": False, "by": "another sweep"}
+        listed = doc.data["devices"]
+        message = {"noticeId": notice_id, "customerId": customer_id, "date": self.day.isoformat(),
+                   "windowDays": self.settings.notice_before_days, "count": len(listed), "devices": listed}
+        if len(json.dumps(message)) > MAX_NOTICE_BYTES:
+            message = {**message, "devices": None, "listPath": f"{name} (state container)"}
+        self.queue.send(NOTICE_QUEUE, message)
+        self.ports.store.replace(doc, {**doc.data, "status": "sent", "sentAt": stamp(self.now), "lease": None},
+                                 tags=self.notice_tags)
+        for device in devices:  # listed once: tomorrow's sweep skips them
+            current = self.ports.store.get(device["_name"])
+            if current is not None:
+                self._mark(current, expiryNotice={"noticeId": notice_id, "at": stamp(self.now)})
+        self.ports.audit.append({"at": stamp(self.now), "action": "sweep.notice", "effect": "changed",
+                                 "customer": customer_id, "noticeId": notice_id, "devices": len(listed)})
+        return {"customerId": customer_id, "noticeId": notice_id, "devices": len(listed), "sent": True,
+                "by": "this sweep"}
+
+
+def run_sweep(*, ports: Ports, queue: MessageQueue, settings: SweepSettings, now: dt.datetime,
+              clock: Callable[[], dt.datetime] | None = None) -> dict[str, Any]:
+    """Run the sweep for ``now``'s date; returns the report (also written to ``reports/expiry/DATE.json``)."""
+    started = (clock or (lambda: dt.datetime.now(dt.timezone.utc)))()
+    sweep = _Sweep(ports, queue, settings, now)
+    root = sweep.root()
+    intermediates = sweep.intermediates()
+    devices = sweep.devices()
+    counts = {"intermediatesRenewed": len(intermediates["renewed"]),
+              "secondariesRemoved": len(intermediates["secondaryRemoved"]),
+              "devicesExpiring": devices["expiring"], "devicesMarkedExpired": devices["expired"],
+              "noticesSentByThisRun": sum(1 for n in devices["notices"] if n["by"] == "this sweep"),
+              "warnings": len(sweep.warnings)}
+    run = {"ranAt": stamp(started), "now": stamp(now), "counts": counts}
+    report = {
+        "date": sweep.day.isoformat(), "now": stamp(now), "settings": settings.__dict__, "counts": counts,
+        "root": root, "intermediates": intermediates, "devices": devices, "warnings": sweep.warnings,
+    }
+    for warning in sweep.warnings:
+        log.warning("expiry sweep %s: %s", sweep.day, warning)
+    written = _write_report(ports, report_document(sweep.day), report, run, sweep.notices_of_the_day)
+    if intermediates["failed"]:  # after the report: the timer's retry policy runs the (idempotent) sweep again
+        raise SweepIncomplete(f"{len(intermediates['failed'])} customer(s) could not be swept: "
+                              f"{intermediates['failed'][0]['customerId']}: {intermediates['failed'][0]['error']}",
+                              written)
+    return written
+
+
+class SweepIncomplete(TransientError):
+    """Some customers failed; the report is written and names them. Raised so the host retries the sweep."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def _write_report(ports: Ports, name: str, report: dict, run: dict, notices: Callable[[], list[dict]]) -> dict:
+    """The day's report: the last run's findings, every run's counts, and every notice of the day."""
+    for _ in range(5):
+        doc = ports.store.get(name)
+        runs = (doc.data.get("runs", []) if doc else []) + [run]
+        full = {**report, "runs": runs, "notices": notices()}
+        try:
+            if doc is None:
+                ports.store.create(name, full, tags={"kind": "expiry-report"})
+            else:
+                ports.store.replace(doc, full, tags={"kind": "expiry-report"})
+            return full
+        except (AlreadyExists, Conflict):
+            continue
+    raise NotFound(f"could not write {name}")

@@ -1,0 +1,137 @@
+"""The expiry sweep with fakes at its ports: renewal window, secondary removal, notices once, root warning."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from handlers.batch_chunk import device_document, device_tags
+from handlers.expiry_sweep import NOTICE_QUEUE, SweepSettings, report_document, run_sweep
+from handlers.onboarding import customer_document
+
+from .fakes import run_concurrently
+from .test_commands import CommandWorld
+from .x509_helpers import NOW
+
+
+class Queue:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def send(self, queue: str, message) -> None:
+        self.sent.append((queue, dict(message)))
+
+
+class SweepWorld(CommandWorld):
+    def __init__(self, tmp_path):
+        super().__init__(tmp_path)
+        self.queue = Queue()
+
+    def record(self, customer: str, device: str, not_after: dt.datetime, status: str = "issued") -> None:
+        record = {"customerId": customer, "deviceId": device, "status": status, "serial": f"S-{device}",
+                  "notAfter": not_after.strftime("%Y-%m-%dT%H:%M:%SZ"), "outputs": {}}
+        self.store.create(device_document(customer, device), record, tags=device_tags(record))
+
+    def sweep(self, now: dt.datetime, **settings):
+        return run_sweep(ports=self.ports, queue=self.queue, settings=SweepSettings(**settings), now=now)
+
+    def notices(self) -> list[dict]:
+        return [m for q, m in self.queue.sent if q == NOTICE_QUEUE]
+
+
+@pytest.fixture
+def world(tmp_path):
+    return SweepWorld(tmp_path)
+
+
+def _at(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def test_an_intermediate_within_the_window_is_renewed_once_per_day(world):
+    expires = _at(world.customer()["intermediate"]["notAfter"])
+    nothing = world.sweep(expires - dt.timedelta(days=100))
+    assert nothing["counts"]["intermediatesRenewed"] == 0
+    old = world.customer()["intermediate"]["serial"]
+    when = expires - dt.timedelta(days=80)
+    report = world.sweep(when)
+    renewed = {r["customerId"]: r for r in report["intermediates"]["renewed"]}
+    assert set(renewed) == {"contoso", "fabrikam"} and renewed["contoso"]["previousSerial"] == old
+    assert world.customer()["previousIntermediates"][0]["serial"] == old
+    created = world.keys.created
+    again = world.sweep(when + dt.timedelta(hours=1))  # the timer fired twice: nothing renewed twice
+    assert world.keys.created == created
+    assert again["intermediates"]["renewed"] == report["intermediates"]["renewed"]
+    stored = world.store.get(report_document(when.date())).data
+    assert len(stored["runs"]) == 2 and stored["counts"]["intermediatesRenewed"] == 2
+
+
+def test_an_expired_secondary_leaves_the_group(world):
+    expires = _at(world.customer()["intermediate"]["notAfter"])
+    world.sweep(expires - dt.timedelta(days=80))  # renewed: the old intermediate becomes the secondary
+    previous = world.customer()["previousIntermediates"][0]
+    group = world.groups.get_group("dps1", "contoso").data["attestation"]["x509"]["signingCertificates"]
+    assert "secondary" in group
+    after = _at(previous["notAfter"]) + dt.timedelta(days=1)
+    report = world.sweep(after)
+    removed = {r["customerId"]: r["serial"] for r in report["intermediates"]["secondaryRemoved"]}
+    assert removed["contoso"] == previous["serial"] and report["intermediates"]["renewed"] == []
+    group = world.groups.get_group("dps1", "contoso").data["attestation"]["x509"]["signingCertificates"]
+    assert "secondary" not in group and "primary" in group
+    assert world.sweep(after)["intermediates"]["secondaryRemoved"] == []
+
+
+def test_expiring_devices_get_one_notice_per_customer_and_expired_ones_are_marked(world):
+    for i in range(5):
+        world.record("contoso", f"soon-{i}", NOW + dt.timedelta(days=10 + i))
+    world.record("contoso", "gone", NOW - dt.timedelta(days=1))
+    world.record("contoso", "later", NOW + dt.timedelta(days=200))
+    world.record("contoso", "off", NOW + dt.timedelta(days=5), status="disabled")
+    world.record("fabrikam", "f-soon", NOW + dt.timedelta(days=3))
+    report = world.sweep(NOW, renew_before_days=1)
+    assert report["devices"]["expiring"] == 6 and report["devices"]["expired"] == 1
+    notices = {n["customerId"]: n for n in world.notices()}
+    assert set(notices) == {"contoso", "fabrikam"}
+    assert sorted(d["deviceId"] for d in notices["contoso"]["devices"]) == ["gone"] + [f"soon-{i}" for i in range(5)]
+    assert {d["status"] for d in notices["contoso"]["devices"] if d["deviceId"] == "gone"} == {"expired"}
+    assert notices["contoso"]["devices"][1]["serial"] == "S-soon-0"
+    assert world.store.get(device_document("contoso", "gone")).data["status"] == "expired"
+    world.sweep(NOW + dt.timedelta(hours=2), renew_before_days=1)  # same day: no second notice
+    world.sweep(NOW + dt.timedelta(days=1), renew_before_days=1)  # next day: these devices were noticed already
+    assert len(world.notices()) == 2
+    world.record("contoso", "new-soon", NOW + dt.timedelta(days=20))
+    world.sweep(NOW + dt.timedelta(days=2), renew_before_days=1)
+    assert [d["deviceId"] for d in world.notices()[-1]["devices"]] == ["new-soon"]
+
+
+def test_concurrent_sweeps_renew_once_and_notify_once(world):
+    for i in range(20):
+        world.record("contoso", f"d-{i}", NOW + dt.timedelta(days=5))
+    expires = _at(world.customer()["intermediate"]["notAfter"])
+    when = expires - dt.timedelta(days=30)
+    created = world.keys.created
+    results, errors = run_concurrently(lambda: world.sweep(when), 3)
+    assert not errors, errors
+    assert world.keys.created == created + 2  # one per customer
+    assert len(world.notices()) == 1 and len(world.notices()[0]["devices"]) == 20
+    assert [e["effect"] for e in world.audit.events if e["action"] == "renew-intermediate"].count("changed") == 2
+
+
+def test_the_root_near_expiry_is_a_warning(world):
+    root_expires = _at(world.store.get("root-ca.json").data["summary"]["notAfter"])
+    report = world.sweep(root_expires - dt.timedelta(days=200), renew_before_days=1)
+    assert any("root CA expires" in w for w in report["warnings"])
+    assert not world.sweep(NOW, renew_before_days=1)["warnings"]
+
+
+def test_the_device_query_reads_only_what_it_finds(world):
+    for i in range(300):
+        world.record("contoso", f"far-{i}", NOW + dt.timedelta(days=300))
+    world.record("contoso", "near", NOW + dt.timedelta(days=3))
+    reads = []
+    get = world.store.get
+    world.store.get = lambda name: (reads.append(name), get(name))[1]
+    world.sweep(NOW, renew_before_days=1)
+    assert not [n for n in reads if n.startswith("devices/") and "far-" in n]
+    assert customer_document("contoso") in reads

@@ -1,0 +1,114 @@
+"""ACCEPTANCE for the expiry sweep on Azurite + the emulators (real SDK clients): a rehearsal with ``--now``
+renews an intermediate that devices of both generations register with; concurrent sweeps renew and notify
+once. The sweep's cost growing with the devices found, not the fleet, is measured by ``python -m bench sweep``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import threading
+
+import pytest
+from cryptography import x509
+from azure.iot.deviceprovisioning import DeviceProvisioningClient
+from azure.storage.queue import QueueClient
+
+from handlers.batch_chunk import device_document, device_tags
+from handlers.expiry_sweep import NOTICE_QUEUE, run_sweep
+from handlers.onboarding import customer_document
+from pki.export import thumbprints
+from pkictl.cli import main as pkictl
+
+from .test_commands_e2e import Fleet
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def storage(own_azurite):
+    return own_azurite
+
+
+@pytest.fixture
+def env(storage, stack, monkeypatch):
+    from .batch_helpers import wired_env
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))
+    values = wired_env(storage, stack, INTERMEDIATE_VALIDITY_DAYS="80")
+    QueueClient.from_connection_string(storage.connection_string, NOTICE_QUEUE).clear_messages() \
+        if _exists(storage.connection_string) else None
+    return values
+
+
+def _exists(connection_string: str) -> bool:
+    try:
+        QueueClient.from_connection_string(connection_string, NOTICE_QUEUE).get_queue_properties()
+        return True
+    except Exception:  # noqa: BLE001 - not created yet
+        return False
+
+
+def _at(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def test_a_rehearsal_80_days_before_expiry_renews_and_both_generations_register(env, stack, tmp_path):
+    fleet = Fleet(env, stack, tmp_path)
+    acme = fleet.acme
+    fleet.issue(acme, ["old-1"], "before.jsonl")
+    old = fleet.services.store.get(customer_document(acme)).data
+    when = _at(old["intermediate"]["notAfter"]) - dt.timedelta(days=80)
+    out = io.StringIO()
+    code = pkictl(["sweep", "run", "--now", when.strftime("%Y-%m-%dT%H:%M:%SZ")], env=fleet.settings_env, out=out,
+                  err=out)
+    assert code == 0, out.getvalue()
+    assert f"renewed {acme}: serial {old['intermediate']['serial']} -> " in out.getvalue()
+    renewed = fleet.services.store.get(customer_document(acme)).data
+    dps = DeviceProvisioningClient.from_connection_string(stack.dps_info()[0].connection_string,
+                                                          connection_verify=str(stack.ca_path))
+    slots = dps.enrollment_group.get(acme)["attestation"]["x509"]["signingCertificates"]
+    new_cert = x509.load_pem_x509_certificate(renewed["intermediate"]["certificatePem"].encode())
+    assert slots["primary"]["info"]["sha1Thumbprint"].upper() == thumbprints(new_cert)["sha1"]
+    assert slots["secondary"]["info"]["sha1Thumbprint"].upper() == old["intermediate"]["thumbprintSha1"]
+    fleet.issue(acme, ["new-1"], "after.jsonl")
+    assert fleet.register(acme, "old-1") == stack.iothub.hostname
+    assert fleet.register(acme, "new-1") == stack.iothub.hostname
+    out = io.StringIO()
+    assert pkictl(["sweep", "show", when.date().isoformat()], env=fleet.settings_env, out=out) == 0
+    assert json.loads(out.getvalue())["counts"]["intermediatesRenewed"] >= 1
+
+
+def test_two_concurrent_sweeps_renew_once_and_notify_once(env, stack, tmp_path):
+    fleet = Fleet(env, stack, tmp_path)
+    services = fleet.services
+    now = dt.datetime.now(dt.timezone.utc)
+    customers = [fleet.acme, fleet.globex]
+    for customer in customers:
+        for i in range(30):
+            record = {"customerId": customer, "deviceId": f"dev-{i}", "status": "issued", "serial": f"{i:X}",
+                      "notAfter": (now + dt.timedelta(days=3 + i % 20)).strftime("%Y-%m-%dT%H:%M:%SZ"), "outputs": {}}
+            services.store.create(device_document(customer, f"dev-{i}"), record, tags=device_tags(record))
+    versions = {c: len(stack.keyvault.key_versions(f"customer-{c}")) for c in customers}
+    reports, errors = [], []
+
+    def sweep():
+        try:
+            reports.append(run_sweep(ports=services.commands, queue=services.queue, settings=services.sweep,
+                                     now=now + dt.timedelta(days=1)))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for customer in customers:  # 80-day intermediates are inside the 90-day window: renewed, once
+        assert len(stack.keyvault.key_versions(f"customer-{customer}")) == versions[customer] + 1
+    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], NOTICE_QUEUE)
+    notices = [json.loads(m.content) for m in queue.receive_messages(max_messages=32)]
+    mine = [n for n in notices if n["customerId"] in customers]
+    assert sorted(n["customerId"] for n in mine) == sorted(customers)
+    assert all(n["count"] == 30 and len(n["devices"]) == 30 for n in mine)
