@@ -278,6 +278,12 @@ class IotHubEmulator:
                 device.twin_updated = utc_now()
             return device.identity_json()
 
+    def device_status(self, device_id: str) -> str | None:
+        """For demos and tests in the emulator's process: a device's status, or None if unknown."""
+        with self._lock:
+            device = self._devices.get(device_id)
+            return device.status if device else None
+
     # --- REST ---------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
         if not request.query.get("api-version"):

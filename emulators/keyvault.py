@@ -127,6 +127,11 @@ class KeyVaultEmulator:
         self._keys: dict[str, _Versions] = {}
         self._secrets: dict[str, _Versions] = {}
 
+    def secret_values(self) -> list[str]:
+        """Test inspection: every secret value ever set (to prove none leaked into logs or blobs)."""
+        with self._lock:
+            return [v.value for versions in self._secrets.values() for v in versions.versions.values()]
+
     def key_versions(self, name: str) -> list[str]:
         """Test inspection: the versions of a key, oldest first (Key Vault's list-versions, minus paging)."""
         with self._lock:

@@ -1,16 +1,20 @@
 """The main job on a throwaway local stack (Azurite + Key Vault/DPS/IoT Hub emulators + devhost running
-function_app): create the root CA, onboard two customers through the queue, show a rejection.
+function_app): root CA, two customers onboarded through the queue (and a rejection), a device batch for
+each, a device exported and registered over mutual TLS, the device disabled by an operator command and
+refused, an intermediate renewed, an expiry sweep rehearsed with a date override.
 
-Later features extend it step by step. It exits 0 only if every step did what it says, and it
-leaves no process and no file behind.
+It exits 0 only if every step did what it says, and it leaves no process and no file behind.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -19,7 +23,17 @@ from devhost.stack import LocalStack
 WAIT_S = 90
 
 
-def run_demo(out: TextIO) -> int:
+def _wait(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = None) -> int:
+    """``inspect(stack, settings)`` runs after the last step, before the stack stops (tests scan it)."""
     from .cli import main
     from .wiring import wire
 
@@ -121,5 +135,57 @@ def run_demo(out: TextIO) -> int:
         if main(["device", "register", "--cert", str(device_dir / "cert.pem"), "--key", str(device_dir / "device.key"),
                  "--id-scope", records["contoso-gmbh"]["dps"]["idScope"]], env=env, out=out) != 1:
             return 1
+        step("7. an operator disables the device (queue pki-commands): IoT Hub disables it, DPS refuses it")
+        if not ok(["send", "command", "disable-device", "--customer", "contoso-gmbh", "--device", "sensor-0003",
+                   "--reason", "demo: reported stolen"], env):
+            return 1
+
+        def disabled() -> bool:
+            record = wiring.store.get("devices/contoso-gmbh/sensor-0003.json").data
+            return record["status"] == "disabled" and (record.get("lastCommand") or {}).get("applied") is True
+
+        if not _wait(disabled):
+            print(f"FAILED: the device was not disabled; see {stack.state_dir / 'devhost.log'}", file=out)
+            return 1
+        print(f"device record: disabled; IoT Hub: {stack.emulators.iothub.device_status('sensor-0003')}; a new registration:", file=out)
+        if main(["device", "register", "--cert", str(device_dir / "cert.pem"), "--chain", str(device_dir / "chain.pem"),
+                 "--key", str(device_dir / "device.key"), "--id-scope", records["contoso-gmbh"]["dps"]["idScope"]],
+                env=env, out=out) != 1:
+            print("FAILED: the disabled device could still register", file=out)
+            return 1
+        if not ok(["audit", "--customer", "contoso-gmbh", "--device", "sensor-0003"], env):
+            return 1
+
+        step("8. fabrikam's intermediate is renewed by command: new key version, new certificate as the group's "
+             "primary, the old one kept as secondary")
+        if not ok(["send", "command", "renew-intermediate", "--customer", "fabrikam", "--reason", "demo: yearly roll"],
+                  env):
+            return 1
+        if not _wait(lambda: len(wiring.store.get("customers/fabrikam.json").data.get("renewals", [])) == 1):
+            print(f"FAILED: the renewal did not finish; see {stack.state_dir / 'devhost.log'}", file=out)
+            return 1
+        renewed = wiring.store.get("customers/fabrikam.json").data
+        print(f"fabrikam: intermediate serial {renewed['intermediate']['serial'][:16]}... (primary), previous "
+              f"{renewed['previousIntermediates'][0]['serial'][:16]}... (secondary); Key Vault holds "
+              f"{len(stack.emulators.keyvault.key_versions('customer-fabrikam'))} versions of its key", file=out)
+
+        rehearsal = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=340)).strftime("%Y-%m-%d")
+        step(f"9. the expiry sweep, rehearsed as if it were {rehearsal}: devices expiring within 30 days are "
+             "announced on queue certificate-expiry-notices, one message per customer")
+        if not ok(["sweep", "run", "--now", rehearsal], env):
+            return 1
+        from azure.storage.queue import QueueClient
+
+        notices = QueueClient.from_connection_string(env["AzureWebJobsStorage"], "certificate-expiry-notices")
+        messages = [json.loads(m.content) for m in notices.peek_messages(max_messages=32)]
+        for message in messages:
+            print(f"notice {message['noticeId']}: {message['count']} device(s), first "
+                  f"{message['devices'][0]['deviceId']} notAfter {message['devices'][0]['notAfter']}", file=out)
+        if sorted(m["customerId"] for m in messages) != ["contoso-gmbh", "fabrikam"]:
+            print("FAILED: expected one notice per customer", file=out)
+            return 1
+        if inspect is not None:
+            inspect(stack, env)
         print("\ndemo complete: every step did what it says; stopping the local stack", file=out)
     return 0
+

@@ -178,8 +178,27 @@ def test_local_settings_json_is_read_when_the_environment_is_silent(azurite_env,
 
 
 @pytest.mark.integration
-def test_the_demo_runs_end_to_end_and_leaves_nothing_running():
+def test_the_demo_runs_end_to_end_leaks_no_secret_and_leaves_nothing_running():
+    from devhost.leaks import find_leaks
+    from pkictl.demo import run_demo
+
     out = io.StringIO()
-    assert main(["demo"], env={}, out=out) == 0
-    assert "demo complete" in out.getvalue()
-    assert "BEGIN CERTIFICATE" in out.getvalue()
+    scans: list = []
+
+    def inspect(stack, env):
+        scans.append(find_leaks(stack, [("demo output", out.getvalue())]))
+        # the scanner can fail: a PFX password planted in a blob is found
+        from azure.storage.blob import BlobServiceClient
+
+        planted = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client("pki-state")
+        planted.upload_blob("probe.txt", f"oops {stack.emulators.keyvault.secret_values()[0]}".encode())
+        scans.append(find_leaks(stack))
+
+    assert run_demo(out, inspect=inspect) == 0, out.getvalue()[-3000:]
+    text = out.getvalue()
+    for expected in ("demo complete", "BEGIN CERTIFICATE", "errorCode 401005", "disable-device       changed",
+                     "notice ", "(secondary)"):
+        assert expected in text
+    leaks, scanned = scans[0]
+    assert leaks == [] and scanned > 50
+    assert scans[1][0] == ["blob pki-state/probe.txt: the Key Vault secret #0"]
