@@ -242,12 +242,22 @@ def main(argv: list[str] | None = None) -> int:
     expiry.add_argument("--devices", type=int, nargs="+", default=[10_000, 100_000], metavar="N",
                         help="fleet sizes, each seeded fresh (default: 10000 100000)")
     expiry.add_argument("--expiring", type=int, default=500, metavar="K")
+    long_run = commands.add_parser("soak", help="the whole flow under faults with the worker killed twice; "
+                                   "audits the end state")
+    long_run.add_argument("--customers", type=int, default=10)
+    long_run.add_argument("--devices", type=int, default=5000)
     child = commands.add_parser("_intake", help=argparse.SUPPRESS)
     child.add_argument("path")
     args = parser.parse_args(argv)
     if args.command == "_intake":
         _intake_child(args.path)
         return 0
+    if args.command == "soak":
+        from .soak import soak
+
+        result = soak(args)
+        print(json.dumps(result), flush=True)
+        return 1 if any(result[k] for k in ("lost", "duplicated", "inconsistent", "leaks")) else 0
     run = {"batch": batch, "intake": intake, "storage": storage, "sweep": sweep}[args.command]
     print(json.dumps(run(args)), flush=True)
     return 0
