@@ -73,46 +73,48 @@ class DpsEnrollmentGroups:
         except KeyError:
             raise NotFound(f"DPS instance {dps!r} is not configured (DPS_INSTANCES)") from None
 
-    def get_group(self, dps: str, group_id: str) -> Group | None:
+    def _operations(self, dps: str, kind: str):
+        client = self._client(dps)
+        return client.enrollment_group if kind == "enrollment group" else client.enrollment
+
+    def _get(self, dps: str, kind: str, record_id: str) -> Group | None:
         try:
-            with translated(f"enrollment group {group_id} on {dps}"):
-                data = self._client(dps).enrollment_group.get(group_id)
+            with translated(f"{kind} {record_id} on {dps}"):
+                data = self._operations(dps, kind).get(record_id)
         except NotFound:
             return None
         return Group(data=data, etag=data.get("etag", ""))
+
+    def _put(self, dps: str, kind: str, record_id: str, body: dict, etag: str | None) -> Group:
+        """Create (``etag`` None: ``AlreadyExists`` if present) or replace at ``etag`` (``Conflict`` if stale)."""
+        try:
+            with translated(f"{kind} {record_id} on {dps}"):
+                data = self._operations(dps, kind).create_or_update(record_id, body, if_match=etag)
+        except HttpResponseError as exc:
+            if kind == "enrollment group" and _is_quota(exc):
+                raise CapacityExhausted(f"DPS instance {dps} is full: {exc.message}") from exc
+            if exc.status_code == 400:  # DPS's verdict on the record (e.g. hubs not linked): retrying cannot help
+                raise Rejected(f"DPS {dps} refused {kind} {record_id}: {exc.message}") from exc
+            raise
+        return Group(data=data, etag=data.get("etag", ""))
+
+    def get_group(self, dps: str, group_id: str) -> Group | None:
+        return self._get(dps, "enrollment group", group_id)
+
+    def create_group(self, dps: str, group: dict) -> Group:
+        """Create only if absent: ``AlreadyExists`` if it exists, ``CapacityExhausted`` if DPS is full."""
+        return self._put(dps, "enrollment group", group["enrollmentGroupId"], group, None)
 
     def replace_group(self, dps: str, group: dict, etag: str) -> Group:
         """Replace a group only if unchanged since it was read at ``etag``; ``Conflict`` otherwise."""
-        group_id = group["enrollmentGroupId"]
-        try:
-            with translated(f"enrollment group {group_id} on {dps}"):
-                data = self._client(dps).enrollment_group.create_or_update(group_id, group, if_match=etag)
-        except HttpResponseError as exc:
-            if exc.status_code == 400:
-                raise Rejected(f"DPS {dps} refused enrollment group {group_id}: {exc.message}") from exc
-            raise
-        return Group(data=data, etag=data.get("etag", ""))
+        return self._put(dps, "enrollment group", group["enrollmentGroupId"], group, etag)
 
     # --- individual enrollments (blocking one device of a group) and registration states -------------
     def get_enrollment(self, dps: str, registration_id: str) -> Group | None:
-        try:
-            with translated(f"individual enrollment {registration_id} on {dps}"):
-                data = self._client(dps).enrollment.get(registration_id)
-        except NotFound:
-            return None
-        return Group(data=data, etag=data.get("etag", ""))
+        return self._get(dps, "individual enrollment", registration_id)
 
     def put_enrollment(self, dps: str, enrollment: dict, etag: str | None) -> Group:
-        """Create (``etag`` None: ``AlreadyExists`` if present) or replace at ``etag`` (``Conflict`` if stale)."""
-        registration_id = enrollment["registrationId"]
-        try:
-            with translated(f"individual enrollment {registration_id} on {dps}"):
-                data = self._client(dps).enrollment.create_or_update(registration_id, enrollment, if_match=etag)
-        except HttpResponseError as exc:
-            if exc.status_code == 400:
-                raise Rejected(f"DPS {dps} refused individual enrollment {registration_id}: {exc.message}") from exc
-            raise
-        return Group(data=data, etag=data.get("etag", ""))
+        return self._put(dps, "individual enrollment", enrollment["registrationId"], enrollment, etag)
 
     def delete_enrollment(self, dps: str, registration_id: str, etag: str) -> None:
         """Delete at ``etag``; gone already is fine."""
@@ -134,15 +136,3 @@ class DpsEnrollmentGroups:
         """Registration states of every device that registered through a group (paged by the SDK)."""
         with translated(f"registrations of enrollment group {group_id} on {dps}"):
             yield from self._client(dps).device_registration_state.query(group_id, top=page_size)
-
-    def create_group(self, dps: str, group: dict) -> Group:
-        try:
-            with translated(f"enrollment group {group['enrollmentGroupId']} on {dps}"):
-                data = self._client(dps).enrollment_group.create_or_update(group["enrollmentGroupId"], group)
-        except HttpResponseError as exc:
-            if _is_quota(exc):
-                raise CapacityExhausted(f"DPS instance {dps} is full: {exc.message}") from exc
-            if exc.status_code == 400:  # DPS's verdict on the group (e.g. hubs not linked): retrying cannot help
-                raise Rejected(f"DPS {dps} refused enrollment group {group['enrollmentGroupId']}: {exc.message}") from exc
-            raise
-        return Group(data=data, etag=data.get("etag", ""))

@@ -89,3 +89,16 @@ def csr_pem(device_id: str, key=None) -> str:
     return x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])).sign(key, hashes.SHA256()).public_bytes(
         serialization.Encoding.PEM).decode()
+
+
+def with_host_json(values: dict[str, str], tmp_path, queue: str, max_dequeue_count: int = 5) -> dict[str, str]:
+    """``values`` plus ``_HOST_JSON`` for a devhost run, with ``queue`` created empty (queues are shared by
+    a module's tests: the Azurite instance is)."""
+    try:
+        QueueClient.from_connection_string(values["AzureWebJobsStorage"], queue).create_queue()
+    except ResourceExistsError:
+        QueueClient.from_connection_string(values["AzureWebJobsStorage"], queue).clear_messages()
+    host_json = tmp_path / "host.json"
+    host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
+        "messageEncoding": "none", "maxDequeueCount": max_dequeue_count, "visibilityTimeout": "00:00:01"}}}))
+    return {**values, "_HOST_JSON": str(host_json)}

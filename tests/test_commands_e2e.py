@@ -22,7 +22,7 @@ from pki import export
 from pki.keys import KeyType, generate_key
 from pkictl.cli import main as pkictl
 
-from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, upload, wired_env
+from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, upload, wired_env, with_host_json
 from .test_onboarding_e2e import Devhost
 
 pytestmark = pytest.mark.integration
@@ -38,16 +38,7 @@ def storage(own_azurite):
 def env(storage, stack, tmp_path, monkeypatch):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))  # for this process's IoTHubRegistryManager
     values = wired_env(storage, stack, REQUESTS_CA_BUNDLE=str(stack.ca_path), IOT_HUB_REGISTRY_OPS_PER_MIN="6000")
-    queue = QueueClient.from_connection_string(storage.connection_string, QUEUE)
-    try:
-        queue.create_queue()
-    except Exception:  # noqa: BLE001 - exists: empty it
-        queue.clear_messages()
-    host_json = tmp_path / "host.json"
-    host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
-        "messageEncoding": "none", "maxDequeueCount": 3, "visibilityTimeout": "00:00:01"}}}))
-    values["_HOST_JSON"] = str(host_json)
-    return values
+    return with_host_json(values, tmp_path, QUEUE, max_dequeue_count=3)
 
 
 class Fleet:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from azure.core.exceptions import ResourceExistsError
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
 from azure.storage.queue import QueueClient
 from cryptography import x509
@@ -32,7 +31,7 @@ from pki.export import thumbprints
 from pki.keys import KeyType
 from settings import load_settings
 
-from .batch_helpers import wired_env
+from .batch_helpers import wired_env, with_host_json
 from .x509_helpers import assert_ca_cert, openssl_verify
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,16 +54,7 @@ def env(storage, stack, tmp_path):
     settings = load_settings(values)
     create_root(RootRequest(f"root-{secrets.token_hex(4)}", KeyType.EC_P384, 20, "E2E Root"),
                 store=state_store(settings), keys=key_store(settings), now=dt.datetime.now(dt.timezone.utc))
-    queue = QueueClient.from_connection_string(storage.connection_string, QUEUE)
-    try:
-        queue.create_queue()
-    except ResourceExistsError:
-        queue.clear_messages()
-    host_json = tmp_path / "host.json"
-    host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
-        "messageEncoding": "none", "maxDequeueCount": 5, "visibilityTimeout": "00:00:01"}}}))
-    values["_HOST_JSON"] = str(host_json)
-    return values
+    return with_host_json(values, tmp_path, QUEUE)
 
 
 class Devhost:
