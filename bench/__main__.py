@@ -10,6 +10,7 @@ or the in-flight signs divided by its latency, whichever is lower).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -194,13 +195,52 @@ def sweep(args: argparse.Namespace) -> dict:
             seeded = time.monotonic()
             list(pool.map(seed, range(size)))
             seed_s = time.monotonic() - seeded
+            probe = device_document("customer-1", "dev-0000001")
+            timings = []
+            for _ in range(20):  # what one storage request costs at this fleet size (Azurite slows as it fills)
+                tick = time.monotonic()
+                services.store.get(probe)
+                timings.append(time.monotonic() - tick)
+            counting = _CountingStore(services.store)
             started = time.monotonic()
-            report = run_sweep(ports=services.commands, queue=services.queue, settings=services.sweep, now=now)
+            report = run_sweep(ports=dataclasses.replace(services.commands, store=counting), queue=services.queue,
+                               settings=services.sweep, now=now)
             results.append({"devices": size, "seed_s": round(seed_s, 1),
-                            "sweep_s": round(time.monotonic() - started, 2),
+                            "sweep_s": round(time.monotonic() - started, 2), "storage_calls": dict(counting.calls),
+                            "storage_get_ms_median": round(sorted(timings)[10] * 1000, 2),
                             "found": report["devices"]["found"], "notices": len(report["notices"])})
+    first, last = results[0], results[-1]
     return {"benchmark": "sweep", "expiring": args.expiring, "runs": results,
-            "sweep_time_ratio_largest_to_smallest": round(results[-1]["sweep_s"] / results[0]["sweep_s"], 2)}
+            "sweep_time_ratio_largest_to_smallest": round(last["sweep_s"] / first["sweep_s"], 2),
+            "storage_calls_ratio": round(sum(last["storage_calls"].values()) / sum(first["storage_calls"].values()), 2),
+            "storage_get_latency_ratio": round(last["storage_get_ms_median"] / first["storage_get_ms_median"], 2)}
+
+
+class _CountingStore:
+    """The DocumentStore port, counting calls by kind (a find counts once, however many names it yields)."""
+
+    def __init__(self, store):
+        self._store = store
+        self.calls: dict[str, int] = {}
+
+    def _count(self, kind: str) -> None:
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def get(self, name):
+        self._count("get")
+        return self._store.get(name)
+
+    def create(self, name, data, *, tags=None):
+        self._count("create")
+        return self._store.create(name, data, tags=tags)
+
+    def replace(self, current, data, *, tags=None):
+        self._count("replace")
+        return self._store.replace(current, data, tags=tags)
+
+    def find(self, tag_filter):
+        self._count("find")
+        return self._store.find(tag_filter)
 
 
 def _intake_child(path: str) -> None:

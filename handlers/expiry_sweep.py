@@ -164,7 +164,7 @@ class _Sweep:
             if doc is not None and not doc.data.get("expiryNotice"):
                 by_customer.setdefault(data["customerId"], []).append({
                     "deviceId": data["deviceId"], "serial": data.get("serial"), "notAfter": data["notAfter"],
-                    "status": "expired" if is_expired else "expiring", "_name": name})
+                    "status": "expired" if is_expired else "expiring", "_doc": doc})
         notices = [self._notify(customer_id, devices) for customer_id, devices in sorted(by_customer.items())]
         return {"found": len(found), "expiring": expiring, "expired": expired, "notices": notices}
 
@@ -182,7 +182,7 @@ class _Sweep:
     def _notify(self, customer_id: str, devices: list[dict]) -> dict[str, Any]:
         name = notice_document(self.day, customer_id)
         notice_id = f"{self.day.isoformat()}/{customer_id}"
-        listed = sorted(({k: v for k, v in d.items() if k != "_name"} for d in devices), key=lambda d: d["notAfter"])
+        listed = sorted(({k: v for k, v in d.items() if k != "_doc"} for d in devices), key=lambda d: d["notAfter"])
         record = {"noticeId": notice_id, "customerId": customer_id, "status": "sending", "devices": listed,
                   "lease": {"owner": self.owner, "until": stamp(self.now + NOTICE_LEASE)}}
         try:
@@ -206,10 +206,8 @@ class _Sweep:
         self.queue.send(NOTICE_QUEUE, message)
         self.ports.store.replace(doc, {**doc.data, "status": "sent", "sentAt": stamp(self.now), "lease": None},
                                  tags=self.notice_tags)
-        for device in devices:  # listed once: tomorrow's sweep skips them
-            current = self.ports.store.get(device["_name"])
-            if current is not None:
-                self._mark(current, expiryNotice={"noticeId": notice_id, "at": stamp(self.now)})
+        for device in devices:  # listed once: tomorrow's sweep skips them (_mark re-reads on a conflict)
+            self._mark(device["_doc"], expiryNotice={"noticeId": notice_id, "at": stamp(self.now)})
         self.ports.audit.append({"at": stamp(self.now), "action": "sweep.notice", "effect": "changed",
                                  "customer": customer_id, "noticeId": notice_id, "devices": len(listed)})
         return {"customerId": customer_id, "noticeId": notice_id, "devices": len(listed), "sent": True,
