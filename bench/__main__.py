@@ -182,7 +182,8 @@ def sweep(args: argparse.Namespace) -> dict:
         for size in args.devices:
             env = {**stack.settings(), "STATE_CONTAINER": f"sweep-{size}"}
             services = build_services(load_settings(env))
-            expiring = set(range(0, size, max(1, size // args.expiring))[: args.expiring])
+            step = max(5, size // args.expiring)  # spread over the fleet and over the 5 customers
+            expiring = {k * step + k % 5 for k in range(args.expiring)}
 
             def seed(i: int, services=services, expiring=expiring) -> None:
                 days = 10 if i in expiring else 200 + i % 300
