@@ -47,12 +47,10 @@ class Services:
                                   intermediate_validity_days=self.settings.intermediate_validity_days,
                                   max_groups_per_dps=self.settings.dps_max_groups)
 
-
     @property
     def commands(self) -> Ports:
         return Ports(store=self.store, keys=self.keys, dps=self.groups, hubs=self.hubs, files=self.files,
                      audit=self.audit, settings=self.onboarding)
-
 
     @property
     def sweep(self) -> SweepSettings:

@@ -26,7 +26,8 @@ from .errors import AlreadyExists, Conflict, InvalidMessage, Rejected, Transient
 from .intermediates import renew_intermediate
 from .leases import stamp
 from .messages import Delivery, Fields, decode_json_message
-from .onboarding import CUSTOMER_ID, Group, OnboardingSettings, customer_document, customer_tags, group_body
+from .onboarding import (CUSTOMER_ID, ONBOARDED, Group, OnboardingSettings, customer_document, customer_tags,
+                         group_body, placed_instance)
 from .ports import AuditLog, DocumentStore, KeyStore, OutputFiles
 
 QUEUE = "pki-commands"
@@ -152,7 +153,7 @@ class _Run:
         doc = self.ports.store.get(customer_document(self.command.customer_id))
         if doc is None:
             raise Rejected(f"customer {self.command.customer_id!r} is unknown", field="customerId")
-        if doc.data["status"] not in ("active", "disabled"):
+        if doc.data["status"] not in ONBOARDED:
             raise Rejected(f"customer {self.command.customer_id!r} is {doc.data['status']}, not onboarded: "
                            "finish its onboarding first", field="customerId")
         return doc
@@ -265,12 +266,12 @@ def _device_command(run: _Run) -> str:
         return doc
 
     disable = command.command == "disable-device"
-    before = read().data["status"]
+    current = read().data
+    before = current["status"]
     if disable:
         wanted = "disabled"
     else:
-        not_after = read().data.get("notAfter", "")
-        wanted = "expired" if not_after and not_after < stamp(run.now) else "issued"
+        wanted = "expired" if current.get("notAfter", "") and current["notAfter"] < stamp(run.now) else "issued"
 
     def changes(data: dict) -> dict:
         if disable:
@@ -291,11 +292,7 @@ def _device_command(run: _Run) -> str:
 def sync_group(ports: Ports, customer: dict, now: dt.datetime) -> None:
     """Make the customer's enrollment group match its record: status, primary and (unexpired) secondary."""
     dps = customer["dps"]["name"]
-    instance = next((i for i in ports.settings.pool if i.name == dps), None)
-    if instance is None:
-        raise Rejected(f"customer {customer['customerId']} is placed on DPS instance {dps!r}, which is no longer "
-                       "in DPS_INSTANCES")
-    wanted = group_body(customer, instance, now=now)
+    wanted = group_body(customer, placed_instance(ports.settings.pool, customer), now=now)
     for _ in range(_ATTEMPTS):
         group = ports.dps.get_group(dps, customer["customerId"])
         if group is None:

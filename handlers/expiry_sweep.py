@@ -25,10 +25,10 @@ from typing import Any
 
 from .batch_chunk import device_tags
 from .commands import Ports, sync_group
-from .errors import AlreadyExists, Conflict, NotFound, TransientError
+from .errors import AlreadyExists, Conflict, TransientError
 from .intermediates import renew_intermediate
 from .leases import stamp
-from .onboarding import customer_document, customer_tags, list_customers
+from .onboarding import ONBOARDED, customer_document, customer_tags, list_customers
 from .ports import Document, MessageQueue
 from .root_ca import ROOT_DOCUMENT
 
@@ -96,7 +96,7 @@ class _Sweep:
         renewed, dropped, failed = [], [], []
         for customer_id in list_customers(self.ports.store):
             doc = self.ports.store.get(customer_document(customer_id))
-            if doc is None or doc.data.get("status") not in ("active", "disabled") or not doc.data.get("intermediate"):
+            if doc is None or doc.data.get("status") not in ONBOARDED or not doc.data.get("intermediate"):
                 continue
             try:
                 renewed += self._renew(doc)
@@ -264,4 +264,4 @@ def _write_report(ports: Ports, name: str, report: dict, run: dict, notices: Cal
             return full
         except (AlreadyExists, Conflict):
             continue
-    raise NotFound(f"could not write {name}")
+    raise TransientError(f"{name}: kept changing while it was written; retry")

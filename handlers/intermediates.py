@@ -2,7 +2,8 @@
 the expiry sweep.
 
 A renewal is a resumable state machine kept in the customer record under ``renewal``
-(``pending -> key_created -> certificate_issued``, then swapped in), advanced by the holder of its lease:
+(``pending -> key_created -> certificate_issued``, then swapped in), advanced by the holder of the record's
+``lease``:
 a new Key Vault key version, a new intermediate signed by the root, the enrollment group updated to hold
 the new certificate as primary and the previous one as secondary (DPS rolling: devices of both keep
 provisioning), then the record swapped so new device certificates come from the new intermediate. A
@@ -18,13 +19,10 @@ import secrets
 import time
 from collections.abc import Callable
 
-from pki import export, profiles
-
 from .errors import Conflict, Rejected, TransientError
-from .leases import stamp
-from .onboarding import OnboardingSettings, customer_document, customer_tags, key_name
+from .leases import release, stamp
+from .onboarding import ONBOARDED, OnboardingSettings, customer_document, customer_tags, issue_intermediate, key_name
 from .ports import AuditLog, DocumentStore, KeyStore
-from .root_ca import load_root, root_signer
 
 LEASE = dt.timedelta(minutes=10)
 HISTORY = 50  # renewal ids remembered per customer
@@ -50,7 +48,7 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
     while attempts < _ATTEMPTS:
         attempts += 1
         doc = store.get(name)
-        if doc is None or doc.data.get("status") not in ("active", "disabled"):
+        if doc is None or doc.data.get("status") not in ONBOARDED:
             raise Rejected(f"customer {customer_id!r} is {'unknown' if doc is None else doc.data['status']}: "
                            "only an onboarded customer's intermediate can be renewed", field="customerId")
         data = doc.data
@@ -60,8 +58,8 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
                 why=f"renewal {renewal_id} already done at {done['at']} (serial {done['serial']})")
             return f"intermediate already renewed by {renewal_id} (no-op)"
         renewal = data.get("renewal")
-        lease = (renewal or {}).get("lease") or {}
-        if lease and lease.get("owner") != owner and lease.get("until", "") > stamp(now):
+        lease = data.get("lease") or {}
+        if renewal and lease and lease.get("owner") != owner and lease.get("until", "") > stamp(now):
             if waited < wait_s:  # another run (a duplicate delivery, a second sweep) is renewing: let it finish
                 sleep(0.5)
                 waited += 0.5
@@ -70,16 +68,16 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
             raise TransientError(f"customer {customer_id}: renewal {renewal['id']} is in progress elsewhere "
                                  f"(lease until {lease['until']}); retry later")
         # A renewal left by a crashed run (any id) is finished first, under its own id; then this one runs.
-        renewal = {**(renewal or {"id": renewal_id, "status": "pending", "reason": reason, "startedAt": stamp(now)}),
-                   "lease": {"owner": owner, "until": stamp(now + LEASE)}}
+        renewal = renewal or {"id": renewal_id, "status": "pending", "reason": reason, "startedAt": stamp(now)}
         try:
-            doc = store.replace(doc, {**data, "renewal": renewal}, tags=customer_tags(data))
+            lease = {"owner": owner, "until": stamp(now + LEASE)}
+            doc = store.replace(doc, {**data, "renewal": renewal, "lease": lease}, tags=customer_tags(data))
             finished = _advance(doc, keys=keys, store=store, sync=sync, settings=settings, now=now)
         except Conflict:
             sleep(0.2)
             continue  # the record changed (a command, a concurrent run): read it again
         except BaseException:
-            _release(store, name, owner)
+            release(store, name, owner, customer_tags)
             raise
         log("changed", data["intermediate"]["serial"], finished["intermediate"]["serial"],
             renewalId=renewal["id"], notAfter=finished["intermediate"]["notAfter"])
@@ -111,29 +109,14 @@ def _advance(doc, *, keys: KeyStore, store: DocumentStore, sync: Callable[[dict]
                                         "keyType": latest.key_type.value})
     if renewal["status"] == "key_created":
         key = keys.get_key(renewal["key"]["name"], renewal["key"]["version"])
-        root = load_root(store, keys)
-        parameters = data["parameters"]
-        issued = profiles.issue_intermediate(
-            issuer=root.certificate, issuer_key=root_signer(root, keys), public_key=key.public_key,
-            customer_id=customer_id, organization=parameters.get("displayName"), country=parameters.get("country"),
-            now=now, validity_days=settings.intermediate_validity_days)
-        save(status="certificate_issued", intermediate={
-            "certificatePem": export.cert_pem(issued.certificate).decode(), **export.summary(issued.certificate),
-            "notice": issued.notice})
+        save(status="certificate_issued", intermediate=issue_intermediate(
+            data, key.public_key, store=store, keys=keys, settings=settings, now=now))
     previous = [{**data["intermediate"], "key": data["key"]}, *data.get("previousIntermediates", [])]
     swapped = {**data, "intermediate": renewal["intermediate"], "key": renewal["key"],
-               "previousIntermediates": previous[:PREVIOUS_KEPT], "renewal": None, "updatedAt": stamp(now),
+               "previousIntermediates": previous[:PREVIOUS_KEPT], "renewal": None, "lease": None,
+               "updatedAt": stamp(now),
                "renewals": [{"id": renewal["id"], "at": stamp(now), "serial": renewal["intermediate"]["serial"]},
                             *data.get("renewals", [])][:HISTORY]}
     sync(swapped)  # the group first: a crash here resumes at certificate_issued and syncs again
     return store.replace(doc, swapped, tags=customer_tags(swapped)).data
 
-
-def _release(store: DocumentStore, name: str, owner: str) -> None:
-    try:
-        doc = store.get(name)
-        renewal = (doc.data.get("renewal") or {}) if doc else {}
-        if (renewal.get("lease") or {}).get("owner") == owner:
-            store.replace(doc, {**doc.data, "renewal": {**renewal, "lease": None}}, tags=customer_tags(doc.data))
-    except Exception:  # noqa: BLE001 - a missed release only lets the lease run out
-        pass

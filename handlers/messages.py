@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass

@@ -39,6 +39,7 @@ LEASE = dt.timedelta(minutes=10)
 LEASE_WAIT_S = 20.0  # wait this long for a concurrent run to finish before asking the host to retry
 _ATTEMPTS = 8
 STATES = ("pending", "key_created", "certificate_issued", "group_created", "active")
+ONBOARDED = ("active", "disabled")  # disabled by an operator command: onboarded all the same
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,28 @@ def key_name(customer_id: str) -> str:
 
 
 
+def placed_instance(pool: Sequence[DpsInstance], record: dict) -> DpsInstance:
+    """The DPS instance a customer record is placed on; ``Rejected`` if it left the pool."""
+    for instance in pool:
+        if instance.name == record["dps"]["name"]:
+            return instance
+    raise Rejected(f"customer {record['customerId']} is placed on DPS instance {record['dps']['name']!r}, which is "
+                   "no longer in DPS_INSTANCES; restore it there")
+
+
+def issue_intermediate(record: dict, public_key, *, store: DocumentStore, keys: KeyStore,
+                       settings: OnboardingSettings, now: dt.datetime) -> dict:
+    """A new intermediate for the customer ``record`` (signed by the root), as the record keeps it."""
+    root = load_root(store, keys)
+    parameters = record["parameters"]
+    issued = profiles.issue_intermediate(
+        issuer=root.certificate, issuer_key=root_signer(root, keys), public_key=public_key,
+        customer_id=record["customerId"], organization=parameters.get("displayName"),
+        country=parameters.get("country"), now=now, validity_days=settings.intermediate_validity_days)
+    return {"certificatePem": export.cert_pem(issued.certificate).decode(), **export.summary(issued.certificate),
+            "notice": issued.notice}
+
+
 def customer_tags(data: dict) -> dict[str, str]:
     return {"kind": "customer", "customer": data["customerId"], "status": data["status"],
             "dps": data.get("dps", {}).get("name", "")}
@@ -198,13 +221,6 @@ class _Run:
                 "requestId": self.request.request_id, "createdAt": stamp(self.now), "updatedAt": stamp(self.now),
                 "dps": {"name": instance.name, "idScope": instance.id_scope}, "lease": self.lease()}
 
-    def instance(self, name: str) -> DpsInstance:
-        for instance in self.settings.pool:
-            if instance.name == name:
-                return instance
-        raise Rejected(f"customer {self.request.customer_id} is placed on DPS instance {name!r}, which is no longer "
-                       "in DPS_INSTANCES; restore it there")
-
     def advance(self, doc: Document, groups_per_dps: Callable[[], dict[str, int]]) -> Outcome:
         customer_id = self.request.customer_id
         if doc.data["status"] == "pending":
@@ -216,16 +232,8 @@ class _Run:
                                                       "keyType": key.key_type.value})
         if doc.data["status"] == "key_created":
             key = self.keys.get_key(doc.data["key"]["name"], doc.data["key"]["version"])
-            root = load_root(self.store, self.keys)
-            parameters = doc.data["parameters"]
-            issued = profiles.issue_intermediate(
-                issuer=root.certificate, issuer_key=root_signer(root, self.keys), public_key=key.public_key,
-                customer_id=customer_id, organization=parameters.get("displayName"), country=parameters.get("country"),
-                now=self.now, validity_days=self.settings.intermediate_validity_days)
-            certificate = issued.certificate
-            doc = self.write(doc, "certificate_issued", intermediate={
-                "certificatePem": export.cert_pem(certificate).decode(), **export.summary(certificate),
-                "notice": issued.notice})
+            doc = self.write(doc, "certificate_issued", intermediate=issue_intermediate(
+                doc.data, key.public_key, store=self.store, keys=self.keys, settings=self.settings, now=self.now))
         if doc.data["status"] == "certificate_issued":
             doc = self.create_group(doc, groups_per_dps)
         if doc.data["status"] == "group_created":
@@ -236,7 +244,7 @@ class _Run:
     def create_group(self, doc: Document, groups_per_dps: Callable[[], dict[str, int]]) -> Document:
         tried: set[str] = set()
         while True:
-            instance = self.instance(doc.data["dps"]["name"])
+            instance = placed_instance(self.settings.pool, doc.data)
             body = group_body(doc.data, instance)
             try:
                 group = self.groups.create_group(instance.name, body)
@@ -283,7 +291,7 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
                            f"({_differences(doc.data['parameters'], request.parameters())}); "
                            "a change needs an operator command, not a second onboarding message",
                            field="customerId")
-        if status in ("active", "disabled"):  # disabled by an operator command: onboarded all the same
+        if status in ONBOARDED:
             run.audit("no-op", status, status, reason=f"already onboarded ({status}) with the same parameters")
             return Outcome("already_active", doc.data)
         lease = (doc.data.get("lease") or {}) if doc else {}
