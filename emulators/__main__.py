@@ -1,7 +1,9 @@
 """``python -m emulators``: serve Key Vault, DPS and IoT Hub emulators until stopped.
 
-Writes ``emulators-ca.pem`` (trust it) and ``emulators.json`` (endpoints, id scopes and the
-emulators' SAS connection strings - local secrets, keep the state folder private) to ``--state-dir``.
+Writes ``emulators-ca.pem`` (trust it) and ``emulators.json`` (endpoints, id scopes, the managed identity
+endpoint and the local identities' client ids, and the emulators' owner SAS connection strings - local secrets,
+keep the state folder private) to ``--state-dir``. A client gets tokens with ``IDENTITY_ENDPOINT`` /
+``IDENTITY_HEADER`` set to its ``identityEndpoint`` / ``identityHeader`` and a local identity's client id.
 Faults can be set at start (``--faults keyvault='{"rate_per_s": 100}'``) and at run time with
 ``PUT {service url}/_emulator/faults`` (same JSON); ``GET .../_emulator/stats`` counts what was injected.
 """

@@ -162,6 +162,10 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.connection = self.request
         self.peer_chain: list[x509.Certificate] = []
+        if not isinstance(self.connection, SSL.Connection):  # a plain-HTTP server (the identity endpoint)
+            self.rfile = self.connection.makefile("rb")
+            self.wfile = self.connection.makefile("wb", buffering=0)
+            return
         try:
             self.connection.do_handshake()
         except (SSL.Error, OSError):
@@ -217,15 +221,17 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, name: str, routes: list[Route], identity: ServerIdentity, *, client_auth: bool = False,
+    def __init__(self, name: str, routes: list[Route], identity: ServerIdentity | None, *, client_auth: bool = False,
                  port: int = 0, faults: Faults | None = None):
+        """``identity`` None serves plain HTTP: only for the managed identity endpoint, which is plain HTTP on
+        loopback on Azure as well (``IDENTITY_ENDPOINT`` is ``http://localhost:.../msi/token``)."""
         self.name = name
         self.routes = routes
         self.client_auth = client_auth
         self.gate = FaultGate(faults)
         self._connections: set[SSL.Connection] = set()
         self._lock = threading.Lock()
-        self._context = self._make_context(identity, client_auth)
+        self._context = self._make_context(identity, client_auth) if identity is not None else None
         super().__init__(("127.0.0.1", port), _Handler)
         self.port = self.server_address[1]
         self._thread: threading.Thread | None = None
@@ -245,11 +251,15 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"{'https' if self._context is not None else 'http'}://127.0.0.1:{self.port}"
 
     def get_request(self):
         sock, address = self.socket.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._context is None:
+            with self._lock:
+                self._connections.add(sock)
+            return sock, address
         conn = SSL.Connection(self._context, sock)
         conn.set_accept_state()
         with self._lock:
@@ -259,6 +269,13 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
     def shutdown_request(self, request) -> None:
         with self._lock:
             self._connections.discard(request)
+        if not isinstance(request, SSL.Connection):
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            request.close()
+            return
         try:
             request.shutdown()
         except (SSL.Error, OSError):
@@ -313,7 +330,10 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
             open_connections = list(self._connections)
         for conn in open_connections:  # keep-alive connections block their threads in recv
             try:
-                conn.sock_shutdown(socket.SHUT_RDWR)
+                if isinstance(conn, SSL.Connection):
+                    conn.sock_shutdown(socket.SHUT_RDWR)
+                else:
+                    conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         self.server_close()

@@ -1,7 +1,10 @@
 """DPS emulator: the service API of one DPS instance, and the device registration endpoint of all of them.
 
-Service API (``DpsInstance``, what ``azure.iot.deviceprovisioning.DeviceProvisioningClient`` calls, SAS
-auth, ``api-version`` required; the SDK sends 2021-10-01):
+Service API (``DpsInstance``, what ``azure.iot.deviceprovisioning.DeviceProvisioningClient`` calls, with a
+SAS token of the ``provisioningserviceowner`` policy or a Microsoft Entra token for
+``https://azure-devices-provisioning.net`` whose principal holds a role granting the operation's data action
+(``Microsoft.Devices/provisioningServices/enrollmentGroups/write``..., learn.microsoft.com/azure/iot-dps/
+concepts-control-access-dps-azure-ad); ``api-version`` required; the SDK sends 2021-10-01):
 ``GET/PUT/DELETE /enrollmentGroups/{id}``, ``POST /enrollmentGroups/query``,
 ``GET/PUT/DELETE /enrollments/{id}``, ``POST /enrollments/query``,
 ``GET/DELETE /registrations/{id}``, ``POST /registrations/{enrollmentGroupId}/query``.
@@ -35,7 +38,8 @@ from pki.export import thumbprints
 from pki.ids import registration_id_problem
 
 from .core import HttpError, Request, Response, Route, der, route
-from .iothub import IotHubEmulator, iso, sas_problem, utc_now
+from .identity import DPS, EntraGuard
+from .iothub import IotHubEmulator, access_problem, iso, utc_now
 
 # DPS error codes are the HTTP status followed by three digits
 # (learn.microsoft.com/azure/iot-dps/how-to-troubleshoot-dps). 401002 is DPS's X.509 attestation failure
@@ -192,8 +196,11 @@ class DpsInstance:
     devices it assigns.
     """
 
-    def __init__(self, name: str, id_scope: str, shared_access_key: str, hub: IotHubEmulator,
+    def __init__(self, name: str, id_scope: str, shared_access_key: str, hub: IotHubEmulator, guard: EntraGuard,
                  max_groups: int = 100, *, policy_name: str = "provisioningserviceowner"):
+        if guard.resource != DPS:
+            raise ValueError(f"guard: DPS tokens are for {DPS}, not {guard.resource}")
+        self.guard = guard
         self.name = name
         self.id_scope = id_scope
         self.shared_access_key = shared_access_key
@@ -214,11 +221,19 @@ class DpsInstance:
     def routes(self) -> list[Route]:
         def records(collection: str, kind: _Kind, store: dict[str, _Record]) -> list[Route]:
             one = rf"/{collection}/(?P<record_id>[^/]+)"
+
+            def guarded(action: str, handler):
+                def run(request: Request, **groups: str) -> Response:
+                    self._authorize(request, f"{collection}/{action}")
+                    return handler(request, **groups)
+                return run
+
             return [
-                route("POST", rf"/{collection}/query", lambda r: self._query(r, kind, store)),
-                route("GET", one, lambda r, record_id: self._get(r, kind, store, record_id)),
-                route("PUT", one, lambda r, record_id: self._put(r, kind, store, record_id)),
-                route("DELETE", one, lambda r, record_id: self._delete(r, kind, store, record_id)),
+                route("POST", rf"/{collection}/query", guarded("read", lambda r: self._query(r, kind, store))),
+                route("GET", one, guarded("read", lambda r, record_id: self._get(r, kind, store, record_id))),
+                route("PUT", one, guarded("write", lambda r, record_id: self._put(r, kind, store, record_id))),
+                route("DELETE", one, guarded("delete",
+                                             lambda r, record_id: self._delete(r, kind, store, record_id))),
             ]
 
         registration = r"/registrations/(?P<registration_id>[^/]+)"
@@ -231,14 +246,18 @@ class DpsInstance:
         ]
 
     # --- service API ----------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request, action: str) -> None:
+        """DPS documents 401 as its answer when authorization fails ("the authorization token can't be validated",
+        learn.microsoft.com/azure/iot-dps/how-to-troubleshoot-dps) and no 403 for the service API; a principal
+        without a role is answered 401 as well, in the words of its sibling IoT Hub."""
+        host = self.endpoint.removeprefix("https://")
+        problem = access_problem(request, sas_resource=f"{host}{request.path}", key=self.shared_access_key,
+                                 policy_name=self.policy_name, guard=self.guard,
+                                 actions=(f"Microsoft.Devices/provisioningServices/{action}",))
+        if problem:
+            raise dps_error(401, UNAUTHORIZED, f"Unauthorized: {problem[1]}")
         if not request.query.get("api-version"):
             raise dps_error(400, INVALID_ARGUMENT, "api-version is required")
-        host = self.endpoint.removeprefix("https://")
-        problem = sas_problem(request.header("authorization"), resource=f"{host}{request.path}",
-                              key=self.shared_access_key, policy_name=self.policy_name)
-        if problem:
-            raise dps_error(401, UNAUTHORIZED, f"Unauthorized: {problem}")
 
     @staticmethod
     def _response(kind: _Kind, record: _Record) -> Response:
@@ -255,12 +274,10 @@ class DpsInstance:
         return record
 
     def _get(self, request: Request, kind: _Kind, store: dict[str, _Record], record_id: str) -> Response:
-        self._authorize(request)
         with self._lock:
             return self._response(kind, self._find(kind, store, unquote(record_id)))
 
     def _query(self, request: Request, kind: _Kind, store: dict[str, _Record]) -> Response:
-        self._authorize(request)
         spec = request.json()
         query = spec.get("query") if isinstance(spec, dict) else None
         collection = "enrollmentGroups" if kind is _GROUP else "enrollments"
@@ -275,7 +292,6 @@ class DpsInstance:
 
     def _put(self, request: Request, kind: _Kind, store: dict[str, _Record], record_id: str) -> Response:
         """Create (no If-Match; 409 if it exists, as DPS answers) or replace (If-Match: its etag or "*")."""
-        self._authorize(request)
         record_id = unquote(record_id)
         if not _RECORD_ID.fullmatch(record_id):
             raise dps_error(400, INVALID_ARGUMENT, f"{kind.id_field} {record_id!r}: up to 128 of A-Z a-z 0-9 : . _ -,"
@@ -345,7 +361,6 @@ class DpsInstance:
         return _Record(body, certificates)
 
     def _delete(self, request: Request, kind: _Kind, store: dict[str, _Record], record_id: str) -> Response:
-        self._authorize(request)
         record_id = unquote(record_id)
         if_match = request.header("if-match")
         with self._lock:
@@ -363,13 +378,13 @@ class DpsInstance:
         return registration
 
     def _get_registration(self, request: Request, registration_id: str) -> Response:
-        self._authorize(request)
+        self._authorize(request, "registrationStates/read")
         with self._lock:
             state = copy.deepcopy(self._find_registration(unquote(registration_id)).state)
         return Response(200, state, {"ETag": state["etag"]})
 
     def _delete_registration(self, request: Request, registration_id: str) -> Response:
-        self._authorize(request)
+        self._authorize(request, "registrationStates/delete")
         registration_id = unquote(registration_id)
         if_match = request.header("if-match")
         with self._lock:
@@ -382,7 +397,7 @@ class DpsInstance:
 
     def _query_registrations(self, request: Request, group_id: str) -> Response:
         """The registration states of the devices that registered through one enrollment group."""
-        self._authorize(request)
+        self._authorize(request, "registrationStates/read")
         group_id = unquote(group_id).lower()
         with self._lock:
             items = [copy.deepcopy(r.state) for r in self._registrations.values()

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus
 
 from .core import HttpError, Request, Response, Route, route
+from .identity import IOT_HUB, EntraGuard, TokenRejected
 
 # IoT Hub device ids: up to 128 characters from ASCII alphanumerics and - . % _ * ? ! ( ) , : = @ $ '
 # (learn.microsoft.com/azure/iot-hub/iot-hub-devguide-identity-registry#device-identity-properties).
@@ -79,6 +80,31 @@ def sas_problem(authorization: str | None, *, resource: str, key: str, policy_na
                                          hashlib.sha256).digest()).decode()
     if not hmac.compare_digest(expected, unquote_plus(fields["sig"])):
         return "the signature does not match the key"
+    return None
+
+
+def access_problem(request: Request, *, sas_resource: str, key: str, policy_name: str, guard: EntraGuard,
+                   actions: tuple[str, ...]) -> tuple[str, str] | None:
+    """Why ``request`` may not do ``actions``: ``("unauthenticated" | "forbidden", reason)``, or None when it may.
+
+    IoT Hub and DPS take either a SAS token of a shared access policy (the owner policy grants every service
+    operation) or a Microsoft Entra bearer token for the service's resource, whose principal then needs a role
+    granting each data action (learn.microsoft.com/azure/iot-hub/authenticate-authorize-azure-ad,
+    .../iot-dps/concepts-control-access-dps-azure-ad).
+    """
+    authorization = request.header("authorization")
+    if authorization and authorization.startswith("SharedAccessSignature "):
+        problem = sas_problem(authorization, resource=sas_resource, key=key, policy_name=policy_name)
+        return ("unauthenticated", problem) if problem else None
+    try:
+        claims = guard.authenticate(authorization)
+    except TokenRejected as exc:
+        return "unauthenticated", str(exc)
+    if not all(guard.permits(claims, action) for action in actions):
+        # IoT Hub's words for a principal without a role (learn.microsoft.com/azure/iot-hub/troubleshoot-error-codes,
+        # 401003 IoTHubUnauthorized; quoted in Azure/azure-iot-sdk-csharp#3344).
+        return "forbidden", (f"Principal {claims.get('oid')} is not authorized for {request.method} on "
+                             f"{request.path} due to no assigned permissions")
     return None
 
 
@@ -230,8 +256,11 @@ BULK_LIMIT = 100
 class IotHubEmulator:
     """The device registry of one IoT hub, in memory. Thread-safe: every read and write holds ``_lock``."""
 
-    def __init__(self, shared_access_key: str, *, policy_name: str = "iothubowner"):
+    def __init__(self, shared_access_key: str, guard: EntraGuard, *, policy_name: str = "iothubowner"):
+        if guard.resource != IOT_HUB:
+            raise ValueError(f"guard: a hub's tokens are for {IOT_HUB}, not {guard.resource}")
         self.shared_access_key = shared_access_key
+        self.guard = guard
         self.policy_name = policy_name
         self.hostname = ""  # "127.0.0.1:PORT", set once the server listens
         self._devices: dict[str, _Device] = {}
@@ -285,13 +314,19 @@ class IotHubEmulator:
             return device.status if device else None
 
     # --- REST ---------------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request, *actions: str) -> None:
+        """``actions``: the data actions the operation needs (learn.microsoft.com/azure/iot-hub/
+        authenticate-authorize-azure-ad#permissions-for-iot-hub-service-apis); an RBAC refusal is a 401
+        ``IotHubUnauthorized``, as IoT Hub answers it (not a 403)."""
+        problem = access_problem(request, sas_resource=f"{self.hostname}{request.path}", key=self.shared_access_key,
+                                 policy_name=self.policy_name, guard=self.guard,
+                                 actions=tuple(f"Microsoft.Devices/IotHubs/{a}" for a in actions))
+        if problem and problem[0] == "unauthenticated":
+            raise _hub_error(401, "IotHubUnauthorizedAccess", f"Unauthorized: {problem[1]}")
+        if problem:
+            raise _hub_error(401, "IotHubUnauthorized", problem[1])
         if not request.query.get("api-version"):
             raise _hub_error(400, "ArgumentInvalid", "api-version is required")
-        problem = sas_problem(request.header("authorization"), resource=f"{self.hostname}{request.path}",
-                              key=self.shared_access_key, policy_name=self.policy_name)
-        if problem:
-            raise _hub_error(401, "IotHubUnauthorizedAccess", f"Unauthorized: {problem}")
 
     def _new_etag(self) -> str:
         # The registry's device etags are base64 of a decimal counter (e.g. "MTk0ODc5ODk4").
@@ -304,19 +339,19 @@ class IotHubEmulator:
         return device
 
     def _get(self, request: Request, device_id: str) -> Response:
-        self._authorize(request)
+        self._authorize(request, "devices/read")
         with self._lock:
             device = self._find(unquote(device_id))
             return Response(200, device.identity_json(), {"ETag": f'"{device.etag}"'})
 
     def _get_twin(self, request: Request, device_id: str) -> Response:
-        self._authorize(request)
+        self._authorize(request, "twins/read")
         with self._lock:
             twin = self._find(unquote(device_id)).twin_json()
         return Response(200, twin, {"ETag": f'"{twin["etag"]}"'})
 
     def _list(self, request: Request) -> Response:
-        self._authorize(request)
+        self._authorize(request, "devices/read")
         top = request.query.get("top")
         with self._lock:
             devices = [d.identity_json() for d in self._devices.values()]
@@ -324,7 +359,7 @@ class IotHubEmulator:
 
     def _put(self, request: Request, device_id: str) -> Response:
         """Create (no If-Match: 409 if it exists) or replace (If-Match: etag or "*"; stale: 412) an identity."""
-        self._authorize(request)
+        self._authorize(request, "devices/write")
         device_id = unquote(device_id)
         if not _DEVICE_ID.fullmatch(device_id):
             raise _hub_error(400, "ArgumentInvalid", f"deviceId {device_id!r}: up to 128 of A-Z a-z 0-9 "
@@ -368,7 +403,7 @@ class IotHubEmulator:
     def _bulk(self, request: Request) -> Response:
         """``bulk_create_or_update_devices``: up to 100 identities per call; 200 when all succeed, otherwise 400
         with the per-device errors (the others are applied, as IoT Hub does)."""
-        self._authorize(request)
+        self._authorize(request, "devices/write", "devices/delete")  # Bulk Update Registry needs both
         body = request.json()
         if not isinstance(body, list) or not all(isinstance(d, dict) for d in body):
             raise _hub_error(400, "ArgumentInvalid", "the body must be a list of ExportImportDevice objects")
@@ -419,7 +454,7 @@ class IotHubEmulator:
         return None
 
     def _delete(self, request: Request, device_id: str) -> Response:
-        self._authorize(request)
+        self._authorize(request, "devices/delete")
         device_id = unquote(device_id)
         if_match = request.header("if-match")
         with self._lock:
@@ -432,7 +467,7 @@ class IotHubEmulator:
 
     def _query(self, request: Request) -> Response:
         """``query_iot_hub``: twins matching the query, a page at a time (x-ms-continuation is an offset)."""
-        self._authorize(request)
+        self._authorize(request, "twins/read")
         body = request.json()
         conditions = _parse_query(body.get("query") if isinstance(body, dict) else None)
         page_size = request.header("x-ms-max-item-count") or str(DEFAULT_QUERY_PAGE)

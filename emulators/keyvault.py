@@ -9,13 +9,19 @@ Served (``{vault}`` is ``https://`` + the request's Host, so ids point back at t
   salt = digest length, exactly as Key Vault does.
 - ``PUT /secrets/{name}``, ``GET /secrets/{name}[/{version}]``.
 
-Like Key Vault: every request needs ``api-version``; a request without a bearer token gets the
-401 challenge the SDK's ``ChallengeAuthPolicy`` parses (``authorization`` + ``resource``; the
-clients need ``verify_challenge_resource=False`` because the resource is vault.azure.net, not
-127.0.0.1); any bearer token is then accepted. Errors have Key Vault's shape
-``{"error": {"code", "message"}}``. Keys never leave: no response carries private material and
-exportable keys and key release are refused. Key Vault's shapes and fields follow the SDK's
-generated models (``azure/keyvault/keys/_generated/models/_models.py``), field for field.
+Like Key Vault (learn.microsoft.com/azure/key-vault/general/authentication-requests-and-responses and
+rbac-guide): every request needs ``api-version`` and a bearer token of the vault's tenant for
+``https://vault.azure.net``. Without one, or with an expired, wrongly signed, wrong-audience or other-tenant
+token, it answers 401 with the challenge the SDK's ``ChallengeAuthPolicy`` parses (``authorization`` +
+``resource``; clients of a loopback vault need ``verify_challenge_resource=False``, because the resource's
+domain, vault.azure.net, cannot be a suffix of 127.0.0.1) and Key Vault's messages (AKV10000 missing token,
+AKV10022 audience, AKV10032 issuer). A valid token whose principal holds no role granting the operation's
+data action (``Microsoft.KeyVault/vaults/keys/sign/action``...) gets 403 ``Forbidden`` /
+``ForbiddenByRbac`` with Key Vault's message (Caller, Action, Resource lines; quoted in
+Azure/azure-sdk-for-js#31374). Errors have Key Vault's shape ``{"error": {"code", "message"}}``. Keys
+never leave: no response carries private material and exportable keys and key release are refused. Key
+Vault's shapes and fields follow the SDK's generated models (``azure/keyvault/keys/_generated/models/_models.py``),
+field for field.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import re
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +43,7 @@ from pki.keys import KeyType, PrivateKey, generate_key
 from pki.signing import software_signer
 
 from .core import HttpError, Request, Response, route
+from .identity import VAULT, EntraGuard, TokenRejected
 
 # Key Vault object names: 1-127 of a-z, A-Z, 0-9 and '-', compared case-insensitively.
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")
@@ -118,11 +124,21 @@ class _Versions:
     latest: str = ""
 
 
-class KeyVaultEmulator:
-    """One vault, in memory. ``tenant_id`` is what the challenge names (a fresh GUID by default)."""
+_ACTION = "Microsoft.KeyVault/vaults/"
+# Key Vault's own codes for the token problems it names (quoted in SDK issues: AKV10000 in
+# Azure/azure-sdk-for-python#24557, AKV10022 in Azure/go-autorest#525, AKV10032 in MicrosoftDocs/azure-docs#75410);
+# for the others no code is documented, so the message says what is wrong without one.
+_AKV_CODES = {"missing": "AKV10000", "audience": "AKV10022", "issuer": "AKV10032"}
 
-    def __init__(self, tenant_id: str | None = None):
-        self.tenant_id = tenant_id or str(uuid.uuid4())
+
+class KeyVaultEmulator:
+    """One vault, in memory, guarded by ``guard`` (the local tenant's tokens and the vault's role assignments)."""
+
+    def __init__(self, guard: EntraGuard, *, name: str = "pkilocal"):
+        if guard.resource != VAULT:
+            raise ValueError(f"guard: a vault's tokens are for {VAULT}, not {guard.resource}")
+        self.guard = guard
+        self.name = name
         self._lock = threading.Lock()
         self._keys: dict[str, _Versions] = {}
         self._secrets: dict[str, _Versions] = {}
@@ -138,37 +154,58 @@ class KeyVaultEmulator:
             versions = self._keys.get(name.lower())
             return list(versions.versions) if versions is not None else []
 
+    @property
+    def tenant_id(self) -> str:
+        return self.guard.issuer.tenant_id
+
     def routes(self):
         name, version = r"(?P<name>[^/]+)", r"(?P<version>[^/]*)"
         return [
-            route("POST", rf"/keys/{name}/create", self._guard(self._create_key)),
-            route("POST", rf"/keys/{name}/{version}/sign", self._guard(self._sign)),
-            route("POST", rf"/keys/{name}/{version}/release", self._guard(self._release)),
-            route("GET", rf"/keys/{name}(?:/{version})?", self._guard(self._get_key)),
-            route("PUT", rf"/secrets/{name}", self._guard(self._set_secret)),
-            route("GET", rf"/secrets/{name}(?:/{version})?", self._guard(self._get_secret)),
+            route("POST", rf"/keys/{name}/create", self._guard(self._create_key, "keys/create/action")),
+            route("POST", rf"/keys/{name}/{version}/sign", self._guard(self._sign, "keys/sign/action")),
+            route("POST", rf"/keys/{name}/{version}/release", self._guard(self._release, "keys/release/action")),
+            route("GET", rf"/keys/{name}(?:/{version})?", self._guard(self._get_key, "keys/read")),
+            route("PUT", rf"/secrets/{name}", self._guard(self._set_secret, "secrets/setSecret/action")),
+            route("GET", rf"/secrets/{name}(?:/{version})?", self._guard(self._get_secret, "secrets/getSecret/action")),
         ]
 
     # -- what every request goes through --------------------------------------------------------
 
-    def _guard(self, handler: Callable[..., Response]) -> Callable[..., Response]:
+    def _guard(self, handler: Callable[..., Response], action: str) -> Callable[..., Response]:
         def guarded(request: Request, **groups: str) -> Response:
-            authorization = request.header("authorization") or ""
-            if not authorization.lower().startswith("bearer ") or not authorization[7:].strip():
+            try:
+                claims = self.guard.authenticate(request.header("authorization"))
+            except TokenRejected as exc:
                 # Key Vault's challenge; ChallengeAuthPolicy needs "authorization" (the tenant is its
                 # path) and "resource" or "scope" (azure/keyvault/keys/_shared/http_challenge.py).
                 challenge = (f'Bearer authorization="https://login.microsoftonline.com/{self.tenant_id}", '
-                             'resource="https://vault.azure.net"')
-                raise HttpError(401, {"error": {"code": "Unauthorized",
-                                                "message": "AKV10000: Request is missing a Bearer or PoP token."}},
-                                {"WWW-Authenticate": challenge})
+                             f'resource="{VAULT}"')
+                code = _AKV_CODES.get(exc.kind)
+                message = "AKV10000: Request is missing a Bearer or PoP token." if exc.kind == "missing" else \
+                    f"{code}: {exc}" if code else str(exc)
+                raise HttpError(401, {"error": {"code": "Unauthorized", "message": message}},
+                                {"WWW-Authenticate": challenge}) from None
             if not request.query.get("api-version"):
                 raise _bad("The 'api-version' query parameter is missing.")
             if not _NAME.fullmatch(groups["name"]):
                 raise _bad(f"The request URI contains an invalid name: {groups['name']}")
+            if not self.guard.permits(claims, _ACTION + action):
+                raise self._forbidden(claims, _ACTION + action, request.path)
             return handler(request, **groups)
 
         return guarded
+
+    def _forbidden(self, claims: dict, action: str, path: str) -> HttpError:
+        """Key Vault's RBAC refusal, line for line (the resource id is lower-case, as the service prints it)."""
+        issuer = self.guard.issuer
+        resource = (f"/subscriptions/{issuer.subscription_id}/resourcegroups/pki-local/providers/"
+                    f"microsoft.keyvault/vaults/{self.name}{'/'.join(path.split('/')[:3])}").lower()
+        message = ("Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments "
+                   "or role definitions were changed recently, please observe propagation time.\r\n"
+                   f"Caller: appid={claims.get('appid')};oid={claims.get('oid')};iss={claims.get('iss')}\r\n"
+                   f"Action: '{action}'\r\nResource: '{resource}'\r\nAssignment: (not found)\r\n"
+                   f"DenyAssignmentId: null\r\nDecisionReason: null \r\nVault: {self.name};location=local\r\n")
+        return _error(403, "Forbidden", message, "ForbiddenByRbac")
 
     @staticmethod
     def _vault(request: Request) -> str:

@@ -1,5 +1,15 @@
-"""All emulated services in one process: Key Vault, IoT Hub registry, N DPS instances and the DPS
-device-registration endpoint, each on its own loopback port, behind one generated CA."""
+"""All emulated services in one process: the token issuer (Microsoft Entra ID and the managed identity
+endpoint), Key Vault, IoT Hub registry, N DPS instances and the DPS device-registration endpoint, each on its
+own loopback port, behind one generated CA.
+
+The local tenant has three principals, and each emulator holds the role assignments ``docs/deploy.md`` makes
+on its Azure counterpart (``LOCAL_ROLES``; ``tests/test_deploy_roles.py`` checks the two agree):
+
+- ``pki-app``: the Function App's user-assigned managed identity;
+- ``pki-operator``: a person running the day-to-day ``pkictl`` commands; cannot sign with a CA key;
+- ``pki-admin``: the PKI administrator, who creates the root CA and its proof of possession (``root create``,
+  ``verification-cert``) and may run the expiry sweep by hand (``sweep run``: it renews intermediates).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +21,26 @@ from pathlib import Path
 
 from .core import EmulatorServer, Faults
 from .dps import DpsDeviceEndpoint, DpsInstance
+from .identity import DPS, IOT_HUB, VAULT, EntraGuard, LocalIdentity, TokenIssuer
 from .iothub import IotHubEmulator
 from .keyvault import KeyVaultEmulator
-from .tls import make_server_identity
+from .tls import ServerIdentity, make_server_identity
+
+APP, OPERATOR, ADMIN = "pki-app", "pki-operator", "pki-admin"
+# Role assignments by principal and resource, exactly as docs/deploy.md makes them ("storage" is not enforced:
+# Azurite has no RBAC). Each DPS instance and each hub gets the same assignments.
+LOCAL_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
+    APP: {"storage": ("Storage Account Contributor", "Storage Blob Data Owner", "Storage Queue Data Contributor",
+                      "Storage Table Data Contributor"),
+          "keyvault": ("Key Vault Crypto Officer", "Key Vault Secrets Officer"),
+          "dps": ("Device Provisioning Service Data Contributor",),
+          "iothub": ("IoT Hub Registry Contributor",)},
+    OPERATOR: {"storage": ("Storage Blob Data Owner", "Storage Queue Data Contributor"),
+               "keyvault": ("Key Vault Reader", "Key Vault Secrets User")},
+    ADMIN: {"storage": ("Storage Blob Data Owner", "Storage Queue Data Contributor"),
+            "keyvault": ("Key Vault Crypto Officer",),
+            "dps": ("Device Provisioning Service Data Contributor",)},
+}
 
 
 def _key() -> str:
@@ -35,18 +62,30 @@ class DpsInfo:
 class EmulatorStack:
     """``with EmulatorStack(state_dir) as stack:`` - everything up; ``stack.describe()`` says where."""
 
-    def __init__(self, state_dir: Path, *, dps_instances: int = 1, max_groups_per_dps: int = 100):
+    def __init__(self, state_dir: Path, *, dps_instances: int = 1, max_groups_per_dps: int = 100,
+                 tls: ServerIdentity | None = None):
         self.state_dir = Path(state_dir)
-        self.identity = make_server_identity()
-        self.keyvault = KeyVaultEmulator()
-        self.iothub = IotHubEmulator(shared_access_key=_key())
+        self.tls = tls or make_server_identity()
+        self.issuer = TokenIssuer()
+        self.principals: dict[str, LocalIdentity] = {name: self.issuer.add_identity(name) for name in LOCAL_ROLES}
+        self.keyvault = KeyVaultEmulator(self._guard(VAULT, "keyvault"))
+        self.iothub = IotHubEmulator(shared_access_key=_key(), guard=self._guard(IOT_HUB, "iothub"))
         self.dps: list[DpsInstance] = [
             DpsInstance(name=f"dps{i + 1}", id_scope=f"0ne{secrets.token_hex(4).upper()}", shared_access_key=_key(),
-                        hub=self.iothub, max_groups=max_groups_per_dps)
+                        hub=self.iothub, guard=self._guard(DPS, "dps"), max_groups=max_groups_per_dps)
             for i in range(dps_instances)
         ]
         self.device_endpoint = DpsDeviceEndpoint({d.id_scope: d for d in self.dps})
         self.servers: dict[str, EmulatorServer] = {}
+
+    def _guard(self, resource: str, service: str) -> EntraGuard:
+        guard = EntraGuard(self.issuer, resource)
+        for name, roles in LOCAL_ROLES.items():
+            guard.roles.assign(self.principals[name].object_id, roles.get(service, ()))
+        return guard
+
+    def client_id(self, principal: str) -> str:
+        return self.principals[principal].client_id
 
     @property
     def ca_path(self) -> Path:
@@ -54,8 +93,11 @@ class EmulatorStack:
 
     def start(self) -> EmulatorStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ca_path.write_bytes(self.identity.ca_pem)
+        self.ca_path.write_bytes(self.tls.ca_pem)
         try:
+            identity = EmulatorServer("identity", self.issuer.routes(), None).start()  # plain HTTP, as on Azure
+            self.servers["identity"] = identity
+            self.issuer.endpoint = identity.url + "/msi/token"
             self._serve("keyvault", self.keyvault.routes())
             hub_server = self._serve("iothub", self.iothub.routes())
             self.iothub.hostname = f"127.0.0.1:{hub_server.port}"
@@ -69,7 +111,7 @@ class EmulatorStack:
         return self
 
     def _serve(self, name: str, routes, client_auth: bool = False) -> EmulatorServer:
-        server = EmulatorServer(name, routes, self.identity, client_auth=client_auth).start()
+        server = EmulatorServer(name, routes, self.tls, client_auth=client_auth).start()
         self.servers[name] = server
         return server
 
@@ -108,6 +150,10 @@ class EmulatorStack:
         """Where everything is. Holds the emulators' SAS keys: write it only to the git-ignored state dir."""
         return {
             "caPath": str(self.ca_path),
+            "identityEndpoint": self.issuer.endpoint, "identityHeader": self.issuer.header,
+            "tenantId": self.issuer.tenant_id,
+            "principals": {name: {"clientId": p.client_id, "objectId": p.object_id, "roles": LOCAL_ROLES[name]}
+                           for name, p in self.principals.items()},
             "keyVaultUrl": self.keyvault_url,
             "iotHub": {"hostname": self.iothub.hostname, "connectionString": self.iothub_connection_string},
             "dps": [d.as_dict() for d in self.dps_info()],

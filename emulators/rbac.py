@@ -1,0 +1,90 @@
+"""Azure RBAC as the emulators need it: built-in role definitions (their data actions) and role assignments.
+
+Role definitions are the built-in ones, data action for data action, from
+learn.microsoft.com/azure/role-based-access-control/built-in-roles (MicrosoftDocs/azure-docs
+``articles/role-based-access-control/built-in-roles/{security,internet-of-things,storage}.md``); none of
+them has ``notDataActions``. A data action matches a role's pattern the way Azure matches them: ``*`` stands
+for any characters, and the comparison ignores case.
+
+Assignments are per resource (one vault, one DPS instance, one hub): each emulator holds its own, and the
+local stack assigns exactly what ``docs/deploy.md`` assigns (``emulators/stack.py``, checked by a test).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RoleDefinition:
+    name: str
+    data_actions: tuple[str, ...]
+
+    def allows(self, action: str) -> bool:
+        return any(fnmatch.fnmatchcase(action.lower(), pattern.lower()) for pattern in self.data_actions)
+
+
+_KV = "Microsoft.KeyVault/vaults"
+_DPS = "Microsoft.Devices/provisioningServices"
+_HUB = "Microsoft.Devices/IotHubs"
+_BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
+_QUEUES = "Microsoft.Storage/storageAccounts/queueServices/queues"
+
+BUILT_IN_ROLES: dict[str, RoleDefinition] = {role.name: role for role in (
+    # security.md
+    RoleDefinition("Key Vault Administrator", (f"{_KV}/*",)),
+    RoleDefinition("Key Vault Crypto Officer", (f"{_KV}/keys/*", f"{_KV}/keyrotationpolicies/*")),
+    RoleDefinition("Key Vault Crypto User", tuple(f"{_KV}/keys/{a}" for a in (
+        "read", "update/action", "backup/action", "encrypt/action", "decrypt/action", "wrap/action",
+        "unwrap/action", "sign/action", "verify/action"))),
+    RoleDefinition("Key Vault Secrets Officer", (f"{_KV}/secrets/*",)),
+    RoleDefinition("Key Vault Secrets User", (f"{_KV}/secrets/getSecret/action", f"{_KV}/secrets/readMetadata/action")),
+    RoleDefinition("Key Vault Reader", (f"{_KV}/*/read", f"{_KV}/secrets/readMetadata/action")),
+    # internet-of-things.md
+    RoleDefinition("Device Provisioning Service Data Contributor", (f"{_DPS}/*",)),
+    RoleDefinition("Device Provisioning Service Data Reader", (f"{_DPS}/*/read",)),
+    RoleDefinition("IoT Hub Data Contributor", (f"{_HUB}/*",)),
+    RoleDefinition("IoT Hub Data Reader", (f"{_HUB}/*/read", f"{_HUB}/fileUpload/notifications/action")),
+    RoleDefinition("IoT Hub Registry Contributor", (f"{_HUB}/devices/*",)),
+    RoleDefinition("IoT Hub Twin Contributor", (f"{_HUB}/twins/*",)),
+    # storage.md (not enforced: Azurite has no RBAC; listed so the documented assignments are checked by name).
+    # Storage Account Contributor grants control-plane actions only (Microsoft.Storage/storageAccounts/*), no data
+    # actions; the blob trigger needs it on AzureWebJobsStorage (azure-docs includes/functions-azurewebjobsstorage-
+    # permissions.md).
+    RoleDefinition("Storage Account Contributor", ()),
+    RoleDefinition("Storage Table Data Contributor", tuple(
+        f"Microsoft.Storage/storageAccounts/tableServices/tables/entities/{a}" for a in (
+            "read", "write", "delete", "add/action", "update/action"))),
+    RoleDefinition("Storage Blob Data Owner", (f"{_BLOBS}/*",)),
+    RoleDefinition("Storage Blob Data Contributor", tuple(f"{_BLOBS}/{a}" for a in (
+        "delete", "read", "write", "move/action", "add/action"))),
+    RoleDefinition("Storage Blob Data Reader", (f"{_BLOBS}/read",)),
+    RoleDefinition("Storage Queue Data Contributor", tuple(f"{_QUEUES}/messages/{a}" for a in (
+        "delete", "read", "write", "process/action"))),
+    RoleDefinition("Storage Queue Data Message Sender", (f"{_QUEUES}/messages/add/action",)),
+)}
+
+
+class RoleAssignments:
+    """The role assignments on one resource, by principal object id. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._roles: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def assign(self, principal_id: str, roles: Iterable[str]) -> None:
+        unknown = [role for role in roles if role not in BUILT_IN_ROLES]
+        if unknown:
+            raise ValueError(f"unknown role(s): {', '.join(unknown)}; known: {', '.join(sorted(BUILT_IN_ROLES))}")
+        with self._lock:
+            self._roles.setdefault(principal_id, set()).update(roles)
+
+    def roles_of(self, principal_id: str) -> set[str]:
+        with self._lock:
+            return set(self._roles.get(principal_id, ()))
+
+    def allows(self, principal_id: str, action: str) -> bool:
+        return any(BUILT_IN_ROLES[role].allows(action) for role in self.roles_of(principal_id))
