@@ -20,6 +20,7 @@ from pki.keys import CA_ROOT_KEY_TYPES, KeyType
 STORAGE = "AzureWebJobsStorage"
 _CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")  # blob container naming rules
 _KEY_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault object names
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 class SettingsError(ValueError):
@@ -32,12 +33,17 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """Either a connection string (Azurite, local) or identity-based endpoints (Azure)."""
+    """A storage connection as the Functions host reads one (learn.microsoft.com/azure/azure-functions/
+    functions-reference#common-properties-for-identity-based-connections): either a connection string
+    (account key or SAS), or identity-based service URIs with ``__credential`` / ``__clientId`` /
+    ``__managedIdentityResourceId``."""
 
     connection_string: str | None = None
     blob_service_uri: str | None = None
     queue_service_uri: str | None = None
-    managed_identity_client_id: str | None = None
+    credential: str | None = None  # "managedidentity", or None: DefaultAzureCredential
+    client_id: str | None = None
+    resource_id: str | None = None
 
     def __repr__(self) -> str:  # the connection string may carry an account key: never show it
         where = self.blob_service_uri or ("connection string" if self.connection_string else "unset")
@@ -47,6 +53,7 @@ class StorageSettings:
 @dataclass(frozen=True)
 class Settings:
     storage: StorageSettings
+    client_id: str | None = None  # AZURE_CLIENT_ID: the user-assigned identity of Key Vault, DPS and IoT Hub calls
     state_container: str = "pki-state"
     key_vault_url: str | None = None
     key_vault_sign_rate_per_s: float = 100.0
@@ -78,34 +85,47 @@ class Settings:
     root_warn_before_days: int = 365
 
 
-def _storage(env: Mapping[str, str]) -> StorageSettings:
-    connection = env.get(STORAGE, "").strip()
-    account = env.get(f"{STORAGE}__accountName", "").strip()
-    blob_uri = env.get(f"{STORAGE}__blobServiceUri", "").strip()
-    queue_uri = env.get(f"{STORAGE}__queueServiceUri", "").strip()
-    client_id = env.get(f"{STORAGE}__clientId", "").strip() or None
+def storage_connection(env: Mapping[str, str], name: str = STORAGE) -> StorageSettings:
+    """The storage connection ``name`` as the Functions host resolves it: the setting itself is a connection
+    string; otherwise ``name__blobServiceUri`` / ``__queueServiceUri`` (or ``__serviceUri``, or
+    ``__accountName`` for the public cloud) with ``__credential``, ``__clientId``, ``__managedIdentityResourceId``."""
+    def value(suffix: str = "") -> str:
+        return env.get(f"{name}{suffix}", "").strip()
+
+    connection = value()
     if connection:
         parts = dict(p.split("=", 1) for p in connection.split(";") if "=" in p)
         if parts.get("UseDevelopmentStorage", "").lower() != "true" and not (
             ("AccountName" in parts and ("AccountKey" in parts or "SharedAccessSignature" in parts))
             or "BlobEndpoint" in parts
         ):
-            raise SettingsError(STORAGE, "is not a storage connection string (needs AccountName and AccountKey, "
+            raise SettingsError(name, "is not a storage connection string (needs AccountName and AccountKey, "
                                 "BlobEndpoint, or UseDevelopmentStorage=true)")
         return StorageSettings(connection_string=connection)
+    account, service_uri = value("__accountName"), value("__serviceUri")
+    blob_uri, queue_uri = value("__blobServiceUri") or service_uri, value("__queueServiceUri")
     if account and not blob_uri:
         if not re.fullmatch(r"[a-z0-9]{3,24}", account):
-            raise SettingsError(f"{STORAGE}__accountName", f"{account!r} is not a storage account name")
+            raise SettingsError(f"{name}__accountName", f"{account!r} is not a storage account name")
         blob_uri = f"https://{account}.blob.core.windows.net"
         queue_uri = queue_uri or f"https://{account}.queue.core.windows.net"
-    if blob_uri:
-        if not blob_uri.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-            raise SettingsError(f"{STORAGE}__blobServiceUri", "must be an https:// URL")
-        return StorageSettings(blob_service_uri=blob_uri.rstrip("/"),
-                               queue_service_uri=(queue_uri or blob_uri.replace(".blob.", ".queue.")).rstrip("/"),
-                               managed_identity_client_id=client_id)
-    raise SettingsError(STORAGE, "is not set: give a connection string (local, Azurite) or "
-                        f"{STORAGE}__accountName / __blobServiceUri for an identity-based connection")
+    if not blob_uri:
+        raise SettingsError(name, "is not set: give a connection string, or "
+                            f"{name}__accountName / __blobServiceUri for an identity-based connection")
+    queue_uri = queue_uri or blob_uri.replace(".blob.", ".queue.")
+    for suffix, uri in (("__blobServiceUri", blob_uri), ("__queueServiceUri", queue_uri)):
+        if not uri.startswith("https://"):  # a bearer token is only ever sent over HTTPS (storage SDK rule)
+            raise SettingsError(f"{name}{suffix}", f"{uri!r} must be an https:// URL")
+    credential = value("__credential").lower() or None
+    if credential not in (None, "managedidentity"):
+        raise SettingsError(f"{name}__credential", f"{value('__credential')!r}: the only value is managedidentity")
+    client_id, resource_id = value("__clientId") or None, value("__managedIdentityResourceId") or None
+    if client_id and resource_id:
+        raise SettingsError(f"{name}__clientId", "give __clientId or __managedIdentityResourceId, not both")
+    if client_id and not _GUID.fullmatch(client_id):
+        raise SettingsError(f"{name}__clientId", f"{client_id!r} is not a client id (a GUID)")
+    return StorageSettings(blob_service_uri=blob_uri.rstrip("/"), queue_service_uri=queue_uri.rstrip("/"),
+                           credential=credential, client_id=client_id, resource_id=resource_id)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -196,8 +216,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     hub_connections = _json(env, "IOT_HUB_CONNECTION_STRINGS", {})
     if not isinstance(hub_connections, dict) or not all(isinstance(v, str) for v in hub_connections.values()):
         raise SettingsError("IOT_HUB_CONNECTION_STRINGS", "must be a JSON object of hub host name -> connection string")
+    client_id = env.get("AZURE_CLIENT_ID", "").strip() or None
+    if client_id and not _GUID.fullmatch(client_id):
+        raise SettingsError("AZURE_CLIENT_ID", f"{client_id!r} is not a client id (a GUID)")
     return Settings(
-        storage=_storage(env),
+        storage=storage_connection(env),
+        client_id=client_id,
         iot_hub_connection_strings=hub_connections,
         iot_hub_registry_ops_per_min=_int(env, "IOT_HUB_REGISTRY_OPS_PER_MIN", 100, 1, 100_000),
         intermediate_renew_before_days=_int(env, "INTERMEDIATE_RENEW_BEFORE_DAYS", 90, 1, 3650),

@@ -1,7 +1,8 @@
 """The DPS pool behind the handlers' ports, over ``azure-iot-deviceprovisioning``.
 
-On Azure each instance is reached with ``DefaultAzureCredential`` (role "Device Provisioning Service
-Data Contributor"); locally with the emulators' SAS connection strings (``DPS_CONNECTION_STRINGS``).
+Each instance is reached with the app's token credential (role "Device Provisioning Service Data Contributor"),
+on Azure and against the local emulators alike; a SAS connection string (``DPS_CONNECTION_STRINGS``) replaces
+it for an instance that has one.
 Creating a group sends no ``If-Match``, so DPS answers 409 when it exists: a retried PUT whose first
 attempt did succeed reads as "exists", and the handler checks the group is its own.
 """

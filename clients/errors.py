@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from azure.core.exceptions import (
+    ClientAuthenticationError,
     HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
@@ -14,10 +15,30 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from handlers.errors import AlreadyExists, Conflict, NotFound, TransientError
+from handlers.errors import (
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    NotPermitted,
+    TransientError,
+)
 
 # Throttling, timeouts and server faults may pass; everything else is a verdict on the request.
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def not_permitted(what: str, status: int, message: str, codes: tuple[str, ...] = ()) -> NotPermitted:
+    """The refusal in the service's own words (Key Vault names the caller, the action and the resource)."""
+    text = " ".join(str(message).split())[:600]
+    where = " ".join([f"HTTP {status}" if status else "no token", "/".join(c for c in codes if c)]).strip()
+    return NotPermitted(f"{what}: not permitted ({where}): {text}")
+
+
+def _codes(exc: HttpResponseError) -> tuple[str, ...]:
+    error = getattr(exc, "error", None)
+    inner = getattr(error, "innererror", None) or {}
+    code = getattr(exc, "error_code", None) or getattr(error, "code", None) or ""
+    return code, inner.get("code", "") if isinstance(inner, dict) else ""
 
 
 @contextlib.contextmanager
@@ -36,6 +57,8 @@ def translated(what: str) -> Iterator[None]:
     except HttpResponseError as exc:
         status = exc.status_code or 0
         code = getattr(exc, "error_code", None) or ""
+        if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
+            raise not_permitted(what, status, exc.message or str(exc), _codes(exc)) from exc
         if status in TRANSIENT_STATUS:
             raise TransientError(f"{what}: HTTP {status} {code}".rstrip()) from exc
         if status == 412:

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from handlers.ports import KeyStore
 from settings import Settings
 
 from .local_keystore import LocalKeyStore
+from .storage import ca_path
 
 
 def credential(settings: Settings):
-    """The emulators take any bearer token; Azure takes the managed identity (DefaultAzureCredential)."""
-    if settings.emulator_ca_path:
-        from .retry import StaticTokenCredential
+    """The app's credential for Key Vault, DPS and IoT Hub (``clients.identity.app_credential``)."""
+    from .identity import app_credential
 
-        return StaticTokenCredential()
-    from azure.identity import DefaultAzureCredential
+    return app_credential(settings)
 
-    return DefaultAzureCredential()
+
+def _loopback(url: str) -> bool:
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def _vault_options(settings: Settings) -> dict:
+    # Key Vault's challenge names the resource https://vault.azure.net and the SDK checks that the vault's host
+    # ends in .vault.azure.net (azure/keyvault/keys/_shared/challenge_auth_policy.py). A loopback vault cannot
+    # pass that check; everything else (challenge, tenant, token for vault.azure.net) runs as on Azure.
+    return {"connection_verify": ca_path(settings),
+            "verify_challenge_resource": not _loopback(settings.key_vault_url or "")}
 
 
 def key_store(settings: Settings) -> KeyStore:
@@ -26,12 +37,8 @@ def key_store(settings: Settings) -> KeyStore:
         return LocalKeyStore(settings.local_keystore_dir, passphrase.encode() if passphrase else None)
     from .keyvault import KeyVaultKeyStore
 
-    local = settings.emulator_ca_path is not None
     return KeyVaultKeyStore(settings.key_vault_url, credential(settings),
-                            connection_verify=str(settings.emulator_ca_path) if local else None,
-                            # the emulator's challenge names vault.azure.net, not 127.0.0.1
-                            verify_challenge_resource=not local,
-                            sign_rate_per_s=settings.key_vault_sign_rate_per_s)
+                            sign_rate_per_s=settings.key_vault_sign_rate_per_s, **_vault_options(settings))
 
 
 def secrets_store(settings: Settings, keys: KeyStore):
@@ -42,10 +49,21 @@ def secrets_store(settings: Settings, keys: KeyStore):
         return LocalSecrets(keys)
     from .keyvault import KeyVaultSecrets
 
-    local = settings.emulator_ca_path is not None
-    return KeyVaultSecrets(settings.key_vault_url, credential(settings),
-                           connection_verify=str(settings.emulator_ca_path) if local else None,
-                           verify_challenge_resource=not local)
+    return KeyVaultSecrets(settings.key_vault_url, credential(settings), **_vault_options(settings))
+
+
+def enrollment_groups(settings: Settings):
+    from .dps import DpsEnrollmentGroups
+
+    return DpsEnrollmentGroups.for_pool(settings.dps_pool, connection_strings=settings.dps_connection_strings,
+                                        credential=credential(settings), connection_verify=ca_path(settings))
+
+
+def hub_registries(settings: Settings):
+    from .iothub import IotHubRegistries
+
+    return IotHubRegistries(connection_strings=settings.iot_hub_connection_strings, credential=credential(settings),
+                            ops_per_min=settings.iot_hub_registry_ops_per_min, connection_verify=ca_path(settings))
 
 
 class DpsRegistrar:

@@ -1,8 +1,10 @@
 """The IoT hubs' device registries behind the handlers' ``HubRegistry`` port, over ``azure-iot-hub``.
 
-``IoTHubRegistryManager`` is an msrest client (not azure-core): its errors are ``HttpOperationError``
-and it trusts the CA bundle requests trusts (``REQUESTS_CA_BUNDLE``; the local stack sets it to the
-emulators' CA). Registry operations are throttled by IoT Hub at 100/min per S1 unit, shared by the
+``IoTHubRegistryManager`` is an msrest client (not azure-core): its errors are ``HttpOperationError``,
+and its CA trust is msrest's connection configuration (``protocol.config.connection.verify``, set to the
+local stack's CA when ``EMULATOR_CA_PATH`` is). With a token credential it takes the hub's host name
+(``IoTHubRegistryManager.from_token_credential`` puts ``https://`` in front itself: azure-iot-hub 2.7,
+``iothub_registry_manager.py``) and asks for ``https://iothubs.azure.net/.default`` tokens. Registry operations are throttled by IoT Hub at 100/min per S1 unit, shared by the
 whole hub: every call here takes a token from a client-side bucket (``IOT_HUB_REGISTRY_OPS_PER_MIN``),
 and a bulk call changes up to 100 devices for one token. Throttling (429) and server faults become
 ``TransientError``: the command message is retried by the host.
@@ -16,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from handlers.errors import Conflict, NotFound, Rejected, TransientError
 
+from .errors import not_permitted
 from .retry import TokenBucket
 
 BULK_LIMIT = 100  # devices per bulk registry call (IoT Hub's limit)
@@ -24,6 +27,7 @@ _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
+    from azure.core.exceptions import ClientAuthenticationError
     from msrest.exceptions import ClientRequestError, HttpOperationError
 
     try:
@@ -34,20 +38,31 @@ def _translated(what: str) -> Iterator[None]:
             raise NotFound(f"{what}: not found") from exc
         if status == 412:
             raise Conflict(f"{what}: changed by someone else (etag mismatch)") from exc
+        if status in (401, 403):  # IoT Hub answers a principal without a role with 401 IotHubUnauthorized
+            raise not_permitted(what, status, exc.response.text[:600]) from exc
         if status in _TRANSIENT:
             raise TransientError(f"{what}: HTTP {status}") from exc
         body = exc.response.text[:300] if exc.response is not None else ""
         raise Rejected(f"{what}: IoT Hub answered HTTP {status}: {body}") from exc
     except ClientRequestError as exc:
         raise TransientError(f"{what}: {exc}") from exc
+    except ClientAuthenticationError as exc:  # no token: raised by the credential inside msrest's adapter
+        raise not_permitted(what, 0, exc.message or str(exc)) from exc
+
+
+def host_name(hub: str) -> str:
+    """A hub as ``from_token_credential`` wants it: the host name alone (it adds ``https://`` itself)."""
+    return hub.removeprefix("https://").removeprefix("http://").rstrip("/")
 
 
 class IotHubRegistries:
     """``HubRegistry`` over every hub the DPS pool assigns to, by host name."""
 
-    def __init__(self, *, connection_strings: Mapping[str, str], credential=None, ops_per_min: float = 100):
+    def __init__(self, *, connection_strings: Mapping[str, str], credential=None, ops_per_min: float = 100,
+                 connection_verify: str | None = None):
         self._connection_strings = dict(connection_strings)
         self._credential = credential
+        self._verify = connection_verify
         self._bucket = TokenBucket(ops_per_min / 60)
         self._managers: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -60,9 +75,11 @@ class IotHubRegistries:
                 if hub in self._connection_strings:
                     manager = IoTHubRegistryManager.from_connection_string(self._connection_strings[hub])
                 elif self._credential is not None:
-                    manager = IoTHubRegistryManager.from_token_credential(f"https://{hub}", self._credential)
+                    manager = IoTHubRegistryManager.from_token_credential(host_name(hub), self._credential)
                 else:
                     raise Rejected(f"IoT hub {hub} has no connection configured (IOT_HUB_CONNECTION_STRINGS)")
+                if self._verify:
+                    manager.protocol.config.connection.verify = self._verify
                 self._managers[hub] = manager
             return self._managers[hub]
 
@@ -87,7 +104,11 @@ class IotHubRegistries:
     def set_statuses(self, hub: str, device_ids: Sequence[str], status: str, reason: str, *,
                      iot_edge: bool = False) -> list[str]:
         """Set many devices' status, ``BULK_LIMIT`` per call; the ids IoT Hub refused, with its reasons."""
-        from azure.iot.hub.models import AuthenticationMechanism, DeviceCapabilities, ExportImportDevice
+        from azure.iot.hub.models import (
+            AuthenticationMechanism,
+            DeviceCapabilities,
+            ExportImportDevice,
+        )
 
         problems = []
         for start in range(0, len(device_ids), BULK_LIMIT):

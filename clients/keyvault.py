@@ -1,8 +1,8 @@
 """Azure Key Vault behind the handlers' ports: CA keys that sign without leaving it, and secrets.
 
-On Azure the credential is ``DefaultAzureCredential``. Against the emulator (``emulators/keyvault.py``)
-pass ``connection_verify=<its CA file>``, ``verify_challenge_resource=False`` (its challenge names
-vault.azure.net, which is not 127.0.0.1) and a ``StaticTokenCredential``.
+The credential is the app's (``clients.identity``), on Azure and against the emulator (``emulators/keyvault.py``)
+alike; the emulator also needs ``connection_verify=<the local stack's CA>`` and ``verify_challenge_resource=False``
+(its challenge names vault.azure.net, of which 127.0.0.1 is not a subdomain: ``clients.factory``).
 
 Throttling (DESIGN.md section 3). Key Vault allows, per vault and 10 s, 4,000 signs with EC and
 RSA-2048 software keys, 1,000 with RSA-3072 and 500 with RSA-4096, and may answer 429 without

@@ -12,20 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from azure.core.credentials import AccessToken
 from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.policies import RetryPolicy, SansIOHTTPPolicy
-
-
-class StaticTokenCredential:
-    """A fixed bearer token, valid for an hour from each request. For the Key Vault emulator only:
-    the emulator accepts any bearer token; Azure accepts none of these."""
-
-    def __init__(self, token: str = "emulator-token"):
-        self._token = token
-
-    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        return AccessToken(self._token, int(time.time()) + 3600)
 
 
 class ThrottlingRetryPolicy(RetryPolicy):

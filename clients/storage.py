@@ -1,12 +1,15 @@
-"""Storage clients from settings: a connection string locally, managed identity on Azure."""
+"""Storage clients from settings: identity-based (a ``TokenCredential``, on Azure and locally) or, for those who
+run that way, a connection string with an account key or SAS."""
 
 from __future__ import annotations
 
 from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueServiceClient
 
-from settings import Settings
+from settings import Settings, StorageSettings
 
 from .blob_state import BlobDocumentStore
+from .identity import app_credential, storage_credential
 
 
 # Batch chunks write from many threads at once; requests' default pool of 10 connections per host
@@ -28,14 +31,33 @@ def pooled_transport(connection_verify: str | None = None):
     return RequestsTransport(session=session, session_owner=False, **options)
 
 
-def blob_service(settings: Settings) -> BlobServiceClient:
-    storage = settings.storage
-    if storage.connection_string:
-        return BlobServiceClient.from_connection_string(storage.connection_string, transport=pooled_transport())
-    from azure.identity import DefaultAzureCredential
+def ca_path(settings: Settings) -> str | None:
+    """The local stack's CA (``EMULATOR_CA_PATH``), which every client then trusts; None on Azure."""
+    return str(settings.emulator_ca_path) if settings.emulator_ca_path else None
 
-    credential = DefaultAzureCredential(managed_identity_client_id=storage.managed_identity_client_id)
-    return BlobServiceClient(storage.blob_service_uri, credential=credential, transport=pooled_transport())
+
+def blob_service_client(storage: StorageSettings, *, credential=None, ca: str | None = None) -> BlobServiceClient:
+    """``storage``'s blob service; ``credential`` is the default for an identity-based connection naming no
+    identity (see ``clients.identity.storage_credential``)."""
+    if storage.connection_string:
+        return BlobServiceClient.from_connection_string(storage.connection_string, transport=pooled_transport(ca))
+    return BlobServiceClient(storage.blob_service_uri, credential=storage_credential(storage, credential),
+                             transport=pooled_transport(ca))
+
+
+def queue_service_client(storage: StorageSettings, *, credential=None, ca: str | None = None) -> QueueServiceClient:
+    options = {"connection_verify": ca} if ca else {}
+    if storage.connection_string:
+        return QueueServiceClient.from_connection_string(storage.connection_string, **options)
+    return QueueServiceClient(storage.queue_service_uri, credential=storage_credential(storage, credential), **options)
+
+
+def blob_service(settings: Settings) -> BlobServiceClient:
+    return blob_service_client(settings.storage, credential=_default_credential(settings), ca=ca_path(settings))
+
+
+def _default_credential(settings: Settings):
+    return None if settings.storage.connection_string else app_credential(settings)
 
 
 def state_store(settings: Settings, *, ensure: bool = True) -> BlobDocumentStore:
@@ -45,30 +67,24 @@ def state_store(settings: Settings, *, ensure: bool = True) -> BlobDocumentStore
     return store
 
 
-_QUEUES: dict[tuple[str, str], object] = {}
+_QUEUES: dict[tuple, object] = {}
 
 
 def send_queue_message(settings: Settings, queue: str, text: str) -> str:
     """Enqueue ``text`` as is (the app's queues use ``messageEncoding: none``); creates the queue if needed."""
-    key = (repr(settings.storage) + (settings.storage.connection_string or ""), queue)
+    key = (settings.storage, settings.client_id, settings.emulator_ca_path, queue)
     client = _QUEUES.get(key)
     if client is None:
-        client = _QUEUES[key] = _queue_client(settings, queue)
+        client = _QUEUES[key] = queue_client(settings, queue)
     return client.send_message(text).id
 
 
-def _queue_client(settings: Settings, queue: str):
+def queue_client(settings: Settings, queue: str):
+    """Queue ``queue`` of the app's storage account, created if absent."""
     from azure.core.exceptions import ResourceExistsError
-    from azure.storage.queue import QueueClient
 
-    storage = settings.storage
-    if storage.connection_string:
-        client = QueueClient.from_connection_string(storage.connection_string, queue)
-    else:
-        from azure.identity import DefaultAzureCredential
-
-        client = QueueClient(storage.queue_service_uri, queue, credential=DefaultAzureCredential(
-            managed_identity_client_id=storage.managed_identity_client_id))
+    client = queue_service_client(settings.storage, credential=_default_credential(settings),
+                                  ca=ca_path(settings)).get_queue_client(queue)
     try:
         client.create_queue()
     except ResourceExistsError:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from clients.audit import StoreAuditLog
 from clients.dps import DpsEnrollmentGroups
 from clients.blob_files import BlobFiles
-from clients.factory import DpsRegistrar, credential, key_store, secrets_store
+from clients.factory import DpsRegistrar, enrollment_groups, hub_registries, key_store, secrets_store
 from clients.iothub import IotHubRegistries
-from clients.storage import StorageQueues, blob_service, state_store
+from clients.storage import StorageQueues, blob_service, ca_path, state_store
 from handlers.batch_intake import BatchSettings
 from handlers.commands import Ports
 from handlers.expiry_sweep import SweepSettings
@@ -65,17 +65,12 @@ def build_services(settings: Settings) -> Services:
         # On Azure a local key store would live on one instance's disk: CA keys must be in Key Vault.
         raise SettingsError("KEY_VAULT_URL", "is required when running on Azure Functions")
     store = state_store(settings)
-    groups = DpsEnrollmentGroups.for_pool(
-        settings.dps_pool, connection_strings=settings.dps_connection_strings, credential=credential(settings),
-        connection_verify=str(settings.emulator_ca_path) if settings.emulator_ca_path else None)
     keys = key_store(settings)
-    ca = str(settings.emulator_ca_path) if settings.emulator_ca_path else None
-    return Services(settings=settings, store=store, keys=keys, groups=groups, audit=StoreAuditLog(store),
-                    files=BlobFiles(blob_service(settings)), queue=StorageQueues(settings),
-                    secrets=secrets_store(settings, keys), registrar=DpsRegistrar(settings.dps_device_endpoint, ca),
-                    hubs=IotHubRegistries(connection_strings=settings.iot_hub_connection_strings,
-                                          credential=credential(settings),
-                                          ops_per_min=settings.iot_hub_registry_ops_per_min))
+    return Services(settings=settings, store=store, keys=keys, groups=enrollment_groups(settings),
+                    audit=StoreAuditLog(store), files=BlobFiles(blob_service(settings)), queue=StorageQueues(settings),
+                    secrets=secrets_store(settings, keys),
+                    registrar=DpsRegistrar(settings.dps_device_endpoint, ca_path(settings)),
+                    hubs=hub_registries(settings))
 
 
 @functools.cache

@@ -41,3 +41,9 @@ class Conflict(HandlerError):
 
 class TransientError(HandlerError):
     """A dependency failed in a way that may pass (throttling, 5xx, timeouts): retry later."""
+
+
+class NotPermitted(TransientError):
+    """The service refused the caller's identity: no token, or no role granting the operation. Not the input's
+    fault, and it may pass (a role assignment takes minutes to propagate): retried like a transient failure,
+    and a message still refused lands in the poison queue with this reason."""
