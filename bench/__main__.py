@@ -54,8 +54,6 @@ def _with_customer(env: dict[str, str]):
 
 
 def batch(args: argparse.Namespace) -> dict:
-    from azure.storage.blob import BlobServiceClient
-
     from devhost.stack import LocalStack
 
     extra = {"BATCH_CHUNK_ROWS": str(args.chunk_rows), "BATCH_INFLIGHT": str(args.inflight),
@@ -75,8 +73,7 @@ def batch(args: argparse.Namespace) -> dict:
                 stdout=log, stderr=subprocess.STDOUT))
         rows = "".join(f"bench-{i:07d}\n" for i in range(args.devices))
         data = ("deviceId\n" + rows).encode()
-        container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
-            "device-batches")
+        container = stack.azurite.blob_service().get_container_client("device-batches")
         container.create_container()
         time.sleep(2)  # let the workers start polling
         started = time.monotonic()
@@ -114,16 +111,13 @@ def intake(args: argparse.Namespace) -> dict:
     """Validate and fan out a batch of N rows in a child process; report the child's peak RSS."""
     import resource
 
-    from azure.storage.blob import BlobServiceClient
-
     from devhost.stack import LocalStack
 
     with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
             LocalStack(Path(workdir), dps_instances=1, run_functions=False) as stack:
         env = stack.settings()
         _with_customer(env)
-        container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
-            "device-batches")
+        container = stack.azurite.blob_service().get_container_client("device-batches")
         container.create_container()
         container.upload_blob("bench/big.csv", ("deviceId\n" + "".join(
             f"bench-{i:07d}\n" for i in range(args.devices))).encode())
@@ -139,17 +133,27 @@ def intake(args: argparse.Namespace) -> dict:
 
 def storage(args: argparse.Namespace) -> dict:
     """Azurite's own upload rate as it fills: the ceiling for a batch, which writes 4 blobs per device."""
+    from devhost.azurite import Azurite
+    from emulators.tls import make_server_identity
+
+    tags = {"kind": "device", "customer": "bench", "status": "issued", "notAfter": "20271129"}
+    rates: dict[str, list[float]] = {"plain": [], "tagged": []}
+    tls = make_server_identity()
+    with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir:
+        ca = Path(workdir) / "ca.pem"
+        ca.write_bytes(tls.ca_pem)
+        return _storage_rates(args, Azurite(tls, ca), ca, tags, rates)
+
+
+def _storage_rates(args, azurite, ca, tags, rates) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from azure.storage.blob import BlobServiceClient
 
     from clients.storage import pooled_transport
-    from devhost.azurite import Azurite
 
-    tags = {"kind": "device", "customer": "bench", "status": "issued", "notAfter": "20271129"}
-    rates: dict[str, list[float]] = {"plain": [], "tagged": []}
-    with Azurite() as azurite, ThreadPoolExecutor(8) as pool:
-        service = BlobServiceClient.from_connection_string(azurite.connection_string, transport=pooled_transport())
+    with azurite, ThreadPoolExecutor(8) as pool:  # HTTPS, as the app reaches it
+        service = BlobServiceClient.from_connection_string(azurite.connection_string, transport=pooled_transport(str(ca)))
         for kind in rates:
             container = service.get_container_client(kind)
             container.create_container()

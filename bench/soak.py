@@ -70,8 +70,6 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 
 def soak(args) -> dict:
-    from azure.storage.blob import BlobServiceClient
-    from azure.storage.queue import QueueClient, QueueServiceClient
 
     from clients.audit import StoreAuditLog
     from devhost.leaks import find_leaks
@@ -104,15 +102,10 @@ def soak(args) -> dict:
             "messageEncoding": "none", "maxDequeueCount": 8, "visibilityTimeout": "00:00:02"}}}))
         worker = _Worker(workdir, env, host_json)
         worker.start()
-        connection = env["AzureWebJobsStorage"]
+        azurite = stack.azurite  # the harness injects input with the account key; the app uses its identity
 
         def send(queue: str, text: str) -> None:
-            client = QueueClient.from_connection_string(connection, queue)
-            try:
-                client.create_queue()
-            except Exception:  # noqa: BLE001 - exists
-                pass
-            client.send_message(text)
+            azurite.queue_client(queue).send_message(text)
 
         try:
             # 1. onboarding: every customer, one duplicate, two malformed
@@ -128,8 +121,7 @@ def soak(args) -> dict:
                               for c in customers), 600, "onboarding")
 
             # 2. batches, one per customer, plus one rejected; the worker is killed twice while they issue
-            service = BlobServiceClient.from_connection_string(connection)
-            container = service.get_container_client("device-batches")
+            container = azurite.blob_service().get_container_client("device-batches")
             try:
                 container.create_container()
             except Exception:  # noqa: BLE001 - exists
@@ -174,10 +166,8 @@ def soak(args) -> dict:
                 return len({e["requestId"] for e in events if e["effect"] == "changed"}) == len(commands)
 
             _wait(commands_done, 600, "commands")
-            queues = QueueServiceClient.from_connection_string(connection)
-
             def drained() -> bool:
-                return all(queues.get_queue_client(q).get_queue_properties().approximate_message_count == 0
+                return all(azurite.queue_client(q).get_queue_properties().approximate_message_count == 0
                            for q in ("customer-onboarding", "batch-chunks", "pki-commands"))
 
             _wait(drained, 600, "queues drained")
@@ -223,7 +213,7 @@ def soak(args) -> dict:
         counts.update({f"rejected_{q}": v for q, v in rejections.items()})
         poisoned = 0
         for queue in ("customer-onboarding", "batch-chunks", "pki-commands"):
-            poison = QueueClient.from_connection_string(connection, f"{queue}-poison")
+            poison = azurite.queue_client(f"{queue}-poison")
             try:
                 messages = list(poison.peek_messages(max_messages=32))
             except Exception:  # noqa: BLE001 - no poison queue: nothing was poisoned

@@ -235,33 +235,42 @@ class FunctionHost:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._queues: dict[str, Any] = {}
-        self._blob_services: dict[str, BlobServiceClient] = {}
-        self._queue_services: dict[str, QueueServiceClient] = {}
+        self._blob_services: dict[Any, BlobServiceClient] = {}
+        self._queue_services: dict[Any, QueueServiceClient] = {}
         self._next_timer: dict[str, dt.datetime] = {}
         self._next_scan: dict[str, float] = {}
         self.blob_scan_interval_s = 1.0
         self.stats = {"invocations": 0, "succeeded": 0, "failed": 0, "poisoned": 0}
 
     # -- connections -------------------------------------------------------------------
-    def _connection(self, binding: dict) -> str:
-        setting = binding.get("connection") or "AzureWebJobsStorage"
-        value = self.env.get(setting, "")
-        if not value or "=" not in value:
-            raise HostError(f"setting {setting}: devhost needs a storage connection string (Azurite)")
-        return value
+    def _connection(self, binding: dict):
+        """The binding's storage connection, resolved as the host does: a connection string, or identity-based
+        (``<name>__blobServiceUri`` / ``__queueServiceUri`` / ``__credential`` / ``__clientId``)."""
+        from settings import SettingsError, storage_connection
+
+        name = binding.get("connection") or "AzureWebJobsStorage"
+        try:
+            return storage_connection(self.env, name)
+        except SettingsError as exc:
+            raise HostError(str(exc)) from None
 
     def _blob_service(self, binding: dict) -> BlobServiceClient:
+        from clients.storage import blob_service_client
+
         connection = self._connection(binding)
         if connection not in self._blob_services:
-            self._blob_services[connection] = BlobServiceClient.from_connection_string(connection)
+            self._blob_services[connection] = blob_service_client(connection, ca=self.env.get("EMULATOR_CA_PATH"))
         return self._blob_services[connection]
 
     def _queue(self, binding: dict, name: str):
+        from clients.storage import queue_service_client
+
         connection = self._connection(binding)
         key = (connection, name)
         if key not in self._queues:
             if connection not in self._queue_services:
-                self._queue_services[connection] = QueueServiceClient.from_connection_string(connection)
+                self._queue_services[connection] = queue_service_client(connection,
+                                                                        ca=self.env.get("EMULATOR_CA_PATH"))
             client = self._queue_services[connection].get_queue_client(name)
             try:
                 client.create_queue()

@@ -1,5 +1,6 @@
 """Proof that no secret leaked: scan a local stack's storage (every blob of every container) and logs for
-unencrypted private keys, the Key Vault secrets (PFX passwords), and the storage, DPS and IoT Hub keys.
+unencrypted private keys, access tokens (JWTs), the Key Vault secrets (PFX passwords), the identity endpoint's
+header, and the storage, DPS and IoT Hub keys.
 
 Used by the demo test and the soak run; the emulators and Azurite run in-process or under this stack, so
 the scanner knows every secret there is.
@@ -11,12 +12,12 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from azure.storage.blob import BlobServiceClient
-
 from .stack import LocalStack
 
 # Unencrypted private keys in any PEM form; "ENCRYPTED PRIVATE KEY" (a batch's device.key) is allowed.
 _PRIVATE_PEM = re.compile(rb"-----BEGIN (?:RSA |EC )?PRIVATE KEY-----")
+# A bearer token (header.payload.signature, base64url JSON): whoever holds one acts as its identity until it expires.
+_JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 
 
 def secrets_of(stack: LocalStack) -> dict[str, str]:
@@ -24,6 +25,7 @@ def secrets_of(stack: LocalStack) -> dict[str, str]:
     values = {f"Key Vault secret #{i}": v for i, v in enumerate(stack.emulators.keyvault.secret_values())}
     values["storage account key"] = stack.azurite.connection_string.split("AccountKey=")[1].split(";")[0]
     values["IoT Hub key"] = stack.emulators.iothub.shared_access_key
+    values["identity endpoint header"] = stack.emulators.issuer.header
     for dps in stack.emulators.dps:
         values[f"{dps.name} key"] = dps.shared_access_key
     return {name: value for name, value in values.items() if len(value) >= 8}
@@ -38,11 +40,13 @@ def find_leaks(stack: LocalStack, texts: Iterable[tuple[str, str]] = ()) -> tupl
     def check(where: str, data: bytes) -> None:
         if _PRIVATE_PEM.search(data):
             found.append(f"{where}: an unencrypted private key")
+        if _JWT.search(data):
+            found.append(f"{where}: an access token")
         for name, value in secrets.items():
             if value in data:
                 found.append(f"{where}: the {name}")
 
-    service = BlobServiceClient.from_connection_string(stack.azurite.connection_string)
+    service = stack.azurite.blob_service()
     for container in service.list_containers():
         client = service.get_container_client(container.name)
         for blob in client.list_blobs():

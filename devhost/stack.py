@@ -1,20 +1,87 @@
 """The whole local stack in one object: Azurite + the emulators + devhost running ``function_app``.
 
-``LocalStack.settings()`` are the app settings that point the app, ``pkictl`` and the SDK clients
-at it, in the Functions ``Values`` format; ``write_local_settings`` puts them in the git-ignored
-``local.settings.json`` so any later ``pkictl`` command talks to this stack.
+It is the production configuration with local endpoints. ``LocalStack.settings()`` are the app's settings in
+the Functions ``Values`` format, shaped as docs/deploy.md sets them on Azure: storage by service URI with
+``__credential=managedidentity`` and ``__clientId``, Key Vault by URL, DPS and IoT Hub by host name, the
+user-assigned identity in ``AZURE_CLIENT_ID``, and no key, SAS or connection string. The stack plays the
+platform as well: its token issuer is the managed identity endpoint, named in ``IDENTITY_ENDPOINT`` /
+``IDENTITY_HEADER`` as on Azure Functions, and ``EMULATOR_CA_PATH`` makes the clients trust its TLS CA.
+``write_local_settings`` puts the settings in the git-ignored ``local.settings.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .azurite import REPO, Azurite
+
+# Settings a person's shell has where the app has its identity's: on Azure an operator signs in with `az login`
+# (DefaultAzureCredential), so the Functions-host identity settings do not apply to them.
+_APP_ONLY = ("AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId")
+
+
+def app_settings(azurite: Azurite, emulators, **extra: str) -> dict[str, str]:
+    """The app's settings for ``azurite`` and ``emulators`` (an ``emulators.stack.EmulatorStack``), identity-based."""
+    from emulators.stack import APP
+
+    app = emulators.client_id(APP)
+    return {
+        "FUNCTIONS_WORKER_RUNTIME": "python",
+        "AzureWebJobsStorage__blobServiceUri": azurite.blob_service_uri,
+        "AzureWebJobsStorage__queueServiceUri": azurite.queue_service_uri,
+        "AzureWebJobsStorage__credential": "managedidentity",
+        "AzureWebJobsStorage__clientId": app,
+        "AZURE_CLIENT_ID": app,
+        "KEY_VAULT_URL": emulators.keyvault_url,
+        "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
+                                      "iotHubs": [emulators.iothub.hostname]} for d in emulators.dps_info()]),
+        "DPS_DEVICE_ENDPOINT": emulators.device_endpoint_url,
+        "EXPIRY_SWEEP_SCHEDULE": "0 0 2 * * *",
+        # the platform's, locally: the managed identity endpoint and the local stack's TLS CA
+        **emulators.issuer.environment(),
+        "EMULATOR_CA_PATH": str(emulators.ca_path),
+        **extra,
+    }
+
+
+def person_settings(settings: Mapping[str, str], client_id: str) -> dict[str, str]:
+    """``settings`` as a person (operator, PKI administrator) uses them: their own identity for every client."""
+    return {**{k: v for k, v in settings.items() if k not in _APP_ONLY}, "AZURE_CLIENT_ID": client_id}
+
+
+def sas_settings(azurite: Azurite, emulators, **extra: str) -> dict[str, str]:
+    """The same app with keys where services take them: a storage connection string and the emulators' SAS
+    connection strings (``DPS_CONNECTION_STRINGS``, ``IOT_HUB_CONNECTION_STRINGS``). Supported, not the default.
+    Key Vault takes no key: it keeps the identity (``AZURE_CLIENT_ID``)."""
+    settings = {k: v for k, v in app_settings(azurite, emulators).items() if not k.startswith("AzureWebJobsStorage__")}
+    return {**settings, "AzureWebJobsStorage": azurite.connection_string,
+            "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in emulators.dps_info()}),
+            "IOT_HUB_CONNECTION_STRINGS": json.dumps({emulators.iothub.hostname: emulators.iothub_connection_string}),
+            **extra}
+
+
+@contextlib.contextmanager
+def platform_environment(emulators) -> Iterator[None]:
+    """This process on the local platform: ``IDENTITY_ENDPOINT`` / ``IDENTITY_HEADER`` in ``os.environ`` (where
+    azure-identity reads them, when a credential is built and at every token request), restored afterwards."""
+    values = emulators.issuer.environment()
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 # Where the local stack keeps its CA, key store, logs and pid file (git-ignored).
 STATE_DIR = Path(os.environ.get("PKI_LOCAL_DIR") or REPO / ".pki-local")
@@ -29,17 +96,20 @@ class LocalStack:
         self.concurrency = concurrency
         self.script_root = script_root
         self.extra_settings = extra_settings or {}
-        self.azurite = Azurite()
+        self.azurite: Azurite | None = None
         self.emulators = None
         self.devhost: subprocess.Popen | None = None
+        self._platform: contextlib.ExitStack | None = None
 
     def start(self) -> LocalStack:
         from emulators.stack import EmulatorStack
 
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            self.azurite.start()
             self.emulators = EmulatorStack(self.state_dir / "emulators", dps_instances=self.dps_instances).start()
+            self.azurite = Azurite(self.emulators.tls, self.emulators.ca_path).start()
+            self._platform = contextlib.ExitStack()
+            self._platform.enter_context(platform_environment(self.emulators))
             if self.run_functions:
                 self.start_devhost()
         except BaseException:
@@ -48,24 +118,12 @@ class LocalStack:
         return self
 
     def settings(self) -> dict[str, str]:
-        """App settings for this stack. They hold local keys: only for the git-ignored local.settings.json."""
-        stack = self.emulators
-        return {
-            "FUNCTIONS_WORKER_RUNTIME": "python",
-            "AzureWebJobsStorage": self.azurite.connection_string,
-            "KEY_VAULT_URL": stack.keyvault_url,
-            "EMULATOR_CA_PATH": str(stack.ca_path),
-            "LOCAL_KEYSTORE_DIR": str(self.state_dir / "keystore"),
-            "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
-                                          "iotHubs": [stack.iothub.hostname]} for d in stack.dps_info()]),
-            "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in stack.dps_info()}),
-            "DPS_DEVICE_ENDPOINT": stack.device_endpoint_url,
-            "IOT_HUB_CONNECTION_STRINGS": json.dumps({stack.iothub.hostname: stack.iothub_connection_string}),
-            # azure-iot-hub (msrest over requests) takes no CA option: requests trusts this bundle
-            "REQUESTS_CA_BUNDLE": str(stack.ca_path),
-            "EXPIRY_SWEEP_SCHEDULE": "0 0 2 * * *",
-            **self.extra_settings,
-        }
+        """The app's settings for this stack: endpoints and identities, no key (local.settings.json holds them)."""
+        return app_settings(self.azurite, self.emulators, **self.extra_settings)
+
+    def settings_as(self, principal: str) -> dict[str, str]:
+        """The settings of a person of the local tenant (``pki-operator``, ``pki-admin``), as their shell has them."""
+        return person_settings(self.settings(), self.emulators.client_id(principal))
 
     def start_devhost(self) -> None:
         log = open(self.state_dir / "devhost.log", "ab")  # noqa: SIM115 - handed to the child process
@@ -89,10 +147,14 @@ class LocalStack:
 
     def stop(self) -> None:
         self.stop_devhost()
+        if self._platform is not None:
+            self._platform.close()
+            self._platform = None
+        if self.azurite is not None:
+            self.azurite.stop()
         if self.emulators is not None:
             self.emulators.stop()
             self.emulators = None
-        self.azurite.stop()
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -102,7 +164,7 @@ class LocalStack:
 
 
 def write_local_settings(values: dict[str, str], path: Path = REPO / "local.settings.json") -> Path:
-    """Write ``local.settings.json`` (mode 0600: it holds the local stack's keys)."""
+    """Write ``local.settings.json`` (mode 0600: it names the local stack's identity endpoint and its header)."""
     document = {"IsEncrypted": False, "Values": values}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:

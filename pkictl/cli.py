@@ -13,7 +13,7 @@ from typing import TextIO
 
 from cryptography import x509
 
-from handlers.errors import AlreadyExists, Conflict, InvalidMessage, NotFound, TransientError
+from handlers.errors import AlreadyExists, Conflict, InvalidMessage, NotFound, NotPermitted, TransientError
 from pki import PkiError, export
 from pki.csr import accept_csr
 from pki.doctor import diagnose
@@ -446,6 +446,8 @@ class Cli:
                             out=self.out)
         if args.sub == "down":
             return local.down(self.out)
+        if args.sub == "env":
+            return local.env(args.principal, self.out)
         return local.status(self.out)
 
     def demo(self, args: argparse.Namespace) -> int:
@@ -648,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     local_up.set_defaults(run=Cli.local)
     local.add_parser("down", help="stop a detached stack").set_defaults(run=Cli.local)
     local.add_parser("status", help="where the running stack is").set_defaults(run=Cli.local)
+    local_env = local.add_parser("env", help="shell lines to act as a person of the local tenant: "
+                                             'eval "$(pkictl local env pki-operator)"')
+    local_env.add_argument("principal", choices=["pki-operator", "pki-admin", "pki-app"])
+    local_env.set_defaults(run=Cli.local)
 
     demo = commands.add_parser("demo", help="run the main job on a throwaway local stack (Azurite)")
     demo.set_defaults(run=Cli.demo)
@@ -679,6 +685,9 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         return USAGE
     except (AlreadyExists, Conflict, NotFound) as exc:
         print(f"error: {exc}", file=err)
+        return PROBLEM
+    except NotPermitted as exc:
+        print(f"error: {exc} (your identity lacks a role: see docs/deploy.md, roles of people)", file=err)
         return PROBLEM
     except TransientError as exc:
         print(f"error: temporarily unavailable, try again: {exc}", file=err)

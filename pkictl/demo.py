@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from devhost.stack import LocalStack
+from emulators.stack import ADMIN, OPERATOR
 
 WAIT_S = 90
 
@@ -45,16 +46,20 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
 
     with tempfile.TemporaryDirectory(prefix="pki-demo-") as workdir, \
             LocalStack(Path(workdir), dps_instances=2) as stack:
-        env = stack.settings()
-        env["ROOT_CA_COMMON_NAME"], env["ROOT_CA_ORGANIZATION"] = "Contoso IoT Root CA (demo)", "Contoso"
+        # The app runs as its managed identity (pki-app); people run pkictl as themselves, with their roles.
+        admin, env = stack.settings_as(ADMIN), stack.settings_as(OPERATOR)
+        admin["ROOT_CA_COMMON_NAME"], admin["ROOT_CA_ORGANIZATION"] = "Contoso IoT Root CA (demo)", "Contoso"
         print(f"local stack up on 127.0.0.1 (Azurite, Key Vault, 2 DPS instances, IoT Hub, devhost); "
               f"working folder {workdir}", file=out)
+        print("identities: the app runs as pki-app (user-assigned managed identity, tokens from the local "
+              "identity endpoint); the root ceremony as pki-admin; everything else as pki-operator, who cannot "
+              "sign with a CA key; no key, SAS or connection string in any setting", file=out)
 
-        step("1. create the root CA: key in Key Vault (emulator), certificate in blob state")
-        if not ok(["root", "create"], env):
+        step("1. create the root CA (as pki-admin): key in Key Vault (emulator), certificate in blob state")
+        if not ok(["root", "create"], admin):
             return 1
         refused = io.StringIO()
-        if main(["root", "create"], env=env, out=out, err=refused) != 1:
+        if main(["root", "create"], env=admin, out=out, err=refused) != 1:
             print("FAILED: a second root was created", file=out)
             return 1
         print(f"a second `root create` is refused: {refused.getvalue().strip()}", file=out)
@@ -63,8 +68,15 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
         if not ok(["root", "show", "--pem"], env):
             return 1
         code = secrets.token_hex(16).upper()
-        if not ok(["verification-cert", "--code", code, "--out", str(Path(workdir) / "verification.pem")], env):
+        if not ok(["verification-cert", "--code", code, "--out", str(Path(workdir) / "verification.pem")], admin):
             return 1
+        refused = io.StringIO()
+        if main(["verification-cert", "--code", code], env=env, out=io.StringIO(), err=refused) != 1 \
+                or "ForbiddenByRbac" not in refused.getvalue():
+            print(f"FAILED: the operator could sign with the root key: {refused.getvalue().strip()}", file=out)
+            return 1
+        print("the operator's attempt to sign with the root key is refused by Key Vault (403 ForbiddenByRbac)",
+              file=out)
 
         step("3. the ERP onboards two customers (queue customer-onboarding) and sends one broken message")
         customers = {"contoso-gmbh": ["--display-name", "Contoso GmbH", "--country", "DE"],
@@ -174,9 +186,9 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
              "announced on queue certificate-expiry-notices, one message per customer")
         if not ok(["sweep", "run", "--now", rehearsal], env):
             return 1
-        from azure.storage.queue import QueueClient
+        from clients.storage import queue_client
 
-        notices = QueueClient.from_connection_string(env["AzureWebJobsStorage"], "certificate-expiry-notices")
+        notices = queue_client(wiring.settings, "certificate-expiry-notices")
         messages = [json.loads(m.content) for m in notices.peek_messages(max_messages=32)]
         for message in messages:
             print(f"notice {message['noticeId']}: {message['count']} device(s), first "

@@ -44,12 +44,19 @@ def _running(out: TextIO) -> dict | None:
     return None
 
 
+def _roles(principal: str) -> dict[str, list[str]]:
+    from emulators.stack import LOCAL_ROLES
+
+    return {resource: list(roles) for resource, roles in LOCAL_ROLES[principal].items()}
+
+
 def _describe(stack: LocalStack, settings_path: Path) -> dict:
     emulators = stack.emulators
     return {
         "pid": os.getpid(), "ready": True, "localSettings": str(settings_path),
-        "azurite": {"blob": f"http://127.0.0.1:{stack.azurite.blob_port}",
-                    "queue": f"http://127.0.0.1:{stack.azurite.queue_port}"},
+        "azurite": {"blob": stack.azurite.blob_service_uri, "queue": stack.azurite.queue_service_uri},
+        "identityEndpoint": emulators.issuer.endpoint,
+        "principals": {name: {"clientId": p.client_id, "roles": _roles(name)} for name, p in emulators.principals.items()},
         "keyVault": emulators.keyvault_url, "iotHub": emulators.iothub.hostname,
         "dps": [{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope} for d in emulators.dps_info()],
         "dpsDeviceEndpoint": emulators.device_endpoint_url, "emulatorCa": str(emulators.ca_path),
@@ -65,8 +72,15 @@ def _print_summary(info: dict, out: TextIO) -> None:
         print(f"  DPS {dps['name']:<15} {dps['endpoint']}  idScope {dps['idScope']}", file=out)
     print(f"  DPS device endpoint {info['dpsDeviceEndpoint']}", file=out)
     print(f"  IoT Hub emulator    {info['iotHub']}", file=out)
+    print(f"  identity endpoint   {info['identityEndpoint']}  (IDENTITY_ENDPOINT, as on Azure Functions)", file=out)
     if info.get("devhostLog"):
         print(f"  functions (devhost) log: {info['devhostLog']}", file=out)
+    print("identities of the local tenant (client id; roles as docs/deploy.md assigns them):", file=out)
+    for name, principal in info["principals"].items():
+        roles = "; ".join(f"{where}: {', '.join(roles)}" for where, roles in principal["roles"].items())
+        print(f"  {name:<13} {principal['clientId']}  {roles}", file=out)
+    print("pkictl reads local.settings.json and so acts as pki-app; act as a person with "
+          '`eval "$(pkictl local env pki-operator)"` (or pki-admin).', file=out)
     print(f"settings written to {info['localSettings']}; `pkictl ...` now talks to this stack. "
           "Stop it with `pkictl local down`.", file=out)
 
@@ -139,6 +153,21 @@ def down(out: TextIO) -> int:
         os.kill(pid, signal.SIGKILL)
     STACK_FILE.unlink(missing_ok=True)
     print(f"local stack (pid {pid}) stopped", file=out)
+    return 0
+
+
+def env(principal: str, out: TextIO) -> int:
+    """Shell lines that make later `pkictl` commands act as ``principal`` (what `az login` is on Azure)."""
+    info = _running(out)
+    if not info:
+        print("no local stack is running; `pkictl local up --detach` starts one", file=out)
+        return 1
+    if principal not in info["principals"]:
+        print(f"no local identity {principal!r}; there are {', '.join(info['principals'])}", file=out)
+        return 2
+    print(f"export AZURE_CLIENT_ID={info['principals'][principal]['clientId']}", file=out)
+    # a person's shell has no Functions-host identity settings: storage then uses AZURE_CLIENT_ID as well
+    print("export AzureWebJobsStorage__credential= AzureWebJobsStorage__clientId=", file=out)
     return 0
 
 

@@ -26,6 +26,11 @@ def wire(env: Mapping[str, str]) -> Wiring:
 
 
 def default_env() -> dict[str, str]:
+    """The environment over local.settings.json Values; the Values are exported into this process's environment,
+    as Core Tools does for the worker, so that azure-identity finds the local stack's identity endpoint."""
     from settings import environment
 
-    return environment(environ=os.environ)
+    values = environment(environ=os.environ)
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+    return values

@@ -8,11 +8,12 @@ import json
 import secrets
 
 from azure.core.exceptions import ResourceExistsError
-from azure.storage.queue import QueueClient
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from clients.storage import queue_client
+from devhost.stack import app_settings
 from edge.services import build_services
 from handlers import batch_chunk, batch_intake
 from handlers.onboarding import OnboardingRequest, onboard_customer
@@ -22,19 +23,8 @@ from settings import load_settings
 
 
 def wired_env(azurite, stack, **extra) -> dict[str, str]:
-    return {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "STATE_CONTAINER": f"state-{secrets.token_hex(5)}",
-        "KEY_VAULT_URL": stack.keyvault_url,
-        "EMULATOR_CA_PATH": str(stack.ca_path),
-        "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
-                                      "iotHubs": [stack.iothub.hostname]} for d in stack.dps_info()]),
-        "DPS_CONNECTION_STRINGS": json.dumps({d.name: d.connection_string for d in stack.dps_info()}),
-        "DPS_DEVICE_ENDPOINT": stack.device_endpoint_url,
-        "EXPIRY_SWEEP_SCHEDULE": "0 0 2 * * *",
-        "IOT_HUB_CONNECTION_STRINGS": json.dumps({stack.iothub.hostname: stack.iothub_connection_string}),
-        **extra,
-    }
+    """The app's settings (its identity, no keys) with a state container of its own."""
+    return app_settings(azurite, stack, **{"STATE_CONTAINER": f"state-{secrets.token_hex(5)}", **extra})
 
 
 def onboarded(env: dict[str, str], customer_id: str):
@@ -66,7 +56,7 @@ def intake(services, path: str) -> str:
 
 def drain_chunks(services, env: dict[str, str], registrar=None) -> list[str]:
     """Run every queued chunk message in-process (what devhost does with the chunk function)."""
-    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], batch_intake.CHUNK_QUEUE)
+    queue = queue_client(services.settings, batch_intake.CHUNK_QUEUE)
     outcomes = []
     while True:
         messages = list(queue.receive_messages(max_messages=32, visibility_timeout=60))
@@ -94,10 +84,7 @@ def csr_pem(device_id: str, key=None) -> str:
 def with_host_json(values: dict[str, str], tmp_path, queue: str, max_dequeue_count: int = 5) -> dict[str, str]:
     """``values`` plus ``_HOST_JSON`` for a devhost run, with ``queue`` created empty (queues are shared by
     a module's tests: the Azurite instance is)."""
-    try:
-        QueueClient.from_connection_string(values["AzureWebJobsStorage"], queue).create_queue()
-    except ResourceExistsError:
-        QueueClient.from_connection_string(values["AzureWebJobsStorage"], queue).clear_messages()
+    queue_client(load_settings(values), queue).clear_messages()
     host_json = tmp_path / "host.json"
     host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
         "messageEncoding": "none", "maxDequeueCount": max_dequeue_count, "visibilityTimeout": "00:00:01"}}}))

@@ -16,7 +16,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from emulators.stack import EmulatorStack
+from devhost.stack import person_settings
+from emulators.stack import OPERATOR
 from handlers.batch_chunk import device_document
 from pkictl.cli import main
 
@@ -32,14 +33,15 @@ def storage(own_azurite):
 
 
 @pytest.fixture
-def env(storage, tmp_path):
-    with EmulatorStack(tmp_path / "emulators", dps_instances=1) as stack:
+def env(storage, tmp_path, fresh_stack):
+    with fresh_stack(dps_instances=1) as stack:
         values = wired_env(storage, stack, BATCH_CHUNK_ROWS="250", BATCH_CHUNK_LEASE_SECONDS="5",
                            BATCH_INFLIGHT="4")
         host_json = tmp_path / "host.json"
         host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
             "messageEncoding": "none", "maxDequeueCount": 5, "visibilityTimeout": "00:00:01"}}}))
-        yield {**values, "_HOST_JSON": str(host_json), "_CA": str(stack.ca_path)}
+        yield {**values, "_HOST_JSON": str(host_json), "_CA": str(stack.ca_path),
+               "_OPERATOR": stack.client_id(OPERATOR)}
 
 
 def devhost(env: dict, lease: float = 60) -> subprocess.Popen:
@@ -61,7 +63,8 @@ def test_send_batch_follows_progress_to_the_report_and_export_gives_the_factory_
     services = onboarded({k: v for k, v in env.items() if not k.startswith("_")}, "acme")
     batch = tmp_path / "line-7.csv"
     batch.write_text("deviceId\n" + "".join(f"line7-{i:03d}\n" for i in range(300)))
-    cli_env = {k: v for k, v in env.items() if not k.startswith("_")}
+    # the operator runs pkictl: send, follow, export with the key (Key Vault Secrets User), no signing role
+    cli_env = person_settings({k: v for k, v in env.items() if not k.startswith("_")}, env["_OPERATOR"])
     worker = devhost(env)
     try:
         out = io.StringIO()
@@ -93,14 +96,11 @@ def test_send_batch_follows_progress_to_the_report_and_export_gives_the_factory_
     assert "PRIVATE KEY" not in out.getvalue()
 
 
-def test_a_worker_killed_mid_chunk_and_a_fresh_one_leave_one_certificate_per_device(env, tmp_path):
-    from azure.storage.blob import BlobServiceClient
-
+def test_a_worker_killed_mid_chunk_and_a_fresh_one_leave_one_certificate_per_device(env, tmp_path, storage):
     settings = {k: v for k, v in env.items() if not k.startswith("_")}
     services = onboarded(settings, "acme")
     rows = 1500
-    container = BlobServiceClient.from_connection_string(settings["AzureWebJobsStorage"]).get_container_client(
-        "device-batches")
+    container = storage.blob_service().get_container_client("device-batches")
     try:
         container.create_container()
     except Exception:  # noqa: BLE001 - exists

@@ -10,12 +10,12 @@ import secrets
 import time
 
 import pytest
-from azure.iot.hub import IoTHubRegistryManager
-from azure.storage.queue import QueueClient
 from cryptography import x509
 
 from clients.audit import StoreAuditLog
 from clients.device_registration import RegistrationRefused, register
+from devhost.stack import person_settings
+from emulators.stack import OPERATOR
 from handlers.batch_chunk import device_document
 from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
 from pki import export
@@ -35,9 +35,8 @@ def storage(own_azurite):
 
 
 @pytest.fixture
-def env(storage, stack, tmp_path, monkeypatch):
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))  # for this process's IoTHubRegistryManager
-    values = wired_env(storage, stack, REQUESTS_CA_BUNDLE=str(stack.ca_path), IOT_HUB_REGISTRY_OPS_PER_MIN="6000")
+def env(storage, stack, tmp_path):
+    values = wired_env(storage, stack, IOT_HUB_REGISTRY_OPS_PER_MIN="6000")
     return with_host_json(values, tmp_path, QUEUE, max_dequeue_count=3)
 
 
@@ -47,13 +46,13 @@ class Fleet:
     def __init__(self, env, stack, tmp_path):
         self.env, self.stack, self.tmp = env, stack, tmp_path
         self.settings_env = {k: v for k, v in env.items() if not k.startswith("_")}
+        self.operator_env = person_settings(self.settings_env, stack.client_id(OPERATOR))  # who runs pkictl
         self.acme, self.globex = f"acme-{secrets.token_hex(3)}", f"globex-{secrets.token_hex(3)}"
         self.services = onboarded(self.settings_env, self.acme)
         onboard_customer(OnboardingRequest(customer_id=self.globex), store=self.services.store,
                          keys=self.services.keys, groups=self.services.groups, audit=self.services.audit,
                          settings=self.services.onboarding, now=_now())
         self.keys: dict[str, object] = {}
-        self.hub = IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string)
 
     def issue(self, customer: str, devices: list[str], batch: str) -> None:
         lines = ""
@@ -81,7 +80,7 @@ class Fleet:
 
     def send(self, *args: str) -> None:
         out = io.StringIO()
-        assert pkictl(["send", "command", *args], env=self.settings_env, out=out, err=out) == 0, out.getvalue()
+        assert pkictl(["send", "command", *args], env=self.operator_env, out=out, err=out) == 0, out.getvalue()
 
     def events(self, customer: str, action: str) -> list[dict]:
         return [e for e in StoreAuditLog(self.services.store).query(customer=customer) if e["action"] == action]
@@ -118,12 +117,12 @@ def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, st
         fleet.send("disable-device", "--customer", acme, "--device", "a-1", "--reason", "stolen", "--request-id", "op-1")
         events = fleet.wait(acme, "disable-device", 2)
         assert sorted(e["effect"] for e in events) == ["changed", "no-op"]
-        assert fleet.hub.get_device("a-1").status == "disabled"
+        assert stack.iothub.device_status("a-1") == "disabled"
         assert "disabled" in fleet.refused(acme, "a-1")
         assert fleet.register(acme, "a-2") == stack.iothub.hostname  # its neighbours are unaffected
         fleet.send("enable-device", "--customer", acme, "--device", "a-1", "--reason", "found")
         fleet.wait(acme, "enable-device", 1)
-        assert fleet.hub.get_device("a-1").status == "enabled"
+        assert stack.iothub.device_status("a-1") == "enabled"
         assert fleet.register(acme, "a-1") == stack.iothub.hostname
 
         # disable-customer: no new registration for any of its devices; the other customer is unaffected
@@ -135,13 +134,13 @@ def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, st
         assert sorted(e["effect"] for e in events) == ["changed", "no-op"]
         for device in ("a-1", "a-2"):
             assert "disabled" in fleet.refused(acme, device)
-            assert fleet.hub.get_device(device).status == "disabled"
+            assert stack.iothub.device_status(device) == "disabled"
         assert fleet.register(globex, "g-1") == stack.iothub.hostname
-        assert fleet.hub.get_device("g-1").status == "enabled"
+        assert stack.iothub.device_status("g-1") == "enabled"
         fleet.send("enable-customer", "--customer", acme, "--reason", "paid")
         fleet.wait(acme, "enable-customer", 1)
         assert fleet.register(acme, "a-2") == stack.iothub.hostname
-        assert fleet.hub.get_device("a-2").status == "enabled"
+        assert stack.iothub.device_status("a-2") == "enabled"
 
         # renew-intermediate, delivered twice: devices of the old and the new intermediate both register
         old = fleet.services.store.get(customer_document(acme)).data["intermediate"]
@@ -162,12 +161,12 @@ def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, st
     assert fleet.register(acme, "a-3") == stack.iothub.hostname  # issued by the new intermediate
     assert fleet.register(acme, "a-2") == stack.iothub.hostname  # issued by the old one (group secondary)
     out = io.StringIO()
-    assert pkictl(["customer", "show", acme], env=fleet.settings_env, out=out) == 0
+    assert pkictl(["customer", "show", acme], env=fleet.operator_env, out=out) == 0
     shown = json.loads(out.getvalue())
     assert [shown["intermediate"]["serial"], shown["previousIntermediates"][0]["serial"]] == [
         record["intermediate"]["serial"], old["serial"]]
     out = io.StringIO()
-    assert pkictl(["audit", "--customer", acme, "--device", "a-1"], env=fleet.settings_env, out=out) == 0
+    assert pkictl(["audit", "--customer", acme, "--device", "a-1"], env=fleet.operator_env, out=out) == 0
     lines = out.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["batch.issue", "disable-device", "disable-device", "enable-device"]
 
@@ -184,10 +183,10 @@ MALFORMED = [
 ]
 
 
-def test_malformed_commands_are_rejected_with_recorded_reasons(env):
+def test_malformed_commands_are_rejected_with_recorded_reasons(env, storage):
     settings_env = {k: v for k, v in env.items() if not k.startswith("_")}
     services = onboarded(settings_env, f"x-{secrets.token_hex(3)}")
-    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], QUEUE)
+    queue = storage.queue_client(QUEUE)
     for text in MALFORMED:
         queue.send_message(text or " ")
     host = Devhost(env)

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from azure.core.exceptions import ResourceExistsError
-from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient
 
 from devhost.host import HostConfig, HostError, read_functions
 from devhost.schedule import Schedule, ScheduleError
+from devhost.stack import app_settings
 
 REPO = Path(__file__).resolve().parent.parent
 APP = Path(__file__).resolve().parent / "devhost_app"
@@ -63,11 +62,21 @@ def test_unsupported_triggers_and_missing_settings_are_named():
         read_functions(queue_app, {})
 
 
+_STORAGE = ("AzureWebJobsStorage", "AZURE_CLIENT_ID", "IDENTITY_", "EMULATOR_CA_PATH")
+
+
 @pytest.fixture
-def app_env(azurite):
+def app_env(request, azurite, emulators):
+    """The host's storage connection as Functions defines it: identity-based (the default here and on Azure), or
+    a connection string (still supported); ``_AZURITE`` is for the test's own key-authorized inspection."""
     suffix = secrets.token_hex(4)
+    if getattr(request, "param", "identity") == "identity":
+        storage = {k: v for k, v in app_settings(azurite, emulators).items() if k.startswith(_STORAGE)}
+    else:
+        storage = {"AzureWebJobsStorage": azurite.connection_string, "EMULATOR_CA_PATH": str(emulators.ca_path)}
     return {
-        "AzureWebJobsStorage": azurite.connection_string,
+        **storage,
+        "_AZURITE": azurite,
         "TEST_QUEUE": f"work-{suffix}",
         "TEST_FAIL_QUEUE": f"fails-{suffix}",
         "TEST_CONTAINER": f"uploads-{suffix}",
@@ -79,9 +88,10 @@ def app_env(azurite):
 
 
 def start_devhost(env: dict, *extra: str) -> subprocess.Popen:
+    settings = {k: v for k, v in env.items() if not k.startswith("_")}
     return subprocess.Popen([sys.executable, "-m", "devhost", "--script-root", str(APP), "--log-level", "WARNING",
                              "--message-lease", "10", *extra],
-                            cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env},
+                            cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **settings},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -92,8 +102,7 @@ def stop(process: subprocess.Popen) -> str:
 
 
 def results(env: dict, kind: str) -> list[dict]:
-    container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
-        env["TEST_RESULTS"])
+    container = env["_AZURITE"].blob_service().get_container_client(env["TEST_RESULTS"])
     if not container.exists():
         return []
     return [json.loads(container.download_blob(b.name).readall()) for b in container.list_blobs(f"{kind}/")]
@@ -110,16 +119,11 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
 
 
 def queue(env: dict, name: str) -> QueueClient:
-    client = QueueClient.from_connection_string(env["AzureWebJobsStorage"], name)
-    try:
-        client.create_queue()
-    except ResourceExistsError:
-        pass
-    return client
+    return env["_AZURITE"].queue_client(name)
 
 
 def upload(env: dict, name: str, data: bytes, container: str = "TEST_CONTAINER") -> None:
-    service = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"])
+    service = env["_AZURITE"].blob_service()
     client = service.get_container_client(env[container])
     if not client.exists():
         client.create_container()
@@ -127,8 +131,7 @@ def upload(env: dict, name: str, data: bytes, container: str = "TEST_CONTAINER")
 
 
 def receipts(env: dict, function: str) -> list[dict]:
-    container = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client(
-        "azure-webjobs-hosts")
+    container = env["_AZURITE"].blob_service().get_container_client("azure-webjobs-hosts")
     if not container.exists():
         return []
     return [json.loads(container.download_blob(b.name).readall())
@@ -136,6 +139,7 @@ def receipts(env: dict, function: str) -> list[dict]:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("app_env", ["identity", "connection string"], indirect=True)
 def test_queue_blob_and_timer_triggers_run_end_to_end(app_env):
     queue(app_env, app_env["TEST_QUEUE"]).send_message("hello")
     upload(app_env, "acme/batch-1.csv", b"deviceId\nd1\n")

@@ -23,16 +23,16 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def dps(stack) -> DeviceProvisioningClient:
-    return DeviceProvisioningClient.from_connection_string(stack.dps_info()[0].connection_string,
-                                                           connection_verify=str(stack.ca_path))
+def dps(stack, credential_of) -> DeviceProvisioningClient:
+    return DeviceProvisioningClient(stack.dps[0].endpoint, credential_of(), connection_verify=str(stack.ca_path))
 
 
 @pytest.fixture
-def registry(stack, monkeypatch) -> IoTHubRegistryManager:
-    # The registry manager has no CA option; requests trusts REQUESTS_CA_BUNDLE (see test_emulator_iothub.py).
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))
-    return IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string)
+def registry(stack) -> IoTHubRegistryManager:
+    # the owner policy's SAS: the test reads twins, which the app's role (IoT Hub Registry Contributor) does not grant
+    manager = IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string)
+    manager.protocol.config.connection.verify = str(stack.ca_path)
+    return manager
 
 
 def _device_chain(device_id: str) -> Chain:

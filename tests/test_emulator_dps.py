@@ -1,4 +1,5 @@
-"""The DPS service-API emulator, driven by the real ``DeviceProvisioningClient``."""
+"""The DPS service-API emulator, driven by the real ``DeviceProvisioningClient`` with the app's token credential
+(as in production), with SAS connection strings (still supported), and with tokens it must refuse."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import secrets
 from datetime import datetime, timezone
 
 import pytest
+import requests
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -17,7 +19,9 @@ from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
 from clients.device_registration import register
 from emulators.core import EmulatorServer
-from emulators.dps import GROUP_QUOTA_EXCEEDED, DpsInstance
+from emulators.dps import GROUP_QUOTA_EXCEEDED, UNAUTHORIZED, DpsInstance
+from emulators.identity import DPS, IOT_HUB
+from emulators.stack import APP, OPERATOR
 from pki.export import cert_pem, chain_pem, key_pem, thumbprints
 from tests.x509_helpers import make_chain
 
@@ -31,8 +35,8 @@ def _client(connection_string: str, ca_path) -> DeviceProvisioningClient:
 
 
 @pytest.fixture
-def dps(stack) -> DeviceProvisioningClient:
-    return _client(stack.dps_info()[0].connection_string, stack.ca_path)
+def dps(stack, credential_of) -> DeviceProvisioningClient:
+    return DeviceProvisioningClient(stack.dps[0].endpoint, credential_of(APP), connection_verify=str(stack.ca_path))
 
 
 def _unique(prefix: str) -> str:
@@ -116,8 +120,8 @@ def test_individual_enrollment_create_get_delete(dps):
 def test_group_limit_per_instance(stack):
     """A small separate instance (max_groups=3) so the limit is reached in three calls."""
     small = DpsInstance(name="small", id_scope="0neSMALL", shared_access_key=base64.b64encode(
-        secrets.token_bytes(32)).decode(), hub=stack.iothub, max_groups=3)
-    server = EmulatorServer("dps-small", small.routes(), stack.identity).start()
+        secrets.token_bytes(32)).decode(), hub=stack.iothub, guard=stack.dps[0].guard, max_groups=3)
+    server = EmulatorServer("dps-small", small.routes(), stack.tls).start()
     try:
         small.endpoint = server.url
         client = _client(f"HostName=127.0.0.1:{server.port};SharedAccessKeyName=provisioningserviceowner;"
@@ -134,6 +138,33 @@ def test_group_limit_per_instance(stack):
         client.enrollment_group.create_or_update(id="g0", enrollment_group=g0, if_match=g0["etag"])
     finally:
         server.stop()
+
+
+def test_the_owner_policys_sas_connection_string_still_works(stack):
+    client = _client(stack.dps_info()[0].connection_string, stack.ca_path)
+    with pytest.raises(ResourceNotFoundError):
+        client.enrollment_group.get(_unique("absent"))
+
+
+@pytest.mark.parametrize("case", ["garbage", "wrong resource (iot hub)", "expired"])
+def test_a_bearer_token_that_is_not_a_dps_token_of_the_tenant_gets_401(stack, case):
+    app = stack.principals[APP]
+    token = {"garbage": "not-a-jwt", "wrong resource (iot hub)": stack.issuer.mint(app, IOT_HUB),
+             "expired": stack.issuer.mint(app, DPS, issued_at=1_700_000_000)}[case]
+    response = requests.get(f"{stack.dps[0].endpoint}/enrollmentGroups/anything?api-version=2021-10-01",
+                            headers={"Authorization": f"Bearer {token}"}, verify=str(stack.ca_path), timeout=10)
+    assert response.status_code == 401 and response.json()["errorCode"] == UNAUTHORIZED
+
+
+def test_a_principal_without_the_dps_data_role_is_refused(stack, credential_of):
+    # DPS documents 401 for a refused authorization and no 403 (how-to-troubleshoot-dps): the emulator answers 401.
+    operator = DeviceProvisioningClient(stack.dps[0].endpoint, credential_of(OPERATOR),
+                                        connection_verify=str(stack.ca_path))
+    with pytest.raises(ClientAuthenticationError) as refused:
+        operator.enrollment_group.get("anything")
+    assert refused.value.status_code == 401
+    assert (f"Principal {stack.principals[OPERATOR].object_id} is not authorized for GET on "
+            "/enrollmentGroups/anything") in refused.value.message
 
 
 def test_wrong_key_is_unauthorized(stack):

@@ -1,4 +1,5 @@
-"""The IoT Hub registry emulator, driven by the real ``IoTHubRegistryManager``."""
+"""The IoT Hub registry emulator, driven by the real ``IoTHubRegistryManager``: with the owner policy's SAS
+(everything allowed) for the registry's behaviour, with the local principals' tokens for authorization."""
 
 from __future__ import annotations
 
@@ -6,20 +7,27 @@ import base64
 import secrets
 
 import pytest
+import requests
 from azure.iot.hub import IoTHubRegistryManager
-from azure.iot.hub.models import QuerySpecification
+from azure.iot.hub.models import ExportImportDevice, QuerySpecification
 from msrest.exceptions import HttpOperationError
+
+from clients.iothub import IotHubRegistries
+from emulators.identity import IOT_HUB, VAULT
+from emulators.stack import APP, OPERATOR
 
 pytestmark = pytest.mark.integration
 
 
+def _trusting(manager: IoTHubRegistryManager, stack) -> IoTHubRegistryManager:
+    # msrest's connection configuration (what clients.iothub sets from EMULATOR_CA_PATH)
+    manager.protocol.config.connection.verify = str(stack.ca_path)
+    return manager
+
+
 @pytest.fixture
-def registry(stack, monkeypatch) -> IoTHubRegistryManager:
-    # IoTHubRegistryManager takes no CA option: its msrest client sends with requests, which trusts
-    # REQUESTS_CA_BUNDLE when the caller passes verify=True (msrest's default). The environment variable is
-    # requests' documented switch and reaches the client without touching the SDK's generated internals.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))
-    return IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string)
+def registry(stack) -> IoTHubRegistryManager:
+    return _trusting(IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string), stack)
 
 
 def _device_id() -> str:
@@ -80,11 +88,10 @@ def test_create_twice_conflicts_and_delete_removes(registry):
     assert missing.value.response.headers["iothub-errorcode"] == "DeviceNotFound"
 
 
-def test_wrong_key_is_unauthorized(stack, monkeypatch):
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))
+def test_wrong_key_is_unauthorized(stack):
     wrong_key = base64.b64encode(secrets.token_bytes(32)).decode()
-    intruder = IoTHubRegistryManager.from_connection_string(
-        f"HostName={stack.iothub.hostname};SharedAccessKeyName=iothubowner;SharedAccessKey={wrong_key}")
+    intruder = _trusting(IoTHubRegistryManager.from_connection_string(
+        f"HostName={stack.iothub.hostname};SharedAccessKeyName=iothubowner;SharedAccessKey={wrong_key}"), stack)
     with pytest.raises(HttpOperationError) as refused:
         intruder.get_device(_device_id())
     assert refused.value.response.status_code == 401
@@ -100,3 +107,59 @@ def test_dps_provisioning_creates_ca_device_with_initial_twin(stack, registry):
     twin = registry.get_twin(device_id)
     assert twin.tags == {"customer": "contoso"}
     assert twin.properties.desired["interval"] == 30
+
+
+def _raw(stack, token: str, path: str = "/devices/anything") -> requests.Response:
+    return requests.get(f"https://{stack.iothub.hostname}{path}?api-version=2021-04-12",
+                        headers={"Authorization": f"Bearer {token}"}, verify=str(stack.ca_path), timeout=10)
+
+
+@pytest.mark.parametrize("case", ["garbage", "wrong resource (vault)", "expired"])
+def test_a_bearer_token_that_is_not_a_hub_token_of_the_tenant_gets_401_unauthorized_access(stack, case):
+    app = stack.principals[APP]
+    token = {"garbage": "not-a-jwt", "wrong resource (vault)": stack.issuer.mint(app, VAULT),
+             "expired": stack.issuer.mint(app, IOT_HUB, issued_at=1_700_000_000)}[case]
+    response = _raw(stack, token)
+    assert response.status_code == 401
+    assert response.headers["iothub-errorcode"] == "IotHubUnauthorizedAccess"
+    assert response.json()["Message"].startswith("ErrorCode:IotHubUnauthorizedAccess;Unauthorized")
+
+
+def test_the_apps_identity_manages_devices_by_host_name_and_token_as_in_production(stack, credential_of):
+    # The production code path: host name only (the SDK adds https://), the app's token credential.
+    hubs = IotHubRegistries(connection_strings={}, credential=credential_of(APP), ops_per_min=6000,
+                            connection_verify=str(stack.ca_path))
+    device_id = _device_id()
+    stack.iothub.provision_device(device_id, initial_twin=None)
+    device = hubs.device(stack.iothub.hostname, device_id)
+    assert device["status"] == "enabled"
+    hubs.set_status(stack.iothub.hostname, device, "disabled", "stolen")
+    assert stack.iothub.device_status(device_id) == "disabled"
+    assert hubs.set_statuses(stack.iothub.hostname, [device_id], "enabled", "found") == []
+    assert stack.iothub.device_status(device_id) == "enabled"
+    assert hubs.device(stack.iothub.hostname, _device_id()) is None
+
+
+def test_a_principal_without_the_role_is_refused_with_iothubs_401_iothubunauthorized(stack, credential_of):
+    # IoT Hub answers a missing role with 401 IotHubUnauthorized, not 403 (learn.microsoft.com/azure/iot-hub/
+    # troubleshoot-error-codes, 401003; quoted in Azure/azure-iot-sdk-csharp#3344).
+    device_id = _device_id()
+    stack.iothub.provision_device(device_id, initial_twin=None)
+    operator = _trusting(IoTHubRegistryManager.from_token_credential(stack.iothub.hostname, credential_of(OPERATOR)),
+                         stack)
+    with pytest.raises(HttpOperationError) as refused:
+        operator.get_device(device_id)
+    assert refused.value.response.status_code == 401
+    assert refused.value.response.headers["iothub-errorcode"] == "IotHubUnauthorized"
+    assert (f"Principal {stack.principals[OPERATOR].object_id} is not authorized for GET on /devices/{device_id} "
+            "due to no assigned permissions") in refused.value.response.json()["Message"]
+    # IoT Hub Registry Contributor is devices/* only: the app may not read twins.
+    app = _trusting(IoTHubRegistryManager.from_token_credential(stack.iothub.hostname, credential_of(APP)), stack)
+    assert app.get_device(device_id).status == "enabled"
+    with pytest.raises(HttpOperationError) as twins:
+        app.get_twin(device_id)
+    assert twins.value.response.status_code == 401
+    # A bulk update needs devices/write and devices/delete (Bulk Update Registry): the registry role has both.
+    result = app.bulk_create_or_update_devices([ExportImportDevice(id=device_id, import_mode="update",
+                                                                    status="disabled")])
+    assert result.is_successful and stack.iothub.device_status(device_id) == "disabled"

@@ -1,10 +1,12 @@
 """The Key Vault emulator, driven by the real ``KeyClient``, ``CryptographyClient`` and ``SecretClient``
-over HTTPS, plus raw requests where the wire itself is the point (challenge, JWK members)."""
+over HTTPS with the local principals' real credentials, plus raw requests where the wire itself is the point
+(challenge, token checks, RBAC refusals, JWK members)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 
 import pytest
 import requests
@@ -17,7 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
 from clients.keyvault import public_key_from_jwk
-from clients.retry import StaticTokenCredential
+from emulators.identity import STORAGE, VAULT, TokenIssuer
+from emulators.stack import ADMIN, APP, OPERATOR
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +36,19 @@ def options(stack) -> dict:
 
 
 @pytest.fixture
-def keys(stack, options):
-    with KeyClient(stack.keyvault_url, StaticTokenCredential(), **options) as client:
+def app(credential_of):
+    return credential_of(APP)
+
+
+@pytest.fixture
+def keys(stack, options, app):
+    with KeyClient(stack.keyvault_url, app, **options) as client:
         yield client
 
 
 @pytest.fixture
-def secrets_client(stack, options):
-    with SecretClient(stack.keyvault_url, StaticTokenCredential(), **options) as client:
+def secrets_client(stack, options, app):
+    with SecretClient(stack.keyvault_url, app, **options) as client:
         yield client
 
 
@@ -49,38 +57,97 @@ def name(request) -> str:
     return re.sub(r"[^0-9a-zA-Z-]", "-", request.node.name)[:100]
 
 
-def _raw(stack, method: str, path: str, *, token: str | None = "any-token", **kwargs) -> requests.Response:
+def _raw(stack, method: str, path: str, *, token: str | None = None, **kwargs) -> requests.Response:
+    """``token`` None: a valid token of the app's identity; "" sends none."""
+    if token is None:
+        token = stack.issuer.mint(stack.principals[APP], VAULT)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return requests.request(method, f"{stack.keyvault_url}{path}", headers=headers, verify=str(stack.ca_path),
                             timeout=10, **kwargs)
 
 
 def test_a_request_without_a_bearer_token_gets_key_vaults_challenge(stack):
-    response = _raw(stack, "GET", f"/keys/anything?api-version={API_VERSION}", token=None)
+    response = _raw(stack, "GET", f"/keys/anything?api-version={API_VERSION}", token="")
     assert response.status_code == 401
-    assert response.json()["error"]["code"] == "Unauthorized"
+    assert response.json()["error"] == {"code": "Unauthorized",
+                                        "message": "AKV10000: Request is missing a Bearer or PoP token."}
     assert response.headers["WWW-Authenticate"] == (
         f'Bearer authorization="https://login.microsoftonline.com/{stack.keyvault.tenant_id}", '
         'resource="https://vault.azure.net"')
-    # Any bearer token passes; then the request is judged on its own.
+    # A valid token passes; then the request is judged on its own.
     assert _raw(stack, "GET", f"/keys/anything?api-version={API_VERSION}").json()["error"]["code"] == "KeyNotFound"
     missing_version = _raw(stack, "GET", "/keys/anything")
     assert missing_version.status_code == 400 and "api-version" in missing_version.json()["error"]["message"]
 
 
+def _tokens(stack) -> dict[str, str]:
+    """Tokens Key Vault must refuse, each for its own reason."""
+    app = stack.principals[APP]
+    stranger = TokenIssuer(tenant_id=stack.issuer.tenant_id)  # same tenant id, another signing key
+    return {
+        "garbage": "not-a-jwt",
+        "wrong resource (storage)": stack.issuer.mint(app, STORAGE),
+        "expired": stack.issuer.mint(app, VAULT, issued_at=1_700_000_000, lifetime_s=600),
+        "not yet valid": stack.issuer.mint(app, VAULT, nbf=int(time.time()) + 3600),
+        "another tenant": stack.issuer.mint(app, VAULT, iss="https://sts.windows.net/another-tenant/"),
+        "forged signature": stranger.mint(app, VAULT),
+    }
+
+
+@pytest.mark.parametrize("case", ["garbage", "wrong resource (storage)", "expired", "not yet valid", "another tenant",
+                                  "forged signature"])
+def test_key_vault_refuses_a_token_that_is_not_a_valid_vault_token_of_its_tenant_with_401(stack, case):
+    # learn.microsoft.com/azure/key-vault/general/authentication-requests-and-responses: 401 plus the challenge
+    response = _raw(stack, "GET", f"/keys/anything?api-version={API_VERSION}", token=_tokens(stack)[case])
+    assert response.status_code == 401, case
+    assert response.json()["error"]["code"] == "Unauthorized"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer authorization=")
+    message = response.json()["error"]["message"]
+    expected = {"wrong resource (storage)": "AKV10022: Invalid audience. Expected https://vault.azure.net, found: "
+                                            "https://storage.azure.com.",
+                "another tenant": "AKV10032: Invalid issuer."}
+    assert message.startswith(expected.get(case, "")), message
+
+
+def test_a_principal_without_a_role_for_the_action_gets_403_forbidden_by_rbac(stack, credential_of, options, keys,
+                                                                                 name):
+    # Quoted in Azure/azure-sdk-for-js#31374: Forbidden / ForbiddenByRbac, naming the caller, action and resource.
+    key = keys.create_ec_key(name, curve="P-256")
+    operator = stack.principals[OPERATOR]
+    with CryptographyClient(key.id, credential_of(OPERATOR), **options) as crypto, \
+            pytest.raises(HttpResponseError) as refused:
+        crypto.sign("ES256", hashlib.sha256(b"x").digest())
+    assert refused.value.status_code == 403 and refused.value.error.code == "Forbidden"
+    assert refused.value.error.innererror == {"code": "ForbiddenByRbac"}
+    message = refused.value.error.message
+    assert f"Caller: appid={operator.client_id};oid={operator.object_id};iss={stack.issuer.issuer}" in message
+    assert "Action: 'Microsoft.KeyVault/vaults/keys/sign/action'" in message
+    assert f"/providers/microsoft.keyvault/vaults/pkilocal/keys/{name.lower()}'" in message
+    with KeyClient(stack.keyvault_url, credential_of(OPERATOR), **options) as operator_keys:
+        assert operator_keys.get_key(name).id == key.id  # Key Vault Reader: keys/read
+        with pytest.raises(HttpResponseError) as create:
+            operator_keys.create_ec_key(f"{name}-op", curve="P-256")
+    assert create.value.status_code == 403 and "keys/create/action" in create.value.error.message
+    with SecretClient(stack.keyvault_url, credential_of(ADMIN), **options) as admin_secrets, \
+            pytest.raises(HttpResponseError) as secret:
+        admin_secrets.get_secret("anything")
+    assert secret.value.status_code == 403 and "secrets/getSecret/action" in secret.value.error.message
+
+
 class RecordingCredential:
-    def __init__(self):
+    def __init__(self, inner):
+        self.inner = inner
         self.requests: list[tuple[tuple[str, ...], str | None]] = []
 
     def get_token(self, *scopes: str, tenant_id: str | None = None, **kwargs) -> AccessToken:
         self.requests.append((scopes, tenant_id))
-        return StaticTokenCredential().get_token(*scopes)
+        return self.inner.get_token(*scopes)
 
 
-def test_the_sdk_is_challenged_first_then_sends_a_token_for_the_challenged_tenant(stack, options, name):
+def test_the_sdk_is_challenged_first_then_sends_a_token_for_the_challenged_tenant(stack, options, name, app):
     # The SDK caches challenges per host for the whole process; "localhost" (also in the emulator's
     # certificate) is a host no other test uses, so this client's first request is challenged.
-    credential, seen = RecordingCredential(), []
+    credential, seen = RecordingCredential(app), []
     url = stack.keyvault_url.replace("127.0.0.1", "localhost")
     with KeyClient(url, credential, **options) as client:
         key = client.create_ec_key(name, curve="P-256", raw_response_hook=lambda response: seen.append(
@@ -140,18 +207,18 @@ def _verify(public_key, algorithm: str, digest: bytes, signature: bytes) -> None
     (lambda client, name: client.create_rsa_key(name, size=2048), "RS256", "sha256"),
     (lambda client, name: client.create_rsa_key(name, size=2048), "PS256", "sha256"),
 ], ids=["es256", "es384", "rs256", "ps256"])
-def test_signatures_verify_with_the_jwk_public_key(stack, keys, options, name, create, algorithm, hash_name):
+def test_signatures_verify_with_the_jwk_public_key(stack, keys, options, name, create, algorithm, hash_name, app):
     key = create(keys, name)
     digest = hashlib.new(hash_name, b"to be signed").digest()
-    with CryptographyClient(key.id, StaticTokenCredential(), **options) as crypto:
+    with CryptographyClient(key.id, app, **options) as crypto:
         result = crypto.sign(algorithm, digest)
     assert result.key_id == key.id
     _verify(public_key_from_jwk(key.key), algorithm, digest, result.signature)
 
 
-def test_sign_refuses_what_key_vault_refuses(stack, keys, options, name):
+def test_sign_refuses_what_key_vault_refuses(stack, keys, options, name, app):
     key = keys.create_ec_key(name, curve="P-256")
-    with CryptographyClient(key.id, StaticTokenCredential(), **options) as crypto:
+    with CryptographyClient(key.id, app, **options) as crypto:
         with pytest.raises(HttpResponseError) as wrong_length:
             crypto.sign("ES256", hashlib.sha384(b"x").digest())
         with pytest.raises(HttpResponseError) as wrong_curve:
@@ -160,12 +227,12 @@ def test_sign_refuses_what_key_vault_refuses(stack, keys, options, name):
     assert "Invalid length of 'value': 48 bytes. ES256 requires 32 bytes" in wrong_length.value.message
     assert wrong_curve.value.status_code == 400
     verify_only = keys.create_ec_key(f"{name}-v", curve="P-256", key_operations=["verify"])
-    with CryptographyClient(verify_only.id, StaticTokenCredential(), **options) as crypto:
+    with CryptographyClient(verify_only.id, app, **options) as crypto:
         with pytest.raises(HttpResponseError) as forbidden:
             crypto.sign("ES256", hashlib.sha256(b"x").digest())
     assert forbidden.value.status_code == 403
     disabled = keys.create_ec_key(f"{name}-d", curve="P-256", enabled=False)
-    with CryptographyClient(disabled.id, StaticTokenCredential(), **options) as crypto:
+    with CryptographyClient(disabled.id, app, **options) as crypto:
         with pytest.raises(HttpResponseError) as refused:
             crypto.sign("ES256", hashlib.sha256(b"x").digest())
     assert refused.value.status_code == 403

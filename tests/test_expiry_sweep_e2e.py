@@ -12,8 +12,10 @@ import threading
 import pytest
 from cryptography import x509
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
-from azure.storage.queue import QueueClient
 
+from clients.storage import queue_client
+from devhost.stack import person_settings
+from emulators.stack import ADMIN, APP
 from handlers.batch_chunk import device_document, device_tags
 from handlers.expiry_sweep import NOTICE_QUEUE, run_sweep
 from handlers.onboarding import customer_document
@@ -31,42 +33,31 @@ def storage(own_azurite):
 
 
 @pytest.fixture
-def env(storage, stack, monkeypatch):
+def env(storage, stack):
     from .batch_helpers import wired_env
 
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stack.ca_path))
-    values = wired_env(storage, stack, INTERMEDIATE_VALIDITY_DAYS="80")
-    QueueClient.from_connection_string(storage.connection_string, NOTICE_QUEUE).clear_messages() \
-        if _exists(storage.connection_string) else None
-    return values
-
-
-def _exists(connection_string: str) -> bool:
-    try:
-        QueueClient.from_connection_string(connection_string, NOTICE_QUEUE).get_queue_properties()
-        return True
-    except Exception:  # noqa: BLE001 - not created yet
-        return False
+    storage.queue_client(NOTICE_QUEUE).clear_messages()
+    return wired_env(storage, stack, INTERMEDIATE_VALIDITY_DAYS="80")
 
 
 def _at(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
-def test_a_rehearsal_80_days_before_expiry_renews_and_both_generations_register(env, stack, tmp_path):
+def test_a_rehearsal_80_days_before_expiry_renews_and_both_generations_register(env, stack, tmp_path,
+                                                                                 credential_of):
     fleet = Fleet(env, stack, tmp_path)
     acme = fleet.acme
     fleet.issue(acme, ["old-1"], "before.jsonl")
     old = fleet.services.store.get(customer_document(acme)).data
     when = _at(old["intermediate"]["notAfter"]) - dt.timedelta(days=80)
     out = io.StringIO()
-    code = pkictl(["sweep", "run", "--now", when.strftime("%Y-%m-%dT%H:%M:%SZ")], env=fleet.settings_env, out=out,
-                  err=out)
+    admin = person_settings(fleet.settings_env, stack.client_id(ADMIN))  # a sweep by hand renews: the PKI admin's
+    code = pkictl(["sweep", "run", "--now", when.strftime("%Y-%m-%dT%H:%M:%SZ")], env=admin, out=out, err=out)
     assert code == 0, out.getvalue()
     assert f"renewed {acme}: serial {old['intermediate']['serial']} -> " in out.getvalue()
     renewed = fleet.services.store.get(customer_document(acme)).data
-    dps = DeviceProvisioningClient.from_connection_string(stack.dps_info()[0].connection_string,
-                                                          connection_verify=str(stack.ca_path))
+    dps = DeviceProvisioningClient(stack.dps[0].endpoint, credential_of(APP), connection_verify=str(stack.ca_path))
     slots = dps.enrollment_group.get(acme)["attestation"]["x509"]["signingCertificates"]
     new_cert = x509.load_pem_x509_certificate(renewed["intermediate"]["certificatePem"].encode())
     assert slots["primary"]["info"]["sha1Thumbprint"].upper() == thumbprints(new_cert)["sha1"]
@@ -75,7 +66,7 @@ def test_a_rehearsal_80_days_before_expiry_renews_and_both_generations_register(
     assert fleet.register(acme, "old-1") == stack.iothub.hostname
     assert fleet.register(acme, "new-1") == stack.iothub.hostname
     out = io.StringIO()
-    assert pkictl(["sweep", "show", when.date().isoformat()], env=fleet.settings_env, out=out) == 0
+    assert pkictl(["sweep", "show", when.date().isoformat()], env=fleet.operator_env, out=out) == 0
     assert json.loads(out.getvalue())["counts"]["intermediatesRenewed"] >= 1
 
 
@@ -107,7 +98,7 @@ def test_two_concurrent_sweeps_renew_once_and_notify_once(env, stack, tmp_path):
     assert not errors, errors
     for customer in customers:  # 80-day intermediates are inside the 90-day window: renewed, once
         assert len(stack.keyvault.key_versions(f"customer-{customer}")) == versions[customer] + 1
-    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], NOTICE_QUEUE)
+    queue = queue_client(services.settings, NOTICE_QUEUE)
     notices = [json.loads(m.content) for m in queue.receive_messages(max_messages=32)]
     mine = [n for n in notices if n["customerId"] in customers]
     assert sorted(n["customerId"] for n in mine) == sorted(customers)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from clients.keyvault import KeyVaultKeyStore, KeyVaultSecrets
-from clients.retry import StaticTokenCredential, ThrottlingRetryPolicy, TokenBucket
+from clients.retry import ThrottlingRetryPolicy, TokenBucket
 from handlers.errors import NotFound
 from handlers.ports import KeyRef
 from pki import profiles
@@ -28,8 +28,12 @@ WORKERS = 8
 
 
 def _store(stack, **kwargs) -> KeyVaultKeyStore:
-    return KeyVaultKeyStore(stack.keyvault_url, StaticTokenCredential(), connection_verify=str(stack.ca_path),
-                            verify_challenge_resource=False, **kwargs)
+    from azure.identity import ManagedIdentityCredential
+
+    from emulators.stack import APP
+
+    return KeyVaultKeyStore(stack.keyvault_url, ManagedIdentityCredential(client_id=stack.client_id(APP)),
+                            connection_verify=str(stack.ca_path), verify_challenge_resource=False, **kwargs)
 
 
 @pytest.fixture
@@ -134,8 +138,8 @@ def test_token_bucket_holds_its_rate_across_threads():
     assert time.monotonic() - start >= 99 / 500
 
 
-def test_secrets_round_trip_by_version(stack):
-    vault = KeyVaultSecrets(stack.keyvault_url, StaticTokenCredential(), connection_verify=str(stack.ca_path),
+def test_secrets_round_trip_by_version(stack, credential_of):
+    vault = KeyVaultSecrets(stack.keyvault_url, credential_of(), connection_verify=str(stack.ca_path),
                             verify_challenge_resource=False)
     try:
         first = vault.set_secret("batch-password", "first-password")

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
-from azure.storage.queue import QueueClient
 from cryptography import x509
 
 from clients.audit import StoreAuditLog
-from clients.dps import DpsEnrollmentGroups
-from clients.factory import key_store
-from clients.storage import state_store
-from emulators.stack import EmulatorStack
+from clients.factory import enrollment_groups, key_store
+from clients.storage import queue_client, state_store
+from devhost.stack import sas_settings
+from emulators.stack import APP
 from handlers.errors import CapacityExhausted
 from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
 from handlers.root_ca import RootRequest, create_root
@@ -71,14 +70,18 @@ class Devhost:
         return self.process.communicate(timeout=60)[0]
 
 
+def _queue(env: dict):
+    return queue_client(load_settings({k: v for k, v in env.items() if not k.startswith("_")}), QUEUE)
+
+
 def send(env: dict, text: str) -> None:
-    QueueClient.from_connection_string(env["AzureWebJobsStorage"], QUEUE).send_message(text)
+    _queue(env).send_message(text)
 
 
 def settle(env: dict, customers: list[str], timeout: float = 120) -> dict[str, dict]:
     """Wait until the queue is empty and every customer is active; returns their records."""
     store = state_store(load_settings({k: v for k, v in env.items() if not k.startswith("_")}))
-    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], QUEUE)
+    queue = _queue(env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         records = {c: store.get(customer_document(c)) for c in customers}
@@ -98,8 +101,10 @@ def audit_events(env: dict, customer: str) -> list[dict]:
 
 
 def dps_client(stack, index: int = 0) -> DeviceProvisioningClient:
-    return DeviceProvisioningClient.from_connection_string(stack.dps_info()[index].connection_string,
-                                                           connection_verify=str(stack.ca_path))
+    from azure.identity import ManagedIdentityCredential
+
+    return DeviceProvisioningClient(stack.dps[index].endpoint, ManagedIdentityCredential(client_id=stack.client_id(APP)),
+                                    connection_verify=str(stack.ca_path))
 
 
 def groups_named(stack, group_id: str) -> int:
@@ -203,7 +208,7 @@ def test_malformed_messages_are_recorded_with_their_field_and_nothing_else_happe
     assert {"message", "customerId", "custmerId", "country", "displayName", "iotHubs", "iotEdge",
             "initialTwin"} <= fields
     assert list(store.find("\"kind\" = 'customer'")) == []
-    poison = QueueClient.from_connection_string(storage.connection_string, f"{QUEUE}-poison")
+    poison = storage.queue_client(f"{QUEUE}-poison")
     try:
         assert poison.peek_messages() == []
     except Exception as exc:  # noqa: BLE001 - the queue not existing is the same as empty
@@ -211,13 +216,15 @@ def test_malformed_messages_are_recorded_with_their_field_and_nothing_else_happe
     assert "Traceback" not in output
 
 
-def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(storage, tmp_path):
-    with EmulatorStack(tmp_path / "pool", dps_instances=2) as pool:
-        values = stack_settings(storage, pool, f"state-{secrets.token_hex(5)}")
+def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(storage, fresh_stack):
+    # Keys instead of an identity for storage and DPS (a storage connection string, DPS_CONNECTION_STRINGS):
+    # supported for those who run that way, so exercised here.
+    with fresh_stack("pool", dps_instances=2) as pool:
+        values = sas_settings(storage, pool, STATE_CONTAINER=f"state-{secrets.token_hex(5)}")
         settings = load_settings(values)
+        assert settings.storage.connection_string and settings.dps_connection_strings
         store, keys = state_store(settings), key_store(settings)
-        groups = DpsEnrollmentGroups.for_pool(settings.dps_pool, connection_strings=settings.dps_connection_strings,
-                                              connection_verify=str(pool.ca_path))
+        groups = enrollment_groups(settings)
         from handlers.onboarding import OnboardingSettings
 
         onboarding = OnboardingSettings(pool=settings.dps_pool)

@@ -187,11 +187,11 @@ def test_the_demo_runs_end_to_end_leaks_no_secret_and_leaves_nothing_running():
 
     def inspect(stack, env):
         scans.append(find_leaks(stack, [("demo output", out.getvalue())]))
-        # the scanner can fail: a PFX password planted in a blob is found
-        from azure.storage.blob import BlobServiceClient
-
-        planted = BlobServiceClient.from_connection_string(env["AzureWebJobsStorage"]).get_container_client("pki-state")
+        # the scanner can fail: a PFX password and an access token planted in a blob are found
+        planted = stack.azurite.blob_service().get_container_client("pki-state")
+        token = stack.emulators.issuer.mint(stack.emulators.principals["pki-app"], "https://vault.azure.net")
         planted.upload_blob("probe.txt", f"oops {stack.emulators.keyvault.secret_values()[0]}".encode())
+        planted.upload_blob("probe-token.txt", f"Authorization: Bearer {token}".encode())
         scans.append(find_leaks(stack))
 
     assert run_demo(out, inspect=inspect) == 0, out.getvalue()[-3000:]
@@ -201,4 +201,5 @@ def test_the_demo_runs_end_to_end_leaks_no_secret_and_leaves_nothing_running():
         assert expected in text
     leaks, scanned = scans[0]
     assert leaks == [] and scanned > 50
-    assert scans[1][0] == ["blob pki-state/probe.txt: the Key Vault secret #0"]
+    assert sorted(scans[1][0]) == ["blob pki-state/probe-token.txt: an access token",
+                                   "blob pki-state/probe.txt: the Key Vault secret #0"]

@@ -12,8 +12,20 @@ from azure.storage.blob import BlobServiceClient
 app = func.FunctionApp()
 
 
+def _service() -> BlobServiceClient:
+    """The app's storage, the way the host was told to reach it: a connection string, or its managed identity."""
+    ca = os.environ.get("EMULATOR_CA_PATH")
+    if os.environ.get("AzureWebJobsStorage"):
+        return BlobServiceClient.from_connection_string(os.environ["AzureWebJobsStorage"], connection_verify=ca)
+    from azure.identity import ManagedIdentityCredential
+
+    credential = ManagedIdentityCredential(client_id=os.environ["AzureWebJobsStorage__clientId"])
+    return BlobServiceClient(os.environ["AzureWebJobsStorage__blobServiceUri"], credential=credential,
+                             connection_verify=ca)
+
+
 def _record(kind: str, data: dict) -> None:
-    service = BlobServiceClient.from_connection_string(os.environ["AzureWebJobsStorage"])
+    service = _service()
     container = service.get_container_client(os.environ["TEST_RESULTS"])
     try:
         container.create_container()
