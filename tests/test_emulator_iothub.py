@@ -125,9 +125,12 @@ def test_a_bearer_token_that_is_not_a_hub_token_of_the_tenant_gets_401_unauthori
     assert response.json()["Message"].startswith("ErrorCode:IotHubUnauthorizedAccess;Unauthorized")
 
 
-def test_the_apps_identity_manages_devices_by_host_name_and_token_as_in_production(stack, credential_of):
-    # The production code path: host name only (the SDK adds https://), the app's token credential.
-    hubs = IotHubRegistries(connection_strings={}, credential=credential_of(APP), ops_per_min=6000,
+@pytest.mark.parametrize("access", ["identity", "connection string"])
+def test_the_app_reaches_a_hub_by_host_name_with_its_identity_or_a_connection_string(stack, credential_of, access):
+    # The production code path: host name only (the SDK adds https://), the app's token credential. A hub with a
+    # connection string (IOT_HUB_CONNECTION_STRINGS) still works, for those who run that way.
+    strings = {stack.iothub.hostname: stack.iothub_connection_string} if access == "connection string" else {}
+    hubs = IotHubRegistries(connection_strings=strings, credential=credential_of(APP), ops_per_min=6000,
                             connection_verify=str(stack.ca_path))
     device_id = _device_id()
     stack.iothub.provision_device(device_id, initial_twin=None)
