@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=Path(".pki-local/emulators"))
     parser.add_argument("--dps-instances", type=int, default=2)
     parser.add_argument("--max-groups", type=int, default=100, help="enrollment groups per DPS instance")
+    parser.add_argument("--azure-quotas", action="store_true", help="rate caps at Azure's documented default quotas")
     parser.add_argument("--faults", action="append", default=[], metavar="SERVICE=JSON",
                         help="e.g. keyvault='{\"rate_per_s\": 100, \"retry_after\": false}'; repeatable")
     args = parser.parse_args(argv)
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with EmulatorStack(args.state_dir, dps_instances=args.dps_instances, max_groups_per_dps=args.max_groups) as stack:
+        if args.azure_quotas:
+            stack.azure_quotas()
         for service, fault in faults.items():
             if service not in stack.servers:
                 parser.error(f"--faults: no service {service!r}; services: {', '.join(stack.servers)}")

@@ -96,10 +96,22 @@ class Faults:
         return cls(**{**cls().as_dict(), **data})
 
 
-class FaultGate:
-    """Applies ``Faults`` to each request; counts what it did."""
+def key_vault_refusal(status: int, message: str) -> Response:
+    """Key Vault's error shape (also ARM's): {"error": {"code", "message"}}; 429 is "Throttled"
+    (learn.microsoft.com/azure/key-vault/general/overview-throttling)."""
+    code = {429: "Throttled", 503: "ServiceUnavailable"}.get(status, "Error")
+    return Response(status, {"error": {"code": code, "message": message}})
 
-    def __init__(self, faults: Faults | None = None, seed: int | None = None):
+
+Refusal = Callable[[int, str], Response]
+
+
+class FaultGate:
+    """Applies ``Faults`` to each request, answering in the emulated service's own error shape (``refusal``);
+    counts what it did."""
+
+    def __init__(self, faults: Faults | None = None, seed: int | None = None, refusal: Refusal = key_vault_refusal):
+        self.refusal = refusal
         self.faults = faults or Faults()
         self._lock = threading.Lock()
         self._window_start = time.monotonic()
@@ -115,18 +127,21 @@ class FaultGate:
             self.stats["requests"] += 1
             if faults.rate_per_s:
                 now = time.monotonic()
-                # A 100 ms window: a cap of R/s admits R/10 per window, like a service's rolling limit.
-                if now - self._window_start >= 0.1:
+                # A rolling window: 100 ms for caps of 10/s and more (a cap of R/s admits R/10 per window); a
+                # per-minute quota (IoT Hub's 100 registry operations per minute) counts over a whole second.
+                window = 0.1 if faults.rate_per_s >= 10 else 1.0
+                if now - self._window_start >= window:
                     self._window_start, self._window_count = now, 0
-                if self._window_count >= max(1.0, faults.rate_per_s / 10):
+                if self._window_count >= max(1.0, faults.rate_per_s * window):
                     self.stats["throttled"] += 1
-                    headers = {"Retry-After": "1"} if faults.retry_after else {}
-                    return Response(429, {"error": {"code": "Throttled", "message": "Rate limit is exceeded."}},
-                                    headers)
+                    refused = self.refusal(429, "Rate limit is exceeded.")
+                    if faults.retry_after:
+                        refused.headers.setdefault("Retry-After", "1")
+                    return refused
                 self._window_count += 1
             if faults.error_503_fraction and self._random.random() < faults.error_503_fraction:
                 self.stats["failed_503"] += 1
-                return Response(503, {"error": {"code": "ServiceUnavailable", "message": "injected 503"}})
+                return self.refusal(503, "injected 503")
         return None
 
 
@@ -194,6 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
                           headers={k.lower(): v for k, v in self.headers.items()}, body=body,
                           peer_chain=self.peer_chain)
         response = self.server.dispatch(request)
+        if self.server.recorder is not None and not request.path.startswith(ADMIN_PREFIX):
+            self.server.recorder.append(_exchange(self.server.name, request, response))
         payload = response.body
         content_type = "application/json; charset=utf-8"
         if isinstance(payload, (dict, list)):
@@ -213,6 +230,17 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _serve
 
 
+def _exchange(server: str, request: Request, response: Response) -> dict:
+    """One request and its answer, as the contract checks read them (tests/contract_check.py)."""
+    try:
+        sent = json.loads(request.body) if request.body else None
+    except ValueError:
+        sent = request.body.decode(errors="replace")
+    body = response.body if isinstance(response.body, (dict, list)) or response.body is None else str(response.body)
+    return {"server": server, "method": request.method, "path": request.path, "query": sorted(request.query),
+            "requestBody": sent, "status": response.status, "responseBody": body}
+
+
 class EmulatorServer(socketserver.ThreadingTCPServer):
     """One emulated service on one loopback port."""
 
@@ -222,13 +250,15 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
     request_queue_size = 128
 
     def __init__(self, name: str, routes: list[Route], identity: ServerIdentity | None, *, client_auth: bool = False,
-                 port: int = 0, faults: Faults | None = None):
+                 port: int = 0, faults: Faults | None = None, recorder: list | None = None,
+                 refusal: Refusal = key_vault_refusal):
         """``identity`` None serves plain HTTP: only for the managed identity endpoint, which is plain HTTP on
         loopback on Azure as well (``IDENTITY_ENDPOINT`` is ``http://localhost:.../msi/token``)."""
         self.name = name
         self.routes = routes
         self.client_auth = client_auth
-        self.gate = FaultGate(faults)
+        self.recorder = recorder  # a list that gets every exchange (contract tests), or None
+        self.gate = FaultGate(faults, refusal=refusal)
         self._connections: set[SSL.Connection] = set()
         self._lock = threading.Lock()
         self._context = self._make_context(identity, client_auth) if identity is not None else None

@@ -31,11 +31,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
 from pki.export import thumbprints
-from pki.ids import registration_id_problem
 
 from .core import HttpError, Request, Response, Route, der, route
 from .identity import DPS, EntraGuard
@@ -48,6 +47,8 @@ from .iothub import IotHubEmulator, access_problem, iso, utc_now
 INVALID_ARGUMENT = 400004
 # A full instance is a verdict on the request, so 400, not 409: the DPS SDK maps 409 to ResourceExistsError and
 # clients/errors.py maps that to AlreadyExists, which callers treat as "done", and a quota must not read as success.
+# DPS documents neither the status nor the code, so the emulator's are its own picks, and its message does not name
+# the quota: clients must recognise a full instance without relying on either (clients/dps.py counts).
 GROUP_QUOTA_EXCEEDED = 400010
 UNAUTHORIZED = 401002
 ENROLLMENT_DISABLED = 401005
@@ -55,17 +56,80 @@ NOT_FOUND = 404201
 UNKNOWN_ID_SCOPE = 404104
 ALREADY_EXISTS = 409201
 PRECONDITION_FAILED = 412001
+# An attestation that passed but could not be completed: the assigned hub did not take the device. DPS documents
+# only the status (500, internal error) for this, so the detail digits are the emulator's pick.
+ASSIGNMENT_FAILED = 500000
 
 # The message DPS sends with 401002 when no enrollment group's certificate is in the device's chain.
 CHAIN_MISMATCH = "Signing certificate info did not match chain elements"
 # Enrollment and group ids: "a case-insensitive string (up to 128 characters long) of alphanumeric characters
 # plus certain special characters : . _ -. No special characters allowed at start or end" (the SDK's docs).
 _RECORD_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9:._-]{0,126}[A-Za-z0-9])?")
+# Registration ids, which individual enrollments are keyed by: "a case-insensitive string of alphanumeric characters
+# plus the special characters: '-', '.', '_', ':'. The last character must be alphanumeric or dash ('-'). DPS supports
+# registration IDs up to 128 characters long" (learn.microsoft.com/azure/iot-dps/concepts-service#registration-id).
+# One rule for the enrollment API and for registration.
+_REGISTRATION_ID = re.compile(r"[A-Za-z0-9:._-]{0,127}[A-Za-z0-9-]")
 _ALLOCATION_POLICIES = {"hashed": "hashed", "geolatency": "geoLatency", "static": "static", "custom": "custom"}
 # How long a device should wait before polling its registration operation (the Retry-After DPS sends).
 DEFAULT_RETRY_AFTER_S = 1
 # A chain longer than this is not a device chain; stops the issuer walk on a crafted loop.
 MAX_CHAIN_DEPTH = 8
+# "Maximum number of CA certificates registered to a single Azure IoT Hub Device Provisioning Service: 25"
+# (learn.microsoft.com/azure/iot-dps/about-iot-dps#quotas-and-limits).
+MAX_CA_CERTIFICATES = 25
+
+
+@dataclass
+class CaCertificate:
+    """A CA certificate uploaded to the instance (its management resource ``.../certificates/{name}``)."""
+
+    name: str
+    certificate: x509.Certificate
+    raw: bytes  # what was uploaded (PEM text or DER), returned as the resource's ``certificate``
+    verified: bool
+    etag: str
+    created: dt.datetime
+    updated: dt.datetime
+    verification_code: str | None = None
+
+
+def verified_path(chain: list[x509.Certificate], anchors: list[x509.Certificate],
+                  now: dt.datetime) -> list[x509.Certificate] | None:
+    """The path from the leaf to a verified CA certificate, validated as RFC 5280 says (signatures, validity, CA
+    flag, keyCertSign, pathLen) by ``cryptography``'s verifier, or None when there is none.
+
+    The web PKI's profile is kept (a stricter reading than DPS documents) except that a device certificate may
+    lack a subjectAltName: DPS identifies devices by CN. The verified certificate must be among the certificates
+    the device presented: DPS's docs have the device present its chain "up to and including" the verified one,
+    and a chain that only reaches it through the instance's store is the lenient reading.
+    """
+    if not anchors:
+        return None
+    leaf_policy = verification.ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None)
+    verifier = (verification.PolicyBuilder().store(verification.Store(anchors)).time(now)
+                .max_chain_depth(MAX_CHAIN_DEPTH)
+                .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=leaf_policy)
+                .build_client_verifier())
+    try:
+        path = verifier.verify(chain[0], chain[1:]).chain
+    except verification.VerificationError:
+        return None
+    presented = {der(c) for c in chain}
+    return path if der(path[-1]) in presented else None
+
+
+# DPS's throttling answer: 429 with errorCode 429001 and Retry-After (learn.microsoft.com/azure/iot-dps/
+# how-to-troubleshoot-dps, "429001 ThrottledRequests"); its answer to a server fault, 503.
+THROTTLED = 429001
+SERVICE_UNAVAILABLE = 503000
+
+
+def dps_refusal(status: int, message: str) -> Response:
+    """An injected fault in DPS's error shape (``core.FaultGate``)."""
+    code = {429: THROTTLED, 503: SERVICE_UNAVAILABLE}.get(status, status * 1000)
+    return dps_error(status, code, message).response
 
 
 def dps_error(status: int, code: int, message: str) -> HttpError:
@@ -137,10 +201,14 @@ class _Kind:
     id_field: str
     certificate_field: str  # attestation.x509.<this>
     item_type: str  # x-ms-item-type of query answers
+    id_rule: re.Pattern
+    id_rule_text: str
 
 
-_GROUP = _Kind("enrollment group", "enrollmentGroupId", "signingCertificates", "enrollmentGroup")
-_INDIVIDUAL = _Kind("enrollment", "registrationId", "clientCertificates", "enrollment")
+_GROUP = _Kind("enrollment group", "enrollmentGroupId", "signingCertificates", "enrollmentGroup",
+               _RECORD_ID, "up to 128 of A-Z a-z 0-9 : . _ -, starting and ending with a letter or digit")
+_INDIVIDUAL = _Kind("enrollment", "registrationId", "clientCertificates", "enrollment", _REGISTRATION_ID,
+                    "up to 128 of A-Z a-z 0-9 - . _ :, ending with a letter, digit or '-'")
 
 
 @dataclass
@@ -163,25 +231,6 @@ def _query_page(request: Request, items: list[dict], item_type: str) -> Response
     if end < len(items):
         headers["x-ms-continuation"] = str(end)
     return Response(200, items[int(start):end], headers)
-
-
-def _issuer_path(chain: list[x509.Certificate], now: dt.datetime) -> list[x509.Certificate]:
-    """The leaf, then each presented certificate that issued the previous one: signature verified, valid now."""
-    path = [chain[0]]
-    while len(path) < MAX_CHAIN_DEPTH and path[-1].issuer != path[-1].subject:
-        issuer = next((c for c in chain[1:] if c not in path and _issued(path[-1], c, now)), None)
-        if issuer is None:
-            break
-        path.append(issuer)
-    return path
-
-
-def _issued(cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc
 
 
 def _common_name(cert: x509.Certificate) -> str | None:
@@ -212,6 +261,37 @@ class DpsInstance:
         self._groups: dict[str, _Record] = {}  # keyed by lower-case id: DPS ids are case-insensitive
         self._enrollments: dict[str, _Record] = {}
         self._registrations: dict[str, _Registration] = {}
+        self.ca_certificates: dict[str, CaCertificate] = {}  # by lower-case name; see emulators/arm.py
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Guards the instance's records, registration states and CA certificates (``emulators/arm.py`` takes it)."""
+        return self._lock
+
+    def linked_hubs(self) -> list[str]:
+        """The IoT hubs linked to the instance (one here: the hub emulator)."""
+        return [self.hub.hostname]
+
+    def _one_entry_per_certificate(self, kind: _Kind, record_id: str, certificates: dict) -> None:
+        """"A certificate can be specified in only one enrollment entry" (learn.microsoft.com/azure/iot-dps/
+        concepts-x509-attestation): no other group or individual enrollment may hold the same certificate."""
+        wanted = {der(c) for c in certificates.values()}
+        for other_kind, store in ((_GROUP, self._groups), (_INDIVIDUAL, self._enrollments)):
+            for key, record in store.items():
+                if other_kind is kind and key == record_id.lower():
+                    continue
+                if any(der(c) in wanted for c in record.certificates.values()):
+                    # a verdict on the request (400), not "it exists" (409): retrying cannot help, nor is it done
+                    raise dps_error(400, INVALID_ARGUMENT, f"a certificate can be specified in only one enrollment "
+                                    f"entry: it is in {other_kind.name} {record.body[other_kind.id_field]!r}")
+
+    def trust(self, certificate: x509.Certificate, name: str | None = None) -> None:
+        """Test set-up: upload ``certificate`` as already verified (what ``isVerified: true`` on upload does)."""
+        now = utc_now()
+        name = name or f"ca-{thumbprints(certificate)['sha1'][:16].lower()}"
+        with self._lock:
+            self.ca_certificates[name.lower()] = CaCertificate(name, certificate, der(certificate), True,
+                                                               secrets.token_hex(8), now, now)
 
     def group_ids(self) -> list[str]:
         """Test inspection: the ids of every enrollment group on this instance."""
@@ -293,9 +373,8 @@ class DpsInstance:
     def _put(self, request: Request, kind: _Kind, store: dict[str, _Record], record_id: str) -> Response:
         """Create (no If-Match; 409 if it exists, as DPS answers) or replace (If-Match: its etag or "*")."""
         record_id = unquote(record_id)
-        if not _RECORD_ID.fullmatch(record_id):
-            raise dps_error(400, INVALID_ARGUMENT, f"{kind.id_field} {record_id!r}: up to 128 of A-Z a-z 0-9 : . _ -,"
-                            " starting and ending with a letter or digit")
+        if not kind.id_rule.fullmatch(record_id):
+            raise dps_error(400, INVALID_ARGUMENT, f"{kind.id_field} {record_id!r}: {kind.id_rule_text}")
         body = request.json()
         if not isinstance(body, dict):
             raise dps_error(400, INVALID_ARGUMENT, f"the body must be an {kind.name} JSON object")
@@ -313,8 +392,8 @@ class DpsInstance:
                 raise dps_error(412, PRECONDITION_FAILED, f"{kind.name} {record_id!r} has etag "
                                 f"{existing.body['etag']}, the request sent If-Match {if_match}")
             if existing is None and kind is _GROUP and len(store) >= self.max_groups:
-                raise dps_error(400, GROUP_QUOTA_EXCEEDED, f"this DPS instance already holds {len(store)} "
-                                f"enrollment groups, the maximum is {self.max_groups}")
+                raise dps_error(400, GROUP_QUOTA_EXCEEDED, f"{kind.name} {record_id!r} cannot be created: this "
+                                f"instance holds {len(store)} of them")
             record = self._validated(kind, record_id, body, existing)
             store[record_id.lower()] = record
             return self._response(kind, record)
@@ -350,6 +429,19 @@ class DpsInstance:
             # DPS's own wording for this rule (Azure/azure-sdk-for-python#35368).
             raise dps_error(400, INVALID_ARGUMENT, "Enrollment allocationPolicy must be specified when iotHubs "
                             "are specified.")
+        hubs = body.get("iotHubs") or []
+        if not isinstance(hubs, list) or not all(isinstance(h, str) for h in hubs):
+            raise dps_error(400, INVALID_ARGUMENT, "iotHubs must be a list of IoT hub host names")
+        unlinked = sorted({h.lower() for h in hubs} - {h.lower() for h in self.linked_hubs()})
+        if unlinked:
+            # "The IoT hubs ... must be linked to the DPS instance" (learn.microsoft.com/azure/iot-dps/
+            # how-to-use-allocation-policies)
+            raise dps_error(400, INVALID_ARGUMENT, f"iotHubs {', '.join(unlinked)} are not linked to this instance "
+                            f"(linked: {', '.join(self.linked_hubs())})")
+        if body.get("allocationPolicy") == "static" and len(hubs) != 1:
+            raise dps_error(400, INVALID_ARGUMENT, "allocationPolicy static assigns to exactly one IoT hub: give "
+                            "iotHubs with one linked hub")
+        self._one_entry_per_certificate(kind, record_id, certificates)
         if body.get("initialTwin") is not None and not isinstance(body["initialTwin"], dict):
             raise dps_error(400, INVALID_ARGUMENT, "initialTwin must be an object")
         body.setdefault("reprovisionPolicy", {"updateHubAssignment": True, "migrateDeviceData": True})
@@ -406,17 +498,19 @@ class DpsInstance:
 
     # --- device registration --------------------------------------------------------------------------
     def register(self, registration_id: str, chain: list[x509.Certificate], now: dt.datetime) -> dict:
-        """X.509 attestation as DPS does it; on success the device lands in the hub. The device API's
-        registrationState, or an ``HttpError`` with DPS's error body.
+        """X.509 attestation as DPS does it. A failed attestation is an ``HttpError`` with DPS's error body (the
+        register call itself is refused); otherwise the registration state of the attempt, whose ``status`` the
+        operation then reports: ``assigned`` (the device is in the hub), ``disabled`` (its enrollment or group is
+        disabled) or ``failed`` (the hub did not take it). Every attempt is recorded as the device's registration
+        state, refused ones included (``status``, ``errorCode``, ``errorMessage``, no ``assignedHub``).
 
         Order (learn.microsoft.com/azure/iot-dps/concepts-x509-attestation): the leaf's CN is the
         registration id; an individual enrollment for that id decides alone (its certificate must be the
         leaf; disabled refuses - the documented way to block one device of a group); otherwise the enrollment
-        group whose signing certificate is in the presented chain, each link's signature and validity checked.
+        group whose signing certificate is on the device's chain to a verified CA certificate (``verified_path``).
         """
-        problem = registration_id_problem(registration_id)
-        if problem:
-            raise dps_error(400, INVALID_ARGUMENT, f"registrationId {registration_id!r}: {problem}")
+        if not _REGISTRATION_ID.fullmatch(registration_id):
+            raise dps_error(400, INVALID_ARGUMENT, f"registrationId {registration_id!r}: {_INDIVIDUAL.id_rule_text}")
         if not chain:
             raise dps_error(401, UNAUTHORIZED, "Unauthorized: the device presented no client certificate")
         leaf = chain[0]
@@ -434,21 +528,37 @@ class DpsInstance:
                     raise dps_error(401, UNAUTHORIZED, "Unauthorized: the device certificate is not the one in "
                                     f"the individual enrollment {registration_id!r}")
                 if not enrollment.enabled:
-                    raise dps_error(401, ENROLLMENT_DISABLED, f"Enrollment {registration_id!r} is disabled")
+                    return self._refused(registration_id, None, "disabled", ENROLLMENT_DISABLED,
+                                         f"Enrollment {registration_id!r} is disabled", now)
                 return self._assign(registration_id, enrollment, None, now)
-            group_id, group = self._matching_group(_issuer_path(chain, now))
+            anchors = [c.certificate for c in self.ca_certificates.values() if c.verified]
+            path = verified_path(chain, anchors, now)
+            if path is None:
+                # DPS answers every failed X.509 group attestation the same way: no verified CA reached, a link
+                # missing or forged, a CA rule broken.
+                raise dps_error(401, UNAUTHORIZED, CHAIN_MISMATCH)
+            group_id, group = self._matching_group(path)
             if group is None:
                 raise dps_error(401, UNAUTHORIZED, CHAIN_MISMATCH)
             if not group.enabled:
-                raise dps_error(401, ENROLLMENT_DISABLED, f"Enrollment group {group_id!r} is disabled")
+                return self._refused(registration_id, group_id, "disabled", ENROLLMENT_DISABLED,
+                                     f"Enrollment group {group_id!r} is disabled", now)
             return self._assign(registration_id, group, group_id, now)
 
-    def _matching_group(self, path: list[x509.Certificate]) -> tuple[str, _Record | None]:
-        """The group holding the signing certificate closest to the leaf among those the device presented.
+    def _refused(self, registration_id: str, group_id: str | None, status: str, code: int, message: str,
+                 now: dt.datetime) -> dict:
+        """Record an attempt that did not end in an assignment (it replaces the previous state, hub and all)."""
+        previous = self._registrations.get(registration_id.lower())
+        state = {"registrationId": registration_id,
+                 "createdDateTimeUtc": previous.state["createdDateTimeUtc"] if previous else iso(now),
+                 "status": status, "errorCode": code, "errorMessage": message,
+                 "lastUpdatedDateTimeUtc": iso(now), "etag": f'"{uuid.uuid4()}"'}
+        self._registrations[registration_id.lower()] = _Registration(state, group_id)
+        return copy.deepcopy(state)
 
-        The certificate must be in the presented chain: a group holding the intermediate that signed the
-        device does not match when the device leaves that intermediate out (DPS's 401002).
-        """
+    def _matching_group(self, path: list[x509.Certificate]) -> tuple[str, _Record | None]:
+        """The group holding the signing certificate closest to the leaf on the validated path (which holds only
+        certificates the device presented, up to a verified one)."""
         for cert in path[1:]:
             for record in self._groups.values():
                 if record.holds(cert):
@@ -460,6 +570,9 @@ class DpsInstance:
         device_id = body.get("deviceId") or registration_id
         previous = self._registrations.get(registration_id.lower())
         migrate = (body.get("reprovisionPolicy") or {}).get("migrateDeviceData", True)
+        if not self.hub.reachable:
+            return self._refused(registration_id, group_id, "failed", ASSIGNMENT_FAILED,
+                                 f"The IoT hub {self.hub.hostname} did not accept device {device_id!r}.", now)
         self.hub.provision_device(device_id, initial_twin=body.get("initialTwin"),
                                   iot_edge=bool((body.get("capabilities") or {}).get("iotEdge")),
                                   reset_twin=not migrate)
@@ -526,7 +639,9 @@ class DpsDeviceEndpoint:
                         {"Retry-After": str(self.retry_after_s)})
 
     def _operation(self, request: Request, id_scope: str, registration_id: str, operation_id: str) -> Response:
-        """The first poll answers "assigning" (so clients must honour Retry-After and poll), then "assigned"."""
+        """The first poll answers 202 "assigning" (so clients must honour Retry-After and poll again), then 200
+        with the outcome: ``assigned``, ``disabled`` or ``failed``, and the registration state
+        (device.json: OperationStatusLookup declares 202 while the operation runs and 200 when it is done)."""
         instance = self._instance(request, id_scope)
         registration_id = unquote(registration_id)
         if not request.peer_chain or _common_name(request.peer_chain[0]) != registration_id:
@@ -539,7 +654,8 @@ class DpsDeviceEndpoint:
                                 f"{registration_id!r}")
             operation.polls += 1
             if operation.polls == 1:
-                return Response(200, {"operationId": unquote(operation_id), "status": "assigning"},
+                return Response(202, {"operationId": unquote(operation_id), "status": "assigning"},
                                 {"Retry-After": str(self.retry_after_s)})
-            return Response(200, {"operationId": unquote(operation_id), "status": "assigned",
-                                  "registrationState": copy.deepcopy(operation.registration_state)})
+            state = copy.deepcopy(operation.registration_state)
+            return Response(200, {"operationId": unquote(operation_id), "status": state["status"],
+                                  "registrationState": state})

@@ -42,7 +42,8 @@ VAULT = "https://vault.azure.net"
 DPS = "https://azure-devices-provisioning.net"
 IOT_HUB = "https://iothubs.azure.net"
 STORAGE = "https://storage.azure.com"
-RESOURCES = frozenset({VAULT, DPS, IOT_HUB, STORAGE})
+MANAGEMENT = "https://management.azure.com"  # Azure Resource Manager (a DPS instance's CA certificates)
+RESOURCES = frozenset({VAULT, DPS, IOT_HUB, STORAGE, MANAGEMENT})
 _SELECTORS = ("client_id", "principal_id", "object_id", "mi_res_id")
 
 
@@ -201,5 +202,5 @@ class EntraGuard:
     def authenticate(self, authorization: str | None) -> dict:
         return self.issuer.verify(authorization, self.resource)
 
-    def permits(self, claims: dict, action: str) -> bool:
-        return self.roles.allows(claims["oid"], action)
+    def permits(self, claims: dict, action: str, *, management: bool = False) -> bool:
+        return self.roles.allows(claims["oid"], action, management=management)

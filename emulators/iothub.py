@@ -108,6 +108,13 @@ def access_problem(request: Request, *, sas_resource: str, key: str, policy_name
     return None
 
 
+def hub_refusal(status: int, message: str) -> Response:
+    """An injected fault in IoT Hub's error shape: throttling is ``ThrottlingException`` (learn.microsoft.com/azure/
+    iot-hub/troubleshoot-error-codes, 429001), a server fault ``ServiceUnavailable`` (503003)."""
+    code = {429: "ThrottlingException", 503: "ServiceUnavailable"}.get(status, "ServerError")
+    return _hub_error(status, code, message).response
+
+
 def _hub_error(status: int, code: str, message: str) -> HttpError:
     tracking = f"Tracking ID:{uuid.uuid4().hex}-G:0-TimeStamp:{utc_now():%m/%d/%Y %H:%M:%S}"
     return HttpError(status, {"Message": f"ErrorCode:{code};{message}", "ExceptionMessage": tracking},
@@ -263,6 +270,7 @@ class IotHubEmulator:
         self.guard = guard
         self.policy_name = policy_name
         self.hostname = ""  # "127.0.0.1:PORT", set once the server listens
+        self.reachable = True  # False: DPS cannot create devices here (its registrations end "failed")
         self._devices: dict[str, _Device] = {}
         self._lock = threading.Lock()
         self._etag_counter = itertools.count(secrets.randbelow(10 ** 8))
@@ -441,6 +449,10 @@ class IotHubEmulator:
             return "ArgumentInvalid", f"importMode {mode!r} is not supported by the emulator"
         if mode == "create" and device is not None:
             return "DeviceAlreadyExists", f"a device with ID {device_id!r} is already registered"
+        if device is None and mode != "create":
+            # importMode update / updateIfMatchETag: "update an existing device identity" (ImportMode in the
+            # registry's API): a device that does not exist is an error for that device, not a creation
+            return "DeviceNotFound", f"device {device_id!r} not found"
         if device is None:
             device = _Device(device_id=device_id, etag="", status=status, authentication={},
                              capabilities={"iotEdge": False})

@@ -18,13 +18,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
+def _matches(action: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(action.lower(), pattern.lower()) for pattern in patterns)
+
+
 @dataclass(frozen=True)
 class RoleDefinition:
+    """``data_actions`` authorize data-plane operations; ``actions`` / ``not_actions`` management (ARM) ones."""
+
     name: str
     data_actions: tuple[str, ...]
+    actions: tuple[str, ...] = ()
+    not_actions: tuple[str, ...] = ()
 
-    def allows(self, action: str) -> bool:
-        return any(fnmatch.fnmatchcase(action.lower(), pattern.lower()) for pattern in self.data_actions)
+    def allows(self, action: str, *, management: bool = False) -> bool:
+        if management:
+            return _matches(action, self.actions) and not _matches(action, self.not_actions)
+        return _matches(action, self.data_actions)
 
 
 _KV = "Microsoft.KeyVault/vaults"
@@ -34,6 +44,14 @@ _BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
 _QUEUES = "Microsoft.Storage/storageAccounts/queueServices/queues"
 
 BUILT_IN_ROLES: dict[str, RoleDefinition] = {role.name: role for role in (
+    # general.md: the management-plane roles (uploading and verifying a DPS CA certificate is an ARM operation)
+    RoleDefinition("Contributor", (), actions=("*",), not_actions=(
+        "Microsoft.Authorization/*/Delete", "Microsoft.Authorization/*/Write", "Microsoft.Authorization/elevateAccess/Action",
+        "Microsoft.Blueprint/blueprintAssignments/write", "Microsoft.Blueprint/blueprintAssignments/delete",
+        "Microsoft.Compute/galleries/share/action", "Microsoft.Purview/consents/write",
+        "Microsoft.Purview/consents/delete", "Microsoft.Resources/deploymentStacks/manageDenySetting/action",
+        "Microsoft.Subscription/cancel/action", "Microsoft.Subscription/enable/action")),
+    RoleDefinition("Reader", (), actions=("*/read",)),
     # security.md
     RoleDefinition("Key Vault Administrator", (f"{_KV}/*",)),
     RoleDefinition("Key Vault Crypto Officer", (f"{_KV}/keys/*", f"{_KV}/keyrotationpolicies/*")),
@@ -86,5 +104,5 @@ class RoleAssignments:
         with self._lock:
             return set(self._roles.get(principal_id, ()))
 
-    def allows(self, principal_id: str, action: str) -> bool:
-        return any(BUILT_IN_ROLES[role].allows(action) for role in self.roles_of(principal_id))
+    def allows(self, principal_id: str, action: str, *, management: bool = False) -> bool:
+        return any(BUILT_IN_ROLES[role].allows(action, management=management) for role in self.roles_of(principal_id))

@@ -19,10 +19,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import EmulatorServer, Faults
-from .dps import DpsDeviceEndpoint, DpsInstance
+from .arm import ResourceManagerEmulator, arm_refusal
+from .core import EmulatorServer, Faults, Refusal, key_vault_refusal
+from .dps import DpsDeviceEndpoint, DpsInstance, dps_refusal
 from .identity import DPS, IOT_HUB, VAULT, EntraGuard, LocalIdentity, TokenIssuer
-from .iothub import IotHubEmulator
+from .iothub import IotHubEmulator, hub_refusal
 from .keyvault import KeyVaultEmulator
 from .tls import ServerIdentity, make_server_identity
 
@@ -36,10 +37,13 @@ LOCAL_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
           "dps": ("Device Provisioning Service Data Contributor",),
           "iothub": ("IoT Hub Registry Contributor",)},
     OPERATOR: {"storage": ("Storage Blob Data Owner", "Storage Queue Data Contributor"),
-               "keyvault": ("Key Vault Reader", "Key Vault Secrets User")},
+               "keyvault": ("Key Vault Reader", "Key Vault Secrets User"),
+               # Reader (management plane): `root show` reads where the root is verified; Data Reader: `doctor --dps`
+               "dps": ("Reader", "Device Provisioning Service Data Reader")},
     ADMIN: {"storage": ("Storage Blob Data Owner", "Storage Queue Data Contributor"),
             "keyvault": ("Key Vault Crypto Officer",),
-            "dps": ("Device Provisioning Service Data Contributor",)},
+            # Contributor: uploading and verifying the root (`root register`) are management operations
+            "dps": ("Device Provisioning Service Data Contributor", "Contributor")},
 }
 
 
@@ -53,18 +57,21 @@ class DpsInfo:
     endpoint: str  # service API, e.g. https://127.0.0.1:PORT
     id_scope: str
     connection_string: str = ""
+    resource_id: str = ""  # its ARM id (CA certificates)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "endpoint": self.endpoint, "idScope": self.id_scope,
-                "connectionString": self.connection_string}
+                "connectionString": self.connection_string, "resourceId": self.resource_id}
 
 
 class EmulatorStack:
     """``with EmulatorStack(state_dir) as stack:`` - everything up; ``stack.describe()`` says where."""
 
     def __init__(self, state_dir: Path, *, dps_instances: int = 1, max_groups_per_dps: int = 100,
-                 tls: ServerIdentity | None = None):
+                 tls: ServerIdentity | None = None, record: bool = False):
+        """``record``: keep every request and answer in ``exchanges`` (what the contract tests check)."""
         self.state_dir = Path(state_dir)
+        self.exchanges: list[dict] | None = [] if record else None
         self.tls = tls or make_server_identity()
         self.issuer = TokenIssuer()
         self.principals: dict[str, LocalIdentity] = {name: self.issuer.add_identity(name) for name in LOCAL_ROLES}
@@ -76,6 +83,7 @@ class EmulatorStack:
             for i in range(dps_instances)
         ]
         self.device_endpoint = DpsDeviceEndpoint({d.id_scope: d for d in self.dps})
+        self.arm = ResourceManagerEmulator(self.issuer, self.dps)
         self.servers: dict[str, EmulatorServer] = {}
 
     def _guard(self, resource: str, service: str) -> EntraGuard:
@@ -95,23 +103,26 @@ class EmulatorStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ca_path.write_bytes(self.tls.ca_pem)
         try:
-            identity = EmulatorServer("identity", self.issuer.routes(), None).start()  # plain HTTP, as on Azure
+            identity = EmulatorServer("identity", self.issuer.routes(), None,  # plain HTTP, as on Azure
+                                      recorder=self.exchanges).start()
             self.servers["identity"] = identity
             self.issuer.endpoint = identity.url + "/msi/token"
-            self._serve("keyvault", self.keyvault.routes())
-            hub_server = self._serve("iothub", self.iothub.routes())
+            self._serve("keyvault", self.keyvault.routes(), key_vault_refusal)
+            hub_server = self._serve("iothub", self.iothub.routes(), hub_refusal)
             self.iothub.hostname = f"127.0.0.1:{hub_server.port}"
             for dps in self.dps:
-                dps.endpoint = self._serve(dps.name, dps.routes()).url
-            self._serve("dps-device", self.device_endpoint.routes(), client_auth=True)
+                dps.endpoint = self._serve(dps.name, dps.routes(), dps_refusal).url
+            self._serve("dps-device", self.device_endpoint.routes(), dps_refusal, client_auth=True)
+            self._serve("arm", self.arm.routes(), arm_refusal)
         except Exception:
             self.stop()
             raise
         (self.state_dir / "emulators.json").write_text(json.dumps(self.describe(), indent=2))
         return self
 
-    def _serve(self, name: str, routes, client_auth: bool = False) -> EmulatorServer:
-        server = EmulatorServer(name, routes, self.tls, client_auth=client_auth).start()
+    def _serve(self, name: str, routes, refusal: Refusal, client_auth: bool = False) -> EmulatorServer:
+        server = EmulatorServer(name, routes, self.tls, client_auth=client_auth, recorder=self.exchanges,
+                                refusal=refusal).start()
         self.servers[name] = server
         return server
 
@@ -124,6 +135,15 @@ class EmulatorStack:
         """Set injected faults on one service (``keyvault``, ``iothub``, ``dps1``..., ``dps-device``)."""
         self.servers[service].gate.faults = Faults.from_dict(settings)
 
+    def azure_quotas(self) -> None:
+        """The documented default quotas, as rate caps (429 in each service's shape beyond them): DPS 1,000
+        registrations and 1,000 service operations per minute per instance (learn.microsoft.com/azure/iot-dps/
+        about-iot-dps#quotas-and-limits), IoT Hub S1 100 registry operations per minute per unit (iot-hub-devguide-
+        quotas-throttling), Key Vault 4,000 EC signs per 10 s per vault (key-vault/general/service-limits)."""
+        for name, rate in ({"keyvault": 400.0, "iothub": 100 / 60, "dps-device": 1000 / 60} |
+                           {d.name: 1000 / 60 for d in self.dps}).items():
+            self.servers[name].gate.faults = Faults(rate_per_s=rate)
+
     def clear_faults(self) -> None:
         for server in self.servers.values():
             server.gate.faults = Faults()
@@ -131,6 +151,10 @@ class EmulatorStack:
     @property
     def keyvault_url(self) -> str:
         return self.servers["keyvault"].url
+
+    @property
+    def arm_url(self) -> str:
+        return self.servers["arm"].url
 
     @property
     def device_endpoint_url(self) -> str:
@@ -144,7 +168,7 @@ class EmulatorStack:
     def dps_info(self) -> list[DpsInfo]:
         return [DpsInfo(d.name, d.endpoint, d.id_scope,
                         f"HostName={d.endpoint.removeprefix('https://')};SharedAccessKeyName=provisioningserviceowner;"
-                        f"SharedAccessKey={d.shared_access_key}") for d in self.dps]
+                        f"SharedAccessKey={d.shared_access_key}", self.arm.resource_id(d)) for d in self.dps]
 
     def describe(self) -> dict:
         """Where everything is. Holds the emulators' SAS keys: write it only to the git-ignored state dir."""
@@ -157,7 +181,7 @@ class EmulatorStack:
             "keyVaultUrl": self.keyvault_url,
             "iotHub": {"hostname": self.iothub.hostname, "connectionString": self.iothub_connection_string},
             "dps": [d.as_dict() for d in self.dps_info()],
-            "dpsDeviceEndpoint": self.device_endpoint_url,
+            "dpsDeviceEndpoint": self.device_endpoint_url, "armEndpoint": self.arm_url,
             "admin": {name: f"{server.url}/_emulator/faults" for name, server in self.servers.items()},
         }
 
