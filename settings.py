@@ -20,6 +20,8 @@ from pki.keys import CA_ROOT_KEY_TYPES, KeyType
 STORAGE = "AzureWebJobsStorage"
 _CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")  # blob container naming rules
 _KEY_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault object names
+_DPS_RESOURCE_ID = re.compile(r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Devices/"
+                              r"provisioningServices/[^/]+", re.IGNORECASE)
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -78,6 +80,7 @@ class Settings:
     device_key_type: KeyType = KeyType.EC_P256
     device_validity_days: int = 365
     dps_device_endpoint: str = "global.azure-devices-provisioning.net"
+    arm_endpoint: str = "https://management.azure.com"
     iot_hub_connection_strings: dict[str, str] = field(default_factory=dict, repr=False)
     iot_hub_registry_ops_per_min: int = 100
     intermediate_renew_before_days: int = 90
@@ -160,13 +163,17 @@ def _json(env: Mapping[str, str], name: str, default):
 
 def _dps_pool(env: Mapping[str, str]) -> tuple[DpsInstance, ...]:
     raw = _json(env, "DPS_INSTANCES", [])
-    rule = 'must be a JSON list of {"name", "endpoint", "idScope", "iotHubs": [...]}'
+    rule = 'must be a JSON list of {"name", "endpoint", "idScope", "iotHubs": [...], "resourceId"}'
     if not isinstance(raw, list):
         raise SettingsError("DPS_INSTANCES", rule)
     pool = []
     for index, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) - {"name", "endpoint", "idScope", "iotHubs"}:
+        if not isinstance(item, dict) or set(item) - {"name", "endpoint", "idScope", "iotHubs", "resourceId"}:
             raise SettingsError("DPS_INSTANCES", f"item {index} {rule}")
+        resource_id = item.get("resourceId")
+        if resource_id is not None and not (isinstance(resource_id, str) and _DPS_RESOURCE_ID.fullmatch(resource_id)):
+            raise SettingsError("DPS_INSTANCES", f"item {index}: resourceId must be /subscriptions/SUB/resourceGroups/"
+                                                 "RG/providers/Microsoft.Devices/provisioningServices/NAME")
         name, endpoint, scope = item.get("name"), item.get("endpoint"), item.get("idScope")
         hubs = item.get("iotHubs", [])
         if not all(isinstance(v, str) and v for v in (name, endpoint, scope)):
@@ -175,10 +182,18 @@ def _dps_pool(env: Mapping[str, str]) -> tuple[DpsInstance, ...]:
             raise SettingsError("DPS_INSTANCES", f"item {index}: endpoint must be an https:// URL")
         if not isinstance(hubs, list) or not all(isinstance(h, str) and h for h in hubs):
             raise SettingsError("DPS_INSTANCES", f"item {index}: iotHubs must be a list of hub host names")
-        pool.append(DpsInstance(name=name, endpoint=endpoint.rstrip("/"), id_scope=scope, iot_hubs=tuple(hubs)))
+        pool.append(DpsInstance(name=name, endpoint=endpoint.rstrip("/"), id_scope=scope, iot_hubs=tuple(hubs),
+                                resource_id=resource_id))
     if len({i.name for i in pool}) != len(pool):
         raise SettingsError("DPS_INSTANCES", "instance names must be unique")
     return tuple(pool)
+
+
+def _https_url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    if not value.startswith("https://"):
+        raise SettingsError(name, f"{value!r} must be an https:// URL")
+    return value.rstrip("/")
 
 
 def _device_key_type(env: Mapping[str, str]) -> KeyType:
@@ -240,6 +255,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         device_key_type=_device_key_type(env),
         device_validity_days=_int(env, "DEVICE_VALIDITY_DAYS", 365, 1, 30 * 365),
         dps_device_endpoint=env.get("DPS_DEVICE_ENDPOINT", "").strip() or "global.azure-devices-provisioning.net",
+        arm_endpoint=_https_url(env, "ARM_ENDPOINT", "https://management.azure.com"),
         key_vault_sign_rate_per_s=float(_int(env, "KEY_VAULT_SIGN_RATE_PER_S", 100, 1, 4000)),
         emulator_ca_path=Path(ca) if ca else None,
         state_container=_match(env, "STATE_CONTAINER", "pki-state", _CONTAINER,

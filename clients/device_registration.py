@@ -25,7 +25,9 @@ from azure.core.rest import HttpRequest, HttpResponse
 
 DEFAULT_ENDPOINT = "global.azure-devices-provisioning.net"
 # The device API version the Azure IoT device SDKs send (azure-iot-device's provisioning HTTP transport).
-API_VERSION = "2019-03-31"
+# 2021-10-01: a stable device API with a published spec (device.json; the service answers the same shapes as
+# 2026-11-01, whose table tests/contracts/dps-device.json checks the emulator against).
+API_VERSION = "2021-10-01"
 # How long to wait between polls when DPS sends no Retry-After (the device SDKs' default interval).
 DEFAULT_POLL_INTERVAL_S = 2.0
 # 429 and 5xx are retried (honouring Retry-After) this many times per call before giving up.

@@ -9,7 +9,6 @@ attempt did succeed reads as "exists", and the handler checks the group is its o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 
 from azure.core.exceptions import HttpResponseError
@@ -23,33 +22,27 @@ from .errors import translated
 
 RETRIES = 8
 
-# DPS refuses a 101st enrollment group with 400; the emulator uses errorCode 400010 for it. Matching the
-# wording as well keeps the check working against the real service, whose code for it is undocumented.
-_QUOTA_CODES = frozenset({400010})
-_QUOTA_WORDS = ("quota", "maximum", "limit")
+# DPS's answer to one enrollment group too many is undocumented (status and code), and the 100-group limit can be
+# raised: a refused create is a full instance when the refusal says so in words, or when the instance holds at
+# least the groups this service may put there (DPS_MAX_GROUPS_PER_INSTANCE), counted after the refusal.
+_QUOTA_WORDS = ("quota", "maximum", "limit", "exceeded")
 
 
-def _is_quota(exc: HttpResponseError) -> bool:
-    if exc.status_code != 400 or exc.response is None:
-        return False
-    try:
-        body = json.loads(exc.response.text())
-    except (ValueError, TypeError):
-        return False
-    message = str(body.get("message", "")).lower()
-    return body.get("errorCode") in _QUOTA_CODES or ("enrollment group" in message and
-                                                      any(w in message for w in _QUOTA_WORDS))
+def _says_full(exc: HttpResponseError) -> bool:
+    message = str(exc.message or "").lower()
+    return "enrollment group" in message and any(w in message for w in _QUOTA_WORDS)
 
 
 class DpsEnrollmentGroups:
     """``EnrollmentGroups`` over every instance of the pool, by name."""
 
-    def __init__(self, clients: Mapping[str, DeviceProvisioningClient]):
+    def __init__(self, clients: Mapping[str, DeviceProvisioningClient], *, max_groups: int = 100):
         self._clients = dict(clients)
+        self._max_groups = max_groups
 
     @classmethod
     def for_pool(cls, pool: tuple[DpsInstance, ...], *, connection_strings: Mapping[str, str],
-                 credential=None, connection_verify: str | None = None) -> DpsEnrollmentGroups:
+                 credential=None, connection_verify: str | None = None, max_groups: int = 100) -> DpsEnrollmentGroups:
         # The DPS client builds its own pipeline with ``RetryPolicy(**kwargs)`` (azure/iot/deviceprovisioning/
         # _patch.py) and ignores ``retry_policy=``: retry settings go in as kwargs. Its default RetryPolicy
         # retries PUT/GET/DELETE on 429 and 5xx, which is every call made here; 3 status retries are too
@@ -66,7 +59,7 @@ class DpsEnrollmentGroups:
             else:
                 clients[instance.name] = DeviceProvisioningClient(endpoint=instance.endpoint, credential=credential,
                                                                   **options)
-        return cls(clients)
+        return cls(clients, max_groups=max_groups)
 
     def _client(self, dps: str) -> DeviceProvisioningClient:
         try:
@@ -92,12 +85,24 @@ class DpsEnrollmentGroups:
             with translated(f"{kind} {record_id} on {dps}"):
                 data = self._operations(dps, kind).create_or_update(record_id, body, if_match=etag)
         except HttpResponseError as exc:
-            if kind == "enrollment group" and _is_quota(exc):
+            if kind == "enrollment group" and etag is None and exc.status_code in (400, 403) and self._full(dps, exc):
                 raise CapacityExhausted(f"DPS instance {dps} is full: {exc.message}") from exc
             if exc.status_code == 400:  # DPS's verdict on the record (e.g. hubs not linked): retrying cannot help
                 raise Rejected(f"DPS {dps} refused {kind} {record_id}: {exc.message}") from exc
             raise
         return Group(data=data, etag=data.get("etag", ""))
+
+    def _full(self, dps: str, exc: HttpResponseError) -> bool:
+        if _says_full(exc):
+            return True
+        with translated(f"enrollment groups of {dps}"):
+            held = sum(1 for _ in self._client(dps).enrollment_group.query({"query": "*"}))
+        return held >= self._max_groups
+
+    def groups(self, dps: str) -> list[dict]:
+        """Every enrollment group of the instance (``pkictl doctor --dps``)."""
+        with translated(f"enrollment groups of {dps}"):
+            return list(self._client(dps).enrollment_group.query({"query": "*"}))
 
     def get_group(self, dps: str, group_id: str) -> Group | None:
         return self._get(dps, "enrollment group", group_id)

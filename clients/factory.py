@@ -56,7 +56,15 @@ def enrollment_groups(settings: Settings):
     from .dps import DpsEnrollmentGroups
 
     return DpsEnrollmentGroups.for_pool(settings.dps_pool, connection_strings=settings.dps_connection_strings,
-                                        credential=credential(settings), connection_verify=ca_path(settings))
+                                        credential=credential(settings), connection_verify=ca_path(settings),
+                                        max_groups=settings.dps_max_groups)
+
+
+def ca_certificates(settings: Settings):
+    """The DPS instances' CA certificates, through Azure Resource Manager (``ARM_ENDPOINT``)."""
+    from .dps_certificates import DpsCaCertificates
+
+    return DpsCaCertificates(credential(settings), settings.arm_endpoint, connection_verify=ca_path(settings))
 
 
 def hub_registries(settings: Settings):

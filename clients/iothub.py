@@ -16,6 +16,7 @@ import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 
+from handlers.commands import BulkOutcome
 from handlers.errors import Conflict, NotFound, Rejected, TransientError
 
 from .errors import not_permitted
@@ -102,15 +103,18 @@ class IotHubRegistries:
                 device["deviceId"], device["etag"], status, iot_edge=device["iotEdge"], status_reason=reason[:128])
 
     def set_statuses(self, hub: str, device_ids: Sequence[str], status: str, reason: str, *,
-                     iot_edge: bool = False) -> list[str]:
-        """Set many devices' status, ``BULK_LIMIT`` per call; the ids IoT Hub refused, with its reasons."""
+                     iot_edge: bool = False) -> BulkOutcome:
+        """Set many devices' status, ``BULK_LIMIT`` per call (import mode ``update``: a device the hub no longer has
+        is a per-device ``DeviceNotFound``, never created). Bulk Update Registry answers 200 when every device was
+        updated and 400 both for per-device errors and for a request refused as a whole; only
+        ``isSuccessful: true`` is success, and a 400 without per-device errors is the whole call failing."""
         from azure.iot.hub.models import (
             AuthenticationMechanism,
             DeviceCapabilities,
             ExportImportDevice,
         )
 
-        problems = []
+        problems, absent = [], []
         for start in range(0, len(device_ids), BULK_LIMIT):
             page = device_ids[start:start + BULK_LIMIT]
             devices = [ExportImportDevice(id=device_id, import_mode="update", status=status,
@@ -119,7 +123,18 @@ class IotHubRegistries:
                                           capabilities=DeviceCapabilities(iot_edge=iot_edge))
                        for device_id in page]
             self._bucket.acquire()
-            with _translated(f"bulk update of {len(page)} devices on {hub}"):
-                result = self._manager(hub).bulk_create_or_update_devices(devices)
-            problems += [f"{e.device_id}: {e.error_code} {e.error_status}" for e in (result.errors or [])]
-        return problems
+            what = f"bulk update of {len(page)} devices on {hub}"
+            with _translated(what):
+                # the manager's own call (bulk_create_or_update_devices), with the raw response kept for its status
+                raw = self._manager(hub).protocol.bulk_registry.update_registry(devices, raw=True)
+            result = raw.output
+            if result is not None and result.is_successful is True:
+                continue
+            errors = (result.errors if result is not None else None) or []
+            if not errors:
+                raise TransientError(f"{what}: IoT Hub refused the request: HTTP {raw.response.status_code} "
+                                     f"{raw.response.text[:300]}")
+            absent += [e.device_id for e in errors if e.error_code == "DeviceNotFound"]
+            problems += [f"{e.device_id}: {e.error_code} {e.error_status}" for e in errors
+                         if e.error_code != "DeviceNotFound"]
+        return BulkOutcome(problems=tuple(problems), absent=tuple(absent))

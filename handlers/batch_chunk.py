@@ -37,6 +37,7 @@ from .errors import AlreadyExists, Conflict, TransientError
 from .leases import release, stamp
 from .onboarding import customer_document
 from .ports import AuditLog, DocumentStore, InputFiles, KeyStore, OutputFiles, Secrets
+from .root_ca import load_root
 
 REPORT_COLUMNS = ("row", "deviceId", "status", "serial", "thumbprintSha1", "thumbprintSha256", "notAfter",
                   "certificate", "chain", "pfx", "key", "assignedHub", "notice", "error")
@@ -88,6 +89,11 @@ class _Issuer:
         self.reissue = options["reissue"]
         self.register = options["register"]
         self.intermediate = x509.load_pem_x509_certificate(customer["intermediate"]["certificatePem"].encode())
+        # Devices ship their chain up to and including the root: DPS's docs have a device present it "up to and
+        # including" the verified certificate, and a chain with the root passes under any reading of that.
+        issuer_pem = customer["intermediate"].get("issuerCertificatePem")
+        root = x509.load_pem_x509_certificate(issuer_pem.encode()) if issuer_pem else load_root(store, keys).certificate
+        self.cas = [self.intermediate, root]
         key = keys.get_key(customer["key"]["name"], customer["key"]["version"])
         self.signer = remote_key(key.public_key, keys.signer(key))
         self.prefix = f"{settings.output_container}/{ref.customer_id}/{ref.batch_name}"
@@ -159,10 +165,9 @@ class _Issuer:
         certificate = issued.certificate
         base = f"{self.prefix}/{row.device_id}"
         self.outputs.put(f"{base}/cert.pem", export.cert_pem(certificate), "application/x-pem-file")
-        self.outputs.put(f"{base}/chain.pem", export.chain_pem([certificate, self.intermediate]),
-                         "application/x-pem-file")
+        self.outputs.put(f"{base}/chain.pem", export.chain_pem([certificate, *self.cas]), "application/x-pem-file")
         if private_key is not None and self.output == "pfx":
-            self.outputs.put(f"{base}/device.pfx", export.pfx(private_key, certificate, [self.intermediate],
+            self.outputs.put(f"{base}/device.pfx", export.pfx(private_key, certificate, self.cas,
                                                               self.password, friendly_name=row.device_id),
                              "application/x-pkcs12")
         elif private_key is not None:
@@ -189,7 +194,7 @@ class _Issuer:
     def _register(self, device_id: str, certificate: x509.Certificate, private_key) -> str:
         try:
             return self.registrar.register(self.customer["dps"]["idScope"], device_id,
-                                           export.chain_pem([certificate, self.intermediate]), export.key_pem(private_key))
+                                           export.chain_pem([certificate, *self.cas]), export.key_pem(private_key))
         except Exception as exc:  # noqa: BLE001 - a failed test registration is reported, the certificate stands
             return f"registration failed: {exc}"
 

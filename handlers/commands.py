@@ -105,8 +105,16 @@ class HubRegistry(Protocol):
         """At the device's etag; ``Conflict`` if it changed since it was read."""
 
     def set_statuses(self, hub: str, device_ids: list[str], status: str, reason: str, *,
-                     iot_edge: bool = False) -> list[str]:
-        """Bulk; the devices refused, with reasons."""
+                     iot_edge: bool = False) -> BulkOutcome:
+        """Bulk update of existing devices (a missing one is not created)."""
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    """What a bulk status change did: devices the hub refused (with its reasons), devices it no longer has."""
+
+    problems: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,16 +203,18 @@ class _Run:
 
     def settle(self, read, apply) -> Any:
         """Bring DPS/IoT Hub to the record's desired state until no newer command has landed meanwhile, then
-        mark the command applied. Whoever writes a desired state last also applies last."""
+        mark the command applied. Whoever writes a desired state last also applies last. ``apply`` may return
+        fields it learned (where the device lives) to keep in the record."""
         for _ in range(_ATTEMPTS):
             doc = read()
-            apply(doc.data)
+            learned = apply(doc.data) or {}
             again = read()
             if (again.data.get("lastCommand") or {}).get("order") != (doc.data.get("lastCommand") or {}).get("order"):
                 continue  # a newer command changed the desired state while this one applied: apply that too
             last = {**again.data["lastCommand"], "applied": True}
             try:
-                return self.ports.store.replace(again, {**again.data, "lastCommand": last}, tags=self.tags(again.data))
+                return self.ports.store.replace(again, {**again.data, **learned, "lastCommand": last},
+                                                tags=self.tags(again.data))
             except Conflict:
                 continue
         raise TransientError("the desired state kept changing while it was applied; retry")
@@ -234,23 +244,35 @@ def _device_apply(run: _Run, customer: dict, certificate_pem: str):
                 continue
         else:
             raise TransientError(f"individual enrollment {device_id} on {dps} kept changing; retry")
-        registration = ports.dps.registration(dps, device_id)
-        if registration is None or not registration.get("assignedHub"):
-            return  # never registered: there is nothing in a hub to disable
-        hub, hub_device = registration["assignedHub"], registration.get("deviceId") or device_id
+        placement = hub_placement(ports.dps.registration(dps, device_id), device)
+        if placement is None:
+            return {}  # never assigned: there is nothing in a hub to disable
+        hub, hub_device = placement["name"], placement["deviceId"]
         wanted = "disabled" if disabled else "enabled"
         for _ in range(_ATTEMPTS):  # IoT Hub: a provisioned device talks to its hub directly
             current = ports.hubs.device(hub, hub_device)
-            if current is None or current["status"] == wanted:
-                return
-            try:
-                ports.hubs.set_status(hub, current, wanted, reason)
-                return
-            except Conflict:
-                continue
+            if current is None:  # deleted from the hub by someone: nothing there can connect, which is done
+                return {"hub": {**placement, "status": "absent"}}
+            if current["status"] != wanted:
+                try:
+                    ports.hubs.set_status(hub, current, wanted, reason)
+                except Conflict:
+                    continue
+            return {"hub": {**placement, "status": wanted}}
         raise TransientError(f"device {hub_device} on {hub} kept changing; retry")
 
     return apply
+
+
+def hub_placement(registration: dict | None, record: dict) -> dict | None:
+    """Where a device lives in IoT Hub: DPS's registration state when its latest attempt was assigned, otherwise what
+    the device record learned when it last was. A refused attempt (``disabled``, ``failed``) names no hub, and the
+    device is still where it was assigned before it (DPS does not remove it from the hub)."""
+    if registration and registration.get("status", "assigned") == "assigned" and registration.get("assignedHub"):
+        return {"name": registration["assignedHub"],
+                "deviceId": registration.get("deviceId") or registration.get("registrationId")}
+    known = record.get("hub") or {}
+    return {"name": known["name"], "deviceId": known["deviceId"]} if known.get("name") else None
 
 
 def _device_command(run: _Run) -> str:
@@ -283,8 +305,10 @@ def _device_command(run: _Run) -> str:
         run.audit("no-op", before, doc.data["status"], why=noop)
         return f"device {command.customer_id}/{command.device_id}: {noop} (no-op)"
     certificate = ports.files.get(doc.data["outputs"]["certificate"]).decode()
-    run.settle(read, _device_apply(run, customer, certificate))
-    run.audit("changed", before, wanted, serial=doc.data.get("serial"))
+    settled = run.settle(read, _device_apply(run, customer, certificate))
+    hub = (settled.data if settled is not None else {}).get("hub")
+    run.audit("changed", before, wanted, serial=doc.data.get("serial"),
+              hub=hub or "never assigned to a hub: nothing to change there")
     return f"device {command.customer_id}/{command.device_id}: {before} -> {wanted}"
 
 
@@ -326,7 +350,34 @@ def _same_group(found: dict, wanted: dict) -> bool:
     return True
 
 
-def _hub_devices(run: _Run, customer: dict, wanted: str) -> list[str]:
+def hub_devices_document(customer_id: str) -> str:
+    """Where the hub devices that ``disable-customer`` disabled are kept, by hub: DPS forgets a device's hub once its
+    latest attempt was refused (a disabled group refuses every device that tries again), so the enable that
+    follows must find them here."""
+    return f"customers/{customer_id}/hub-devices.json"
+
+
+def _remember_hub_devices(ports: Ports, customer_id: str, by_hub: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Merge ``by_hub`` into the kept list; returns the union (what an enable must reach)."""
+    name = hub_devices_document(customer_id)
+    for _ in range(_ATTEMPTS):
+        doc = ports.store.get(name)
+        kept = (doc.data.get("hubs") if doc is not None else None) or {}
+        merged = {hub: sorted(set(kept.get(hub, [])) | set(by_hub.get(hub, []))) for hub in set(kept) | set(by_hub)}
+        if doc is not None and merged == kept:
+            return merged
+        try:
+            if doc is None:
+                ports.store.create(name, {"customerId": customer_id, "hubs": merged})
+            else:
+                ports.store.replace(doc, {**doc.data, "hubs": merged})
+            return merged
+        except (AlreadyExists, Conflict):
+            continue
+    raise TransientError(f"{name} kept changing; retry")
+
+
+def _hub_devices(run: _Run, customer: dict, wanted: str) -> tuple[list[str], list[str]]:
     """Set the status of every hub device registered through the customer's group, in bulk. Devices disabled
     one by one (``disable-device``) stay disabled when a customer is enabled again."""
     ports = run.ports
@@ -336,15 +387,27 @@ def _hub_devices(run: _Run, customer: dict, wanted: str) -> list[str]:
             f"\"kind\" = 'device' AND \"customer\" = '{customer['customerId']}' AND \"status\" = 'disabled'")}
     by_hub: dict[str, list[str]] = {}
     for state in ports.dps.registrations(customer["dps"]["name"], customer["customerId"]):
-        if state.get("assignedHub") and state.get("registrationId") not in keep_disabled:
-            by_hub.setdefault(state["assignedHub"], []).append(state.get("deviceId") or state["registrationId"])
-    problems = []
+        if state.get("registrationId") in keep_disabled:
+            continue
+        record = {}
+        if state.get("status", "assigned") != "assigned":  # a refused latest attempt: where the record saw it
+            doc = ports.store.get(device_document(customer["customerId"], state["registrationId"]))
+            record = doc.data if doc is not None else {}
+        placement = hub_placement(state, record)
+        if placement is not None:
+            by_hub.setdefault(placement["name"], []).append(placement["deviceId"])
+    kept = _remember_hub_devices(ports, customer["customerId"], by_hub)
+    if wanted == "enabled":  # the devices disabled before, wherever DPS lost track of them meanwhile
+        by_hub = {hub: [d for d in devices if d not in keep_disabled] for hub, devices in kept.items()}
+    problems, absent = [], []
     iot_edge = bool(customer["parameters"].get("iotEdge"))
     for hub, devices in sorted(by_hub.items()):
-        problems += ports.hubs.set_statuses(hub, devices, wanted, run.command.reason, iot_edge=iot_edge)
+        outcome = ports.hubs.set_statuses(hub, devices, wanted, run.command.reason, iot_edge=iot_edge)
+        problems += outcome.problems
+        absent += [f"{hub}/{d}" for d in outcome.absent]  # deleted from the hub: nothing there can connect
     if problems:
         raise TransientError(f"IoT Hub refused {len(problems)} device updates (first: {problems[0]}); retry")
-    return [d for devices in by_hub.values() for d in devices]
+    return [d for devices in by_hub.values() for d in devices], absent
 
 
 def _customer_command(run: _Run) -> str:
@@ -367,14 +430,16 @@ def _customer_command(run: _Run) -> str:
         doc = ports.store.replace(doc, {**doc.data, "devicesDisabled": True, "lastCommand": run.last()},
                                   tags=customer_tags(doc.data))
     touched: list[str] = []
+    absent: list[str] = []
 
     def apply(customer: dict) -> None:
         sync_group(ports, customer, run.now)
         if customer.get("devicesDisabled"):  # kept after an enable: the hub devices it disabled are enabled again
-            touched[:] = _hub_devices(run, customer, "disabled" if customer["status"] == "disabled" else "enabled")
+            touched[:], absent[:] = _hub_devices(run, customer,
+                                                 "disabled" if customer["status"] == "disabled" else "enabled")
 
     run.settle(run.customer, apply)
-    run.audit("changed", before, wanted, hubDevices=len(touched))
+    run.audit("changed", before, wanted, hubDevices=len(touched), absentFromHub=absent)
     return f"customer {command.customer_id}: {before} -> {wanted}" + (f", {len(touched)} hub devices" if touched else "")
 
 

@@ -22,6 +22,7 @@ class DpsInstance:
     endpoint: str
     id_scope: str
     iot_hubs: tuple[str, ...]
+    resource_id: str | None = None  # ARM id: where its CA certificates are managed (`pkictl root register`)
 
 
 def choose_instance(pool: Sequence[DpsInstance], groups: Mapping[str, int], *, hubs: Sequence[str] | None = None,

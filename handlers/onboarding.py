@@ -82,8 +82,12 @@ class OnboardingRequest:
                 desired = Fields(properties, prefix="initialTwin.properties.")
                 desired.obj("desired")
                 desired.reject_unknown()
+        hubs = fields.text_list("iotHubs")
+        if policy == "static" and len(hubs or ()) != 1:
+            # DPS's static allocation assigns every device to exactly one linked hub, which the group must name
+            raise InvalidMessage("iotHubs", "allocationPolicy static needs exactly one IoT hub host name in iotHubs")
         request = cls(customer_id=customer_id, display_name=display_name, country=country,
-                      iot_hubs=fields.text_list("iotHubs"), allocation_policy=policy, initial_twin=twin,
+                      iot_hubs=hubs, allocation_policy=policy, initial_twin=twin,
                       iot_edge=fields.boolean("iotEdge"), request_id=fields.text("requestId", max_length=128))
         fields.reject_unknown()
         return request
@@ -152,8 +156,10 @@ def issue_intermediate(record: dict, public_key, *, store: DocumentStore, keys: 
         issuer=root.certificate, issuer_key=root_signer(root, keys), public_key=public_key,
         customer_id=record["customerId"], organization=parameters.get("displayName"),
         country=parameters.get("country"), now=now, validity_days=settings.intermediate_validity_days)
+    # The issuer travels with the intermediate: devices get their chain up to and including the root that signed
+    # it, which stays right after a root is replaced (`root create --force`).
     return {"certificatePem": export.cert_pem(issued.certificate).decode(), **export.summary(issued.certificate),
-            "notice": issued.notice}
+            "notice": issued.notice, "issuerCertificatePem": export.cert_pem(root.certificate).decode()}
 
 
 def customer_tags(data: dict) -> dict[str, str]:

@@ -182,9 +182,47 @@ def _presentation(device: x509.Certificate, presented: list[x509.Certificate], p
     if sent != expected:
         found.append(Finding("warning", "chain-order", "the chain is not in order (each certificate must be followed "
                              "by its issuer; RFC 8446 4.4.2)", "order it: device, intermediate(s), then root"))
-    if root is not None and root in in_path and root in presented:
-        found.append(Finding("warning", "root-sent", "the device sends the root certificate",
-                             "leave the root out of the device chain; DPS holds it already"))
+    if root is not None and root in in_path and root not in presented:
+        # DPS's docs have the device present its chain "up to and including" the verified certificate; a chain
+        # that stops below the root passes only where DPS reads that leniently (the local emulator does not).
+        found.append(Finding("warning", "root-not-sent", "the device does not send the root certificate",
+                             "send the whole chain up to and including the root (the service's chain.pem does)"))
+    return found
+
+
+@dataclass(frozen=True)
+class DpsView:
+    """What one DPS instance holds, as its management and service APIs report it: the verified CA certificates,
+    and each enrollment group's signing certificate thumbprints (SHA-1)."""
+
+    name: str
+    verified: tuple[x509.Certificate, ...]
+    groups: tuple[tuple[str, tuple[str, ...]], ...]  # (group id, (primary, secondary) thumbprints)
+
+
+def _against_dps(path: list[x509.Certificate], presented: list[x509.Certificate], dps: DpsView) -> list[Finding]:
+    """The missing link between the device's chain and what the instance holds, named."""
+    found = []
+    verified = {_thumb(c) for c in dps.verified}
+    reached = [c for c in path[1:] if _thumb(c) in verified]
+    if not reached:
+        found.append(Finding("error", "root-not-verified", f"no certificate of the device's chain "
+                             f"({', '.join(_name(c) for c in path[1:]) or 'none'}) is a verified CA certificate of "
+                             f"{dps.name} (DPS 401002)", f"`pkictl root register --dps {dps.name}` (upload and proof of "
+                             "possession)"))
+    elif not any(c in presented for c in reached):
+        found.append(Finding("error", "verified-not-presented", f"the device does not present {_name(reached[0])}, "
+                             f"the certificate verified in {dps.name} (DPS 401002)",
+                             "send the whole chain up to and including the root (the service's chain.pem does)"))
+    chain_prints = {_thumb(c): c for c in path[1:]}
+    matching = [group for group, prints in dps.groups if set(prints) & set(chain_prints)]
+    if not matching:
+        held = "; ".join(f"{group}: {', '.join(prints)}" for group, prints in dps.groups) or "no groups"
+        found.append(Finding("error", "group-mismatch", f"no enrollment group of {dps.name} holds a certificate of "
+                             f"the device's chain (thumbprints {', '.join(chain_prints) or 'none'}; the groups hold "
+                             f"{held}) (DPS 401002)", "put the intermediate that issued the device in its customer's "
+                             "group (`pkictl send command renew-intermediate` rolls it), or register the device with "
+                             "the DPS instance its customer is placed on"))
     return found
 
 
@@ -210,11 +248,13 @@ def _group(path: list[x509.Certificate], group: list[x509.Certificate]) -> list[
 
 def diagnose(device: x509.Certificate, *, presented: list[x509.Certificate] | None = None,
              root: x509.Certificate | None = None, registration_id: str | None = None,
-             group_certificates: list[x509.Certificate] | None = None, now: dt.datetime) -> list[Finding]:
+             group_certificates: list[x509.Certificate] | None = None, dps: DpsView | None = None,
+             now: dt.datetime) -> list[Finding]:
     """Every problem DPS would refuse (errors) and fragile setups (warnings); empty means all is well.
 
     ``presented`` is the chain the device sends after its own certificate (a leading copy of the
-    device certificate is ignored). ``group_certificates`` are the group's primary/secondary.
+    device certificate is ignored). ``group_certificates`` are the group's primary/secondary; ``dps`` is what one
+    DPS instance holds (verified CA certificates, enrollment groups), checked against the device's chain.
     """
     presented = [c for c in (presented or []) if c != device]
     findings = _device_profile(device, registration_id) + _validity(device, "device", now)
@@ -235,4 +275,8 @@ def diagnose(device: x509.Certificate, *, presented: list[x509.Certificate] | No
                                 "pass the top (self-signed) CA certificate as --root"))
     if group_certificates:
         findings += _group(path, group_certificates)
+    if dps is not None:
+        if root is None:  # the instance's verified certificates complete the path the device's chain started
+            path, _ = _build_path(device, presented + list(dps.verified), now, None)
+        findings += _against_dps(path, presented, dps)
     return findings
