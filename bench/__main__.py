@@ -59,7 +59,8 @@ def batch(args: argparse.Namespace) -> dict:
     extra = {"BATCH_CHUNK_ROWS": str(args.chunk_rows), "BATCH_INFLIGHT": str(args.inflight),
              "KEY_VAULT_SIGN_RATE_PER_S": str(int(args.kv_rate or 4000) // args.workers or 1)}
     with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
-            LocalStack(Path(workdir), dps_instances=1, run_functions=False, extra_settings=extra) as stack:
+            LocalStack(Path(workdir), dps_instances=1, run_functions=False, extra_settings=extra,
+                       azure_quotas=True) as stack:
         if args.kv_latency_ms or args.kv_rate:
             stack.emulators.faults("keyvault", latency_ms=args.kv_latency_ms, rate_per_s=args.kv_rate or None)
         env = stack.settings()

@@ -41,8 +41,10 @@ def app_settings(azurite: Azurite, emulators, **extra: str) -> dict[str, str]:
         "AZURE_CLIENT_ID": app,
         "KEY_VAULT_URL": emulators.keyvault_url,
         "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
-                                      "iotHubs": [emulators.iothub.hostname]} for d in emulators.dps_info()]),
+                                      "iotHubs": [emulators.iothub.hostname], "resourceId": d.resource_id}
+                                     for d in emulators.dps_info()]),
         "DPS_DEVICE_ENDPOINT": emulators.device_endpoint_url,
+        "ARM_ENDPOINT": emulators.arm_url,
         "EXPIRY_SWEEP_SCHEDULE": "0 0 2 * * *",
         # the platform's, locally: the managed identity endpoint and the local stack's TLS CA
         **emulators.issuer.environment(),
@@ -89,13 +91,16 @@ STATE_DIR = Path(os.environ.get("PKI_LOCAL_DIR") or REPO / ".pki-local")
 
 class LocalStack:
     def __init__(self, state_dir: Path = STATE_DIR, *, dps_instances: int = 2, run_functions: bool = True,
-                 concurrency: int = 8, script_root: Path = REPO, extra_settings: dict[str, str] | None = None):
+                 concurrency: int = 8, script_root: Path = REPO, extra_settings: dict[str, str] | None = None,
+                 record_exchanges: bool = False, azure_quotas: bool = False):
         self.state_dir = Path(state_dir)
         self.dps_instances = dps_instances
         self.run_functions = run_functions
         self.concurrency = concurrency
         self.script_root = script_root
         self.extra_settings = extra_settings or {}
+        self.record_exchanges = record_exchanges
+        self.azure_quotas = azure_quotas
         self.azurite: Azurite | None = None
         self.emulators = None
         self.devhost: subprocess.Popen | None = None
@@ -106,7 +111,10 @@ class LocalStack:
 
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            self.emulators = EmulatorStack(self.state_dir / "emulators", dps_instances=self.dps_instances).start()
+            self.emulators = EmulatorStack(self.state_dir / "emulators", dps_instances=self.dps_instances,
+                                           record=self.record_exchanges).start()
+            if self.azure_quotas:
+                self.emulators.azure_quotas()
             self.azurite = Azurite(self.emulators.tls, self.emulators.ca_path).start()
             self._platform = contextlib.ExitStack()
             self._platform.enter_context(platform_environment(self.emulators))

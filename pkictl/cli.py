@@ -96,14 +96,44 @@ class Cli:
         root = load_root(self.wiring.store, self.wiring.keys)
         if args.pem:
             self.out.write(export.cert_pem(root.certificate).decode())
-        elif args.json:
+            return OK
+        status = self._root_status(root)
+        if args.json:
             self.say(json.dumps({**export.summary(root.certificate), "keyName": root.key.name,
-                                 "keyVersion": root.key.version, "keyType": root.key.key_type.value}, indent=2))
+                                 "keyVersion": root.key.version, "keyType": root.key.key_type.value, "dps": status},
+                                indent=2))
         else:
             for key, value in export.summary(root.certificate).items():
                 self.say(f"{key + ':':18}{value}")
             self.say(f"{'key:':18}{root.key.key_type.value}, {root.key.name} version {root.key.version}")
+            for name, state in status.items():
+                self.say(f"{'DPS ' + name + ':':18}{state}")
         return OK
+
+    def _root_status(self, root) -> dict[str, str]:
+        """Where the root stands in each DPS instance, read from DPS itself (a failure to read is reported)."""
+        from clients.factory import ca_certificates
+        from handlers.errors import HandlerError
+        from handlers.root_registration import root_status
+
+        settings = self.wiring.settings
+        try:
+            return root_status(root, settings.dps_pool, certificates=ca_certificates(settings))
+        except HandlerError as exc:
+            return {i.name: f"cannot read: {exc}" for i in settings.dps_pool}
+
+    def root_register(self, args: argparse.Namespace) -> int:
+        from clients.factory import ca_certificates
+        from handlers.root_ca import load_root
+        from handlers.root_registration import register_root
+
+        w = self.wiring
+        root = load_root(w.store, w.keys)
+        outcomes = register_root(root, w.settings.dps_pool, names=None if args.all else args.dps,
+                                 certificates=ca_certificates(w.settings), keys=w.keys, now=_now(None))
+        for name, outcome in outcomes.items():
+            self.say(f"DPS {name}: {outcome}")
+        return OK if all(o.startswith("verified") for o in outcomes.values()) else PROBLEM
 
     def verification_cert(self, args: argparse.Namespace) -> int:
         from handlers.verification_cert import root_verification_certificate
@@ -132,7 +162,8 @@ class Cli:
         registration_id = (check_registration_id(args.registration_id, field="--registration-id")
                            if args.registration_id is not None else None)
         findings = diagnose(device[0], presented=presented, root=root, registration_id=registration_id,
-                            group_certificates=group or None, now=_now(args.now))
+                            group_certificates=group or None, dps=self._dps_view(args.dps) if args.dps else None,
+                            now=_now(args.now))
         errors = [f for f in findings if f.severity == "error"]
         if args.json:
             self.say(json.dumps({"ok": not errors, "findings": [f.__dict__ for f in findings]}, indent=2))
@@ -143,6 +174,24 @@ class Cli:
             self.say("no problems found" if not findings else
                      f"{len(errors)} problem(s), {len(findings) - len(errors)} warning(s)")
         return PROBLEM if errors else OK
+
+    def _dps_view(self, name: str):
+        """What DPS instance ``name`` holds: its verified CA certificates (management API) and enrollment groups."""
+        from clients.factory import ca_certificates, enrollment_groups
+        from pki.doctor import DpsView
+
+        settings = self.wiring.settings
+        instance = next((i for i in settings.dps_pool if i.name == name), None)
+        if instance is None:
+            raise UsageError(f"--dps {name}: not in DPS_INSTANCES ({', '.join(i.name for i in settings.dps_pool)})")
+        verified = tuple(load_certificate(c.pem, field=f"DPS {name} certificate {c.name}")
+                         for c in ca_certificates(settings).list(instance) if c.verified and c.pem)
+        groups = []
+        for group in enrollment_groups(settings).groups(name):
+            slots = ((group.get("attestation") or {}).get("x509") or {}).get("signingCertificates") or {}
+            groups.append((group["enrollmentGroupId"], tuple(((slot or {}).get("info") or {}).get(
+                "sha1Thumbprint", "").upper() for slot in slots.values() if slot)))
+        return DpsView(name=name, verified=verified, groups=tuple(groups))
 
     def csr_check(self, args: argparse.Namespace) -> int:
         device_id = check_registration_id(args.device_id, field="--device-id")
@@ -443,7 +492,7 @@ class Cli:
 
         if args.sub == "up":
             return local.up(detach=args.detach, dps_instances=args.dps_instances, functions=not args.no_functions,
-                            out=self.out)
+                            out=self.out, azure_quotas=args.azure_quotas)
         if args.sub == "down":
             return local.down(self.out)
         if args.sub == "env":
@@ -508,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--pem", action="store_true", help="the certificate in PEM (for upload to DPS)")
     form.add_argument("--json", action="store_true", help="the summary as JSON")
     show.set_defaults(run=Cli.root_show)
+    register = root.add_parser("register", help="upload the root to DPS instances and verify it by proof of "
+                                                "possession (the root key signs in Key Vault)")
+    where = register.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dps", action="append", metavar="NAME", help="a DPS instance of DPS_INSTANCES (repeatable)")
+    where.add_argument("--all", action="store_true", help="every instance of DPS_INSTANCES")
+    register.set_defaults(run=Cli.root_register)
 
     verification = commands.add_parser("verification-cert", help="proof-of-possession certificate for DPS")
     verification.add_argument("--code", required=True, help="the verification code DPS shows")
@@ -522,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--registration-id", metavar="ID", help="the id the device registers with")
     doctor.add_argument("--group-cert", metavar="FILE", action="append",
                         help="the enrollment group's signing certificate(s); repeatable")
+    doctor.add_argument("--dps", metavar="NAME", help="also check against what DPS instance NAME holds (its verified "
+                                                       "CA certificates and enrollment groups; needs settings)")
     doctor.add_argument("--now", metavar="DATE", help="check as of this date (ISO 8601)")
     doctor.add_argument("--json", action="store_true", help="findings as JSON")
     doctor.set_defaults(run=Cli.doctor)
@@ -647,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     local_up.add_argument("--dps-instances", type=int, default=2, choices=range(1, 11), metavar="N",
                           help="emulated DPS instances in the pool (1-10, default 2)")
     local_up.add_argument("--no-functions", action="store_true", help="do not run function_app under devhost")
+    local_up.add_argument("--azure-quotas", action="store_true",
+                          help="throttle like Azure's default quotas (DPS 1,000 registrations/min, IoT Hub S1 100 "
+                               "registry operations/min, Key Vault 4,000 signs/10 s)")
     local_up.set_defaults(run=Cli.local)
     local.add_parser("down", help="stop a detached stack").set_defaults(run=Cli.local)
     local.add_parser("status", help="where the running stack is").set_defaults(run=Cli.local)

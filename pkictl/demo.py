@@ -1,5 +1,5 @@
 """The main job on a throwaway local stack (Azurite + Key Vault/DPS/IoT Hub emulators + devhost running
-function_app): root CA, two customers onboarded through the queue (and a rejection), a device batch for
+function_app): root CA, registered and verified in DPS, two customers onboarded through the queue (and a rejection), a device batch for
 each, a device exported and registered over mutual TLS, the device disabled by an operator command and
 refused, an intermediate renewed, an expiry sweep rehearsed with a date override.
 
@@ -33,8 +33,10 @@ def _wait(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
     return False
 
 
-def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = None) -> int:
-    """``inspect(stack, settings)`` runs after the last step, before the stack stops (tests scan it)."""
+def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = None, *,
+             record_exchanges: bool = False) -> int:
+    """``inspect(stack, settings)`` runs after the last step, before the stack stops (tests scan it); with
+    ``record_exchanges`` the emulators keep every request and answer (``stack.emulators.exchanges``)."""
     from .cli import main
     from .wiring import wire
 
@@ -45,7 +47,7 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
         return main(argv, env=env, out=out) == 0
 
     with tempfile.TemporaryDirectory(prefix="pki-demo-") as workdir, \
-            LocalStack(Path(workdir), dps_instances=2) as stack:
+            LocalStack(Path(workdir), dps_instances=2, record_exchanges=record_exchanges) as stack:
         # The app runs as its managed identity (pki-app); people run pkictl as themselves, with their roles.
         admin, env = stack.settings_as(ADMIN), stack.settings_as(OPERATOR)
         admin["ROOT_CA_COMMON_NAME"], admin["ROOT_CA_ORGANIZATION"] = "Contoso IoT Root CA (demo)", "Contoso"
@@ -64,12 +66,14 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
             return 1
         print(f"a second `root create` is refused: {refused.getvalue().strip()}", file=out)
 
-        step("2. the root certificate, as you upload it to DPS (`pkictl root show --pem`)")
-        if not ok(["root", "show", "--pem"], env):
+        step("2. the root registered in both DPS instances (as pki-admin): uploaded through Azure Resource Manager "
+             "and verified by proof of possession, the root key signing in Key Vault (`pkictl root register --all`)")
+        if not ok(["root", "register", "--all"], admin):
+            return 1
+        print("as the operator, `pkictl root show` reads where the root is verified from DPS itself:", file=out)
+        if not ok(["root", "show"], env):
             return 1
         code = secrets.token_hex(16).upper()
-        if not ok(["verification-cert", "--code", code, "--out", str(Path(workdir) / "verification.pem")], admin):
-            return 1
         refused = io.StringIO()
         if main(["verification-cert", "--code", code], env=env, out=io.StringIO(), err=refused) != 1 \
                 or "ForbiddenByRbac" not in refused.getvalue():

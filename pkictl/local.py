@@ -85,18 +85,18 @@ def _print_summary(info: dict, out: TextIO) -> None:
           "Stop it with `pkictl local down`.", file=out)
 
 
-def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO) -> int:
+def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO, azure_quotas: bool = False) -> int:
     running = _running(out)
     if running:
         print(f"a local stack is running already (pid {running['pid']}); `pkictl local down` stops it", file=out)
         return 1
     if detach:
-        return _up_detached(dps_instances, functions, out)
+        return _up_detached(dps_instances, functions, out, azure_quotas)
     settings_path = Path.cwd() / "local.settings.json"
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalStack(dps_instances=dps_instances, run_functions=functions) as stack:
+    with LocalStack(dps_instances=dps_instances, run_functions=functions, azure_quotas=azure_quotas) as stack:
         write_local_settings(stack.settings(), settings_path)
         info = _describe(stack, settings_path)
         STACK_FILE.write_text(json.dumps(info, indent=2))
@@ -113,12 +113,14 @@ def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO) -> int
     return 0
 
 
-def _up_detached(dps_instances: int, functions: bool, out: TextIO) -> int:
+def _up_detached(dps_instances: int, functions: bool, out: TextIO, azure_quotas: bool) -> int:
     STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = STATE_DIR / "stack.log"
     args = [sys.executable, "-m", "pkictl", "local", "up", "--dps-instances", str(dps_instances)]
     if not functions:
         args.append("--no-functions")
+    if azure_quotas:
+        args.append("--azure-quotas")
     with open(log_path, "wb") as log:
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, cwd=Path.cwd())

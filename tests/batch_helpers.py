@@ -27,15 +27,29 @@ def wired_env(azurite, stack, **extra) -> dict[str, str]:
     return app_settings(azurite, stack, **{"STATE_CONTAINER": f"state-{secrets.token_hex(5)}", **extra})
 
 
-def onboarded(env: dict[str, str], customer_id: str):
-    """Services for ``env`` with a root and one active customer."""
+def onboarded(env: dict[str, str], customer_id: str, stack=None):
+    """Services for ``env`` with a root and one active customer; with ``stack``, the root is also registered and
+    verified in every DPS instance by the PKI administrator, through ARM, as `pkictl root register --all` does."""
     services = build_services(load_settings(env))
     now = dt.datetime.now(dt.timezone.utc)
-    create_root(RootRequest(f"root-{secrets.token_hex(4)}", KeyType.EC_P256, 20, "Batch Root"), store=services.store,
-                keys=services.keys, now=now)
+    root = create_root(RootRequest(f"root-{secrets.token_hex(4)}", KeyType.EC_P256, 20, "Batch Root"),
+                       store=services.store, keys=services.keys, now=now)
+    if stack is not None:
+        register_root_as_admin(env, stack, root)
     onboard_customer(OnboardingRequest(customer_id=customer_id), store=services.store, keys=services.keys,
                      groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
     return services
+
+
+def register_root_as_admin(env: dict[str, str], stack, root) -> dict[str, str]:
+    from clients.factory import ca_certificates, key_store
+    from devhost.stack import person_settings
+    from emulators.stack import ADMIN
+    from handlers.root_registration import register_root
+
+    admin = load_settings(person_settings(env, stack.client_id(ADMIN)))
+    return register_root(root, admin.dps_pool, names=None, certificates=ca_certificates(admin),
+                         keys=key_store(admin), now=dt.datetime.now(dt.timezone.utc))
 
 
 def upload(services, customer_id: str, name: str, data: bytes, metadata: dict | None = None) -> str:

@@ -201,13 +201,18 @@ class FakeHubs:
             current.update(status=status, etag=str(next(self._etags)))
 
     def set_statuses(self, hub: str, device_ids, status: str, reason: str, *, iot_edge: bool = False):
+        from handlers.commands import BulkOutcome
+
+        absent = []
         with self._lock:
             for start in range(0, len(device_ids), 100):
                 self.calls += 1
                 for device_id in device_ids[start:start + 100]:
-                    self.devices.setdefault((hub, device_id), {"deviceId": device_id, "iotEdge": iot_edge}).update(
-                        status=status, etag=str(next(self._etags)))
-        return []
+                    if (hub, device_id) not in self.devices:  # bulk "update" never creates (DeviceNotFound)
+                        absent.append(device_id)
+                        continue
+                    self.devices[(hub, device_id)].update(status=status, etag=str(next(self._etags)))
+        return BulkOutcome(absent=tuple(absent))
 
 
 def run_concurrently(action, times: int, expected: tuple[type[BaseException], ...] = (Exception,)):

@@ -44,7 +44,7 @@ def _certificate(services, path: str) -> list[x509.Certificate]:
 
 
 def test_1000_generated_keys_and_200_csrs_verify_open_and_register(env, stack):
-    services = onboarded(env, "acme")
+    services = onboarded(env, "acme", stack)
     customer = services.store.get("customers/acme.json").data
     intermediate = x509.load_pem_x509_certificate(customer["intermediate"]["certificatePem"].encode())
     root = x509.load_pem_x509_certificate(services.store.get("root-ca.json").data["certificatePem"].encode())
@@ -59,10 +59,10 @@ def test_1000_generated_keys_and_200_csrs_verify_open_and_register(env, stack):
     assert password.decode() not in json.dumps(result)
     for row in result["rows"]:
         chain = _certificate(services, row["chain"])
-        assert chain[1] == intermediate and chain[0].serial_number == int(row["serial"], 16)
+        assert chain[1:] == [intermediate, root] and chain[0].serial_number == int(row["serial"], 16)
         chain[0].verify_directly_issued_by(intermediate)
         key, cert, extra = pkcs12.load_key_and_certificates(services.files.get(row["pfx"]), password)
-        assert cert == chain[0] and extra == [intermediate]
+        assert cert == chain[0] and extra == [intermediate, root]  # the full chain, root included
         assert key.public_key().public_numbers() == cert.public_key().public_numbers()
     first = _certificate(services, result["rows"][0]["chain"])
     verified = openssl_verify(root, first[0], intermediate, at=first[0].not_valid_before_utc.replace(microsecond=0))

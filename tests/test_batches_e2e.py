@@ -33,15 +33,18 @@ def storage(own_azurite):
 
 
 @pytest.fixture
-def env(storage, tmp_path, fresh_stack):
+def stack(fresh_stack):
     with fresh_stack(dps_instances=1) as stack:
-        values = wired_env(storage, stack, BATCH_CHUNK_ROWS="250", BATCH_CHUNK_LEASE_SECONDS="5",
-                           BATCH_INFLIGHT="4")
-        host_json = tmp_path / "host.json"
-        host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
-            "messageEncoding": "none", "maxDequeueCount": 5, "visibilityTimeout": "00:00:01"}}}))
-        yield {**values, "_HOST_JSON": str(host_json), "_CA": str(stack.ca_path),
-               "_OPERATOR": stack.client_id(OPERATOR)}
+        yield stack
+
+
+@pytest.fixture
+def env(storage, tmp_path, stack):
+    values = wired_env(storage, stack, BATCH_CHUNK_ROWS="250", BATCH_CHUNK_LEASE_SECONDS="5", BATCH_INFLIGHT="4")
+    host_json = tmp_path / "host.json"
+    host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
+        "messageEncoding": "none", "maxDequeueCount": 5, "visibilityTimeout": "00:00:01"}}}))
+    return {**values, "_HOST_JSON": str(host_json), "_CA": str(stack.ca_path), "_OPERATOR": stack.client_id(OPERATOR)}
 
 
 def devhost(env: dict, lease: float = 60) -> subprocess.Popen:
@@ -59,8 +62,8 @@ def stop(process: subprocess.Popen) -> str:
     return process.communicate(timeout=60)[0]
 
 
-def test_send_batch_follows_progress_to_the_report_and_export_gives_the_factory_files(env, tmp_path):
-    services = onboarded({k: v for k, v in env.items() if not k.startswith("_")}, "acme")
+def test_send_batch_follows_progress_to_the_report_and_export_gives_the_factory_files(env, tmp_path, stack):
+    services = onboarded({k: v for k, v in env.items() if not k.startswith("_")}, "acme", stack)
     batch = tmp_path / "line-7.csv"
     batch.write_text("deviceId\n" + "".join(f"line7-{i:03d}\n" for i in range(300)))
     # the operator runs pkictl: send, follow, export with the key (Key Vault Secrets User), no signing role
@@ -94,6 +97,15 @@ def test_send_batch_follows_progress_to_the_report_and_export_gives_the_factory_
                               capture_output=True, text=True)
     assert key_check.stdout == cert_key.stdout
     assert "PRIVATE KEY" not in out.getvalue()
+    # the exported chain (device, intermediate, root) registers, and the doctor finds nothing against DPS itself
+    files = ["--cert", str(target / "cert.pem"), "--chain", str(target / "chain.pem")]
+    out = io.StringIO()
+    assert main(["device", "register", *files, "--key", str(target / "device.key")], env=cli_env, out=out) == 0, \
+        out.getvalue()
+    assert main(["doctor", *files, "--dps", "dps1"], env=cli_env, out=out) == 0, out.getvalue()
+    out = io.StringIO()
+    assert main(["doctor", "--cert", str(target / "cert.pem"), "--dps", "dps1"], env=cli_env, out=out) == 1
+    assert "[missing-intermediate]" in out.getvalue() and "[root-not-verified]" in out.getvalue()
 
 
 def test_a_worker_killed_mid_chunk_and_a_fresh_one_leave_one_certificate_per_device(env, tmp_path, storage):

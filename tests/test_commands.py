@@ -217,3 +217,46 @@ def test_concurrent_deliveries_of_one_renewal_create_one_key_version(world):
         world.send(message, message_id="same")
     assert world.keys.created == 1
     assert world.effects("renew-intermediate").count("changed") == 1
+
+
+def test_a_refused_latest_attempt_does_not_lose_the_hub_the_record_learned(world):
+    # DPS's registration state names a hub only while the latest attempt was assigned; a disabled device that
+    # tries again gets a "disabled" state with no hub, and enable-device must still reach its hub device.
+    world.device("d1")
+    world.send(disable())
+    assert world.hubs.devices[(HUB, "d1")]["status"] == "disabled"
+    assert world.store.get(device_document("contoso", "d1")).data["hub"] == {
+        "name": HUB, "deviceId": "d1", "status": "disabled"}
+    world.groups.registered["d1"] = {"registrationId": "d1", "status": "disabled", "errorCode": 401005,
+                                     "group": "contoso"}
+    world.send({**disable(), "command": "enable-device"})
+    assert world.hubs.devices[(HUB, "d1")]["status"] == "enabled"
+
+
+def test_a_device_its_hub_no_longer_has_counts_as_done_and_the_audit_says_so(world):
+    world.device("d1")
+    del world.hubs.devices[(HUB, "d1")]  # deleted from the hub by hand
+    assert "issued -> disabled" in world.send(disable())
+    event = [e for e in world.audit.events if e["action"] == "disable-device"][-1]
+    assert event["effect"] == "changed" and event["hub"]["status"] == "absent"
+    world.device("d2", registered=False)
+    world.send(disable("d2"))
+    event = [e for e in world.audit.events if e["action"] == "disable-device"][-1]
+    assert event["hub"] == "never assigned to a hub: nothing to change there"
+    # in bulk (disable-customer with its devices): a device the hub no longer has is reported, not an error
+    world.device("d3")
+    world.device("d4")
+    del world.hubs.devices[(HUB, "d4")]
+    world.send({"command": "disable-customer", "customerId": "contoso", "reason": "r", "disableDevices": True})
+    event = [e for e in world.audit.events if e["action"] == "disable-customer"][-1]
+    assert f"{HUB}/d4" in event["absentFromHub"] and world.hubs.devices[(HUB, "d3")]["status"] == "disabled"
+
+
+def test_enable_customer_reaches_devices_whose_refused_attempts_made_dps_forget_their_hub(world):
+    world.device("d1")
+    world.device("d2")
+    world.send({"command": "disable-customer", "customerId": "contoso", "reason": "unpaid", "disableDevices": True})
+    for device in ("d1", "d2"):  # both try again while the group is disabled: DPS records "disabled", no hub
+        world.groups.registered[device] = {"registrationId": device, "status": "disabled", "group": "contoso"}
+    world.send({"command": "enable-customer", "customerId": "contoso", "reason": "paid"})
+    assert [world.hubs.devices[(HUB, d)]["status"] for d in ("d1", "d2")] == ["enabled", "enabled"]

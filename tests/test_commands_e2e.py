@@ -48,7 +48,7 @@ class Fleet:
         self.settings_env = {k: v for k, v in env.items() if not k.startswith("_")}
         self.operator_env = person_settings(self.settings_env, stack.client_id(OPERATOR))  # who runs pkictl
         self.acme, self.globex = f"acme-{secrets.token_hex(3)}", f"globex-{secrets.token_hex(3)}"
-        self.services = onboarded(self.settings_env, self.acme)
+        self.services = onboarded(self.settings_env, self.acme, stack)
         onboard_customer(OnboardingRequest(customer_id=self.globex), store=self.services.store,
                          keys=self.services.keys, groups=self.services.groups, audit=self.services.audit,
                          settings=self.services.onboarding, now=_now())

@@ -22,9 +22,15 @@ def codes(findings, severity=None):
 
 
 def test_a_healthy_chain_has_no_findings(chain):
-    findings = diagnose(chain.device, presented=[chain.intermediate], root=chain.root, registration_id="device-001",
-                        group_certificates=[chain.intermediate], now=NOW)
+    findings = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root,
+                        registration_id="device-001", group_certificates=[chain.intermediate], now=NOW)
     assert findings == []
+
+
+def test_a_chain_without_the_root_is_a_warning(chain):
+    # DPS's docs: the device presents its chain "up to and including" the verified certificate
+    findings = diagnose(chain.device, presented=[chain.intermediate], root=chain.root, now=NOW)
+    assert codes(findings) == ["root-not-sent"] and codes(findings, "error") == []
 
 
 def test_missing_intermediate_is_named_with_its_fix(chain):
@@ -35,23 +41,23 @@ def test_missing_intermediate_is_named_with_its_fix(chain):
 
 
 def test_wrong_cn(chain):
-    findings = diagnose(chain.device, presented=[chain.intermediate], root=chain.root,
+    findings = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root,
                         registration_id="device-002", now=NOW)
     assert codes(findings) == ["cn-mismatch"]
     assert "'device-001' is not the registration id 'device-002'" in findings[0].message
 
 
 def test_expired_and_not_yet_valid(chain):
-    later = diagnose(chain.device, presented=[chain.intermediate], root=chain.root, now=NOW + dt.timedelta(days=31))
+    later = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root, now=NOW + dt.timedelta(days=31))
     assert codes(later) == ["device-expired"]
     assert "issue a new device certificate" == later[0].fix
-    earlier = diagnose(chain.device, presented=[chain.intermediate], root=chain.root, now=NOW - dt.timedelta(days=1))
+    earlier = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root, now=NOW - dt.timedelta(days=1))
     assert "device-not-yet-valid" in codes(earlier)
 
 
 def test_group_holding_another_intermediate_of_the_same_name(chain):
     other = make_chain(device_days=30)  # same subject names, other keys
-    findings = diagnose(chain.device, presented=[chain.intermediate], root=chain.root,
+    findings = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root,
                         group_certificates=[other.intermediate], now=NOW)
     assert codes(findings) == ["group-mismatch"]
     assert "thumbprint" in findings[0].message and "new primary, old secondary" in findings[0].fix
@@ -59,13 +65,13 @@ def test_group_holding_another_intermediate_of_the_same_name(chain):
 
 def test_group_with_the_old_intermediate_as_secondary_still_matches(chain):
     other = make_chain(device_days=30)
-    findings = diagnose(chain.device, presented=[chain.intermediate], root=chain.root,
+    findings = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root,
                         group_certificates=[other.intermediate, chain.intermediate], now=NOW)
     assert findings == []
 
 
 def test_group_trusting_the_root_needs_verification(chain):
-    findings = diagnose(chain.device, presented=[chain.intermediate], root=chain.root,
+    findings = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root,
                         group_certificates=[chain.root], now=NOW)
     assert codes(findings) == ["root-verification"]
     assert "verification-cert" in findings[0].fix
@@ -83,15 +89,15 @@ def test_chain_to_another_root(chain):
     assert codes(findings, "error") == ["root-mismatch"]
 
 
-def test_chain_out_of_order_and_root_sent_are_warnings(chain):
+def test_chain_out_of_order_is_a_warning(chain):
     findings = diagnose(chain.device, presented=[chain.root, chain.intermediate], root=chain.root, now=NOW)
-    assert set(codes(findings)) == {"chain-order", "root-sent"}
+    assert set(codes(findings)) == {"chain-order"}
     assert codes(findings, "error") == []
 
 
 def test_expired_intermediate(chain):
     short = make_chain(intermediate_days=40, device_days=30)
-    findings = diagnose(short.device, presented=[short.intermediate], root=short.root, now=NOW + dt.timedelta(days=41))
+    findings = diagnose(short.device, presented=[short.intermediate, short.root], root=short.root, now=NOW + dt.timedelta(days=41))
     assert codes(findings) == ["device-expired", "intermediate-expired"]
 
 
@@ -104,6 +110,6 @@ def test_device_that_claims_to_be_a_ca(chain):
            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
            .sign(remote(chain.intermediate_key), hashes.SHA256()))
-    findings = diagnose(bad, presented=[chain.intermediate], root=chain.root, now=NOW + dt.timedelta(hours=1))
+    findings = diagnose(bad, presented=[chain.intermediate, chain.root], root=chain.root, now=NOW + dt.timedelta(hours=1))
     assert {"device-is-ca", "device-eku"} <= set(codes(findings))
     assert all(f.fix for f in findings)

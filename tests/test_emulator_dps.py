@@ -18,10 +18,12 @@ from azure.core.exceptions import (
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
 from clients.device_registration import register
+from clients.dps import DpsEnrollmentGroups
 from emulators.core import EmulatorServer
 from emulators.dps import GROUP_QUOTA_EXCEEDED, UNAUTHORIZED, DpsInstance
 from emulators.identity import DPS, IOT_HUB
 from emulators.stack import APP, OPERATOR
+from handlers.errors import CapacityExhausted, Rejected
 from pki.export import cert_pem, chain_pem, key_pem, thumbprints
 from tests.x509_helpers import make_chain
 
@@ -126,18 +128,57 @@ def test_group_limit_per_instance(stack):
         small.endpoint = server.url
         client = _client(f"HostName=127.0.0.1:{server.port};SharedAccessKeyName=provisioningserviceowner;"
                          f"SharedAccessKey={small.shared_access_key}", stack.ca_path)
-        pem = cert_pem(make_chain().intermediate).decode()
         for n in range(3):
+            pem = cert_pem(make_chain().intermediate).decode()  # a certificate belongs to one entry only
             client.enrollment_group.create_or_update(id=f"g{n}", enrollment_group=_group(f"g{n}", pem))
+        pem = cert_pem(make_chain().intermediate).decode()
         with pytest.raises(HttpResponseError) as full:
             client.enrollment_group.create_or_update(id="g3", enrollment_group=_group("g3", pem))
         assert full.value.status_code == 400
         assert full.value.response.json()["errorCode"] == GROUP_QUOTA_EXCEEDED
+        # The service's client knows a full instance by counting (DPS documents no code for it; the limit may be
+        # raised), and tells it from another refusal of the same status.
+        groups = DpsEnrollmentGroups({"small": client}, max_groups=3)
+        with pytest.raises(CapacityExhausted, match="small is full"):
+            groups.create_group("small", _group("g3", pem))
+        roomy = DpsEnrollmentGroups({"small": client}, max_groups=10)
+        with pytest.raises(Rejected, match="refused enrollment group g3"):
+            roomy.create_group("small", _group("g3", pem))
         # Updating one of the three is not a new group.
         g0 = client.enrollment_group.get("g0")
         client.enrollment_group.create_or_update(id="g0", enrollment_group=g0, if_match=g0["etag"])
     finally:
         server.stop()
+
+
+def test_a_certificate_belongs_to_one_enrollment_entry_and_hubs_must_be_linked(dps, stack):
+    pem = cert_pem(make_chain().intermediate).decode()
+    first, second = _unique("group"), _unique("group")
+    dps.enrollment_group.create_or_update(id=first, enrollment_group=_group(first, pem))
+    with pytest.raises(HttpResponseError) as twice:  # concepts-x509-attestation: "only one enrollment entry"
+        dps.enrollment_group.create_or_update(id=second, enrollment_group=_group(second, pem))
+    assert twice.value.status_code == 400 and "only one enrollment entry" in twice.value.message
+    other = cert_pem(make_chain().intermediate).decode()
+    for extra, words in (({"allocationPolicy": "hashed", "iotHubs": ["elsewhere.azure-devices.net"]}, "not linked"),
+                         ({"allocationPolicy": "static", "iotHubs": []}, "exactly one")):
+        with pytest.raises(HttpResponseError) as refused:
+            dps.enrollment_group.create_or_update(id=second, enrollment_group=_group(second, other, **extra))
+        assert refused.value.status_code == 400 and words in refused.value.message
+    static = _group(second, other, allocationPolicy="static", iotHubs=[stack.iothub.hostname])
+    assert dps.enrollment_group.create_or_update(id=second, enrollment_group=static)["allocationPolicy"] == "static"
+
+
+def test_registration_ids_follow_one_rule_in_the_enrollment_api_and_at_registration(dps):
+    # concepts-service#registration-id: the last character may be a dash
+    chain = make_chain(device_id="ends-with-dash-")
+    enrollment = {"registrationId": "ends-with-dash-", "attestation": {"type": "x509", "x509": {
+        "clientCertificates": {"primary": {"certificate": cert_pem(chain.device).decode()}}}}}
+    assert dps.enrollment.create_or_update(id="ends-with-dash-", enrollment=enrollment)["registrationId"] == \
+        "ends-with-dash-"
+    with pytest.raises(HttpResponseError) as refused:
+        dps.enrollment.create_or_update(id="ends-with-dot.", enrollment={**enrollment, "registrationId": "ends-with-dot."})
+    assert refused.value.status_code == 400
+    dps.enrollment.delete("ends-with-dash-")
 
 
 def test_the_owner_policys_sas_connection_string_still_works(stack):
@@ -181,7 +222,8 @@ def test_registration_state_after_a_device_registered(stack, dps, tmp_path):
     chain = make_chain(device_id=registration_id, now=datetime.now(timezone.utc))
     dps.enrollment_group.create_or_update(id=group_id,
                                           enrollment_group=_group(group_id, cert_pem(chain.intermediate).decode()))
-    (tmp_path / "chain.pem").write_bytes(chain_pem([chain.device, chain.intermediate]))
+    stack.dps[0].trust(chain.root, f"test-{registration_id}")
+    (tmp_path / "chain.pem").write_bytes(chain_pem([chain.device, chain.intermediate, chain.root]))
     (tmp_path / "key.pem").write_bytes(key_pem(chain.device_key))
     register(stack.device_endpoint_url, stack.dps[0].id_scope, registration_id, tmp_path / "chain.pem",
              tmp_path / "key.pem", ca_path=stack.ca_path)
@@ -195,3 +237,31 @@ def test_registration_state_after_a_device_registered(stack, dps, tmp_path):
     dps.device_registration_state.delete(registration_id, if_match=state["etag"])
     with pytest.raises(ResourceNotFoundError):
         dps.device_registration_state.get(registration_id)
+
+
+def test_throttling_and_server_faults_come_in_dps_shape(stack, credential_of):
+    # how-to-troubleshoot-dps: 429 with errorCode 429001 and Retry-After
+    stack.faults(stack.dps[0].name, rate_per_s=1)
+    url = f"{stack.dps[0].endpoint}/enrollmentGroups/anything?api-version=2021-10-01"
+    token = credential_of(APP).get_token(f"{DPS}/.default").token
+    answers = [requests.get(url, headers={"Authorization": f"Bearer {token}"}, verify=str(stack.ca_path), timeout=10)
+               for _ in range(4)]
+    throttled = [a for a in answers if a.status_code == 429]
+    assert throttled and throttled[0].json()["errorCode"] == 429001 and throttled[0].headers["Retry-After"]
+    stack.faults(stack.dps[0].name, error_503_fraction=1.0)
+    failed = requests.get(url, headers={"Authorization": f"Bearer {token}"}, verify=str(stack.ca_path), timeout=10)
+    assert failed.status_code == 503 and failed.json()["errorCode"] == 503000 and failed.json()["trackingId"]
+
+
+def test_azure_quotas_cap_each_service_at_its_documented_default(fresh_stack, credential_of):
+    with fresh_stack("quotas", dps_instances=1) as quotas:
+        quotas.azure_quotas()
+        assert quotas.servers["iothub"].gate.faults.rate_per_s == pytest.approx(100 / 60)  # S1: 100/min per unit
+        assert quotas.servers["dps-device"].gate.faults.rate_per_s == pytest.approx(1000 / 60)
+        assert quotas.servers["keyvault"].gate.faults.rate_per_s == 400  # 4,000 EC signs per 10 s
+        url = f"https://{quotas.iothub.hostname}/devices/x?api-version=2021-04-12"
+        token = quotas.issuer.mint(quotas.principals[APP], IOT_HUB)
+        codes = [requests.get(url, headers={"Authorization": f"Bearer {token}"}, verify=str(quotas.ca_path),
+                              timeout=10) for _ in range(5)]
+        refused = [c for c in codes if c.status_code == 429]
+        assert refused and refused[0].headers["iothub-errorcode"] == "ThrottlingException"

@@ -15,6 +15,8 @@ from msrest.exceptions import HttpOperationError
 from clients.iothub import IotHubRegistries
 from emulators.identity import IOT_HUB, VAULT
 from emulators.stack import APP, OPERATOR
+from handlers.commands import BulkOutcome
+from handlers.errors import TransientError
 
 pytestmark = pytest.mark.integration
 
@@ -138,9 +140,17 @@ def test_the_app_reaches_a_hub_by_host_name_with_its_identity_or_a_connection_st
     assert device["status"] == "enabled"
     hubs.set_status(stack.iothub.hostname, device, "disabled", "stolen")
     assert stack.iothub.device_status(device_id) == "disabled"
-    assert hubs.set_statuses(stack.iothub.hostname, [device_id], "enabled", "found") == []
+    assert hubs.set_statuses(stack.iothub.hostname, [device_id], "enabled", "found") == BulkOutcome()
     assert stack.iothub.device_status(device_id) == "enabled"
     assert hubs.device(stack.iothub.hostname, _device_id()) is None
+    # a bulk update never creates: a device the hub no longer has is reported absent, and nothing is made
+    gone = _device_id()
+    outcome = hubs.set_statuses(stack.iothub.hostname, [device_id, gone], "disabled", "lost")
+    assert outcome == BulkOutcome(absent=(gone,)) and stack.iothub.device_status(gone) is None
+    assert stack.iothub.device_status(device_id) == "disabled"
+    # a 400 for the whole request (no per-device errors, isSuccessful absent) is a failure, not a success
+    with pytest.raises(TransientError, match="refused the request: HTTP 400"):
+        hubs.set_statuses(stack.iothub.hostname, [f"bad id {gone}"] * 2, "enabled", "x")
 
 
 def test_a_principal_without_the_role_is_refused_with_iothubs_401_iothubunauthorized(stack, credential_of):

@@ -83,7 +83,10 @@ def test_local_up_runs_the_production_configuration_end_to_end_then_down_leaves_
         created = pkictl(["root", "create"], tmp_path, admin)  # the PKI administrator's root ceremony
         assert created.returncode == 0, created.stderr
         assert not (tmp_path / "state" / "keystore").exists()  # the key went to the Key Vault emulator
-        assert json.loads(pkictl(["root", "show", "--json"], tmp_path, operator).stdout)["keyType"] == "ec-p384"
+        registered = pkictl(["root", "register", "--all"], tmp_path, admin)  # upload + proof of possession, via ARM
+        assert registered.returncode == 0 and "DPS dps1: verified (pki-root-" in registered.stdout, registered.stderr
+        shown = json.loads(pkictl(["root", "show", "--json"], tmp_path, operator).stdout)
+        assert shown["keyType"] == "ec-p384" and shown["dps"]["dps1"].startswith("verified")
         signing = pkictl(["verification-cert", "--code", "ABC123"], tmp_path, operator)
         assert signing.returncode == 1 and "ForbiddenByRbac" in signing.stderr  # the operator cannot sign
 

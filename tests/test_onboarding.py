@@ -171,6 +171,7 @@ def test_a_group_of_the_same_id_with_another_certificate_is_not_taken_over(world
     ('{"customerId": "c", "displayName": "' + "x" * 65 + '"}', "displayName", "at most 64 characters"),
     ('{"customerId": "c", "iotHubs": "hub1"}', "iotHubs", "must be a list of non-empty strings"),
     ('{"customerId": "c", "allocationPolicy": "custom"}', "allocationPolicy", "must be one of"),
+    ('{"customerId": "c", "allocationPolicy": "static"}', "iotHubs", "exactly one IoT hub"),
     ('{"customerId": "c", "iotEdge": "yes"}', "iotEdge", "must be true or false"),
     ('{"customerId": "c", "initialTwin": {"tags": {}, "reported": {}}}', "initialTwin.reported", "unknown field"),
     ('{"customerId": "c", "initialTwin": [1]}', "initialTwin", "must be a JSON object"),

@@ -34,6 +34,7 @@ def files(tmp_path_factory):
     write_pem(d, "device.pem", chain.device)
     write_pem(d, "device-with-chain.pem", chain.device, chain.intermediate)
     write_pem(d, "intermediate.pem", chain.intermediate)
+    write_pem(d, "chain.pem", chain.intermediate, chain.root)  # what the service ships after the device
     write_pem(d, "root.pem", chain.root)
     (d / "broken.pem").write_text("-----BEGIN CERTIFICATE-----\nnot really base64!\n-----END CERTIFICATE-----\n")
     (d / "key.pem").write_bytes(export.key_pem(generate_key(KeyType.EC_P256)))  # made now, never committed
@@ -48,9 +49,11 @@ def doctor(files, *extra):
 
 
 def test_doctor_healthy_chain_exits_0(files):
-    code, out, _ = doctor(files, "--chain", str(files / "intermediate.pem"), "--registration-id", "device-001")
+    code, out, _ = doctor(files, "--chain", str(files / "chain.pem"), "--registration-id", "device-001")
     assert code == 0
     assert "no problems found" in out
+    code, out, _ = doctor(files, "--chain", str(files / "intermediate.pem"), "--registration-id", "device-001")
+    assert code == 0 and "WARNING [root-not-sent]" in out
 
 
 def test_doctor_finds_a_missing_intermediate(files):
@@ -177,15 +180,56 @@ def test_local_settings_json_is_read_when_the_environment_is_silent(azurite_env,
     assert "no root CA yet: run `pkictl root create`" in result.stderr
 
 
+# The operations the service performs on each emulated service, by the operation ids of the published specs:
+# the demo plus the commands run after it must exercise every one (and only what the specs declare).
+SERVICE_OPERATIONS = {
+    "keyvault-keys.json": {"CreateKey", "GetKey", "sign"},
+    "keyvault-secrets.json": {"SetSecret", "GetSecret"},
+    "dps-service.json": {"EnrollmentGroup_Get", "EnrollmentGroup_CreateOrUpdate", "IndividualEnrollment_Get",
+                         "IndividualEnrollment_CreateOrUpdate", "IndividualEnrollment_Delete",
+                         "DeviceRegistrationState_Get", "DeviceRegistrationState_Query"},
+    "dps-device.json": {"RuntimeRegistration_RegisterDeviceAndIssueCertificate",
+                        "RuntimeRegistration_OperationStatusLookup"},
+    "dps-management.json": {"DpsCertificate_Get", "DpsCertificate_CreateOrUpdate", "DpsCertificate_List",
+                            "DpsCertificate_GenerateVerificationCode", "DpsCertificate_VerifyCertificate"},
+}
+
+
+def _more_commands(env: dict, store) -> None:
+    """After the demo: the commands it does not send (enable a device; a customer disabled with its devices and
+    enabled again), so that every DPS and IoT Hub operation the service uses is exercised."""
+    import time
+
+    for args in (["enable-device", "--customer", "contoso-gmbh", "--device", "sensor-0003"],
+                 ["disable-customer", "--customer", "contoso-gmbh", "--disable-devices"],
+                 ["enable-customer", "--customer", "contoso-gmbh"]):
+        out = io.StringIO()
+        assert main(["send", "command", *args, "--reason", "contract run"], env=env, out=out, err=out) == 0, \
+            out.getvalue()
+        record = "devices/contoso-gmbh/sensor-0003.json" if "--device" in args else "customers/contoso-gmbh.json"
+        deadline = time.monotonic() + 60
+        while (store.get(record).data.get("lastCommand") or {}).get("command") != args[0] or \
+                not store.get(record).data["lastCommand"].get("applied"):
+            assert time.monotonic() < deadline, f"{args[0]} did not apply"
+            time.sleep(0.3)
+
+
 @pytest.mark.integration
-def test_the_demo_runs_end_to_end_leaks_no_secret_and_leaves_nothing_running():
+@pytest.mark.contract
+def test_the_demo_runs_end_to_end_speaks_the_published_contracts_and_leaks_no_secret():
     from devhost.leaks import find_leaks
     from pkictl.demo import run_demo
+    from pkictl.wiring import wire
+
+    from .contract_check import check_exchange, contracts_for
 
     out = io.StringIO()
     scans: list = []
+    exchanges: list = []
 
     def inspect(stack, env):
+        _more_commands(env, wire(env).store)
+        exchanges.extend(stack.emulators.exchanges)
         scans.append(find_leaks(stack, [("demo output", out.getvalue())]))
         # the scanner can fail: a PFX password and an access token planted in a blob are found
         planted = stack.azurite.blob_service().get_container_client("pki-state")
@@ -194,12 +238,29 @@ def test_the_demo_runs_end_to_end_leaks_no_secret_and_leaves_nothing_running():
         planted.upload_blob("probe-token.txt", f"Authorization: Bearer {token}".encode())
         scans.append(find_leaks(stack))
 
-    assert run_demo(out, inspect=inspect) == 0, out.getvalue()[-3000:]
+    assert run_demo(out, inspect=inspect, record_exchanges=True) == 0, out.getvalue()[-3000:]
     text = out.getvalue()
-    for expected in ("demo complete", "BEGIN CERTIFICATE", "errorCode 401005", "disable-device       changed",
+    for expected in ("demo complete", "DPS dps2: verified (pki-root-", "errorCode 401005", "disable-device       changed",
                      "notice ", "(secondary)"):
         assert expected in text
     leaks, scanned = scans[0]
     assert leaks == [] and scanned > 50
     assert sorted(scans[1][0]) == ["blob pki-state/probe-token.txt: an access token",
                                    "blob pki-state/probe.txt: the Key Vault secret #0"]
+    # every request the real SDKs sent, and every answer, as the published specs declare them
+    problems, seen, unchecked = [], {}, set()
+    for exchange in exchanges:
+        contracts = contracts_for(exchange["server"])
+        if not contracts:
+            unchecked.add(exchange["server"])  # IoT Hub and the identity endpoint: no published spec stored
+            continue
+        operation, found = check_exchange(exchange, contracts)
+        problems += found
+        if operation is not None:
+            seen.setdefault(operation.contract, set()).add(operation.operation_id)
+    assert problems == [], "\n".join(sorted(set(problems))[:40])
+    for contract, operations in SERVICE_OPERATIONS.items():
+        assert operations <= seen.get(contract, set()), (contract, operations - seen.get(contract, set()))
+    assert unchecked == {"iothub", "identity"}
+    print(f"contract: {len(exchanges)} exchanges, {sum(len(v) for v in seen.values())} operations checked: "
+          f"{ {k: sorted(v) for k, v in seen.items()} }")
