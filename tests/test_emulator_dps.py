@@ -197,14 +197,17 @@ def test_a_bearer_token_that_is_not_a_dps_token_of_the_tenant_gets_401(stack, ca
     assert response.status_code == 401 and response.json()["errorCode"] == UNAUTHORIZED
 
 
-def test_a_principal_without_the_dps_data_role_is_refused(stack, credential_of):
+def test_a_principal_without_a_dps_data_role_granting_the_operation_is_refused(stack, credential_of):
     # DPS documents 401 for a refused authorization and no 403 (how-to-troubleshoot-dps): the emulator answers 401.
+    # The operator holds Device Provisioning Service Data Reader: reads pass, writes do not.
     operator = DeviceProvisioningClient(stack.dps[0].endpoint, credential_of(OPERATOR),
                                         connection_verify=str(stack.ca_path))
-    with pytest.raises(ClientAuthenticationError) as refused:
+    with pytest.raises(ResourceNotFoundError):
         operator.enrollment_group.get("anything")
+    with pytest.raises(ClientAuthenticationError) as refused:
+        operator.enrollment_group.create_or_update(id="anything", enrollment_group=_group("anything", "x"))
     assert refused.value.status_code == 401
-    assert (f"Principal {stack.principals[OPERATOR].object_id} is not authorized for GET on "
+    assert (f"Principal {stack.principals[OPERATOR].object_id} is not authorized for PUT on "
             "/enrollmentGroups/anything") in refused.value.message
 
 

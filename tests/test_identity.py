@@ -46,7 +46,7 @@ def test_the_identity_endpoint_answers_as_app_services_does(stack):
     assert _get(stack, client_id="00000000-0000-0000-0000-000000000000").status_code == 400
     assert _get(stack, header="wrong").status_code == 401
     assert _get(stack, **{"api-version": "2017-09-01"}).status_code == 400
-    unknown = _get(stack, resource="https://management.azure.com")
+    unknown = _get(stack, resource="https://graph.microsoft.com")
     assert unknown.status_code == 500 and "AADSTS500011" in unknown.json()["message"]
 
 
@@ -80,8 +80,8 @@ def test_every_client_of_the_app_uses_the_user_assigned_identity_its_settings_na
     as_operator = build_services(operator)  # same code, the operator's identity: the services refuse by role
     with pytest.raises(NotPermitted, match=r"HTTP 403 Forbidden/ForbiddenByRbac.*keys/sign/action"):
         as_operator.keys.signer(key)("ES256", b"\0" * 32)
-    with pytest.raises(NotPermitted, match="HTTP 401.*not authorized for GET on /enrollmentGroups"):
-        as_operator.groups.get_group(stack.dps[0].name, "no-such-group")
+    with pytest.raises(NotPermitted, match="HTTP 401.*not authorized for PUT on /enrollmentGroups"):
+        as_operator.groups.create_group(stack.dps[0].name, {"enrollmentGroupId": "no-such-group"})
     with pytest.raises(NotPermitted, match="HTTP 401.*IotHubUnauthorized"):
         as_operator.hubs.device(stack.iothub.hostname, "no-such-device")
     as_admin = build_services(load_settings(person_settings(app_settings(azurite, stack), stack.client_id(ADMIN))))
