@@ -272,6 +272,69 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     )
 
 
+def timespan(value, default: float | None) -> float | None:
+    """A host.json TimeSpan ("hh:mm:ss", "mm:ss", seconds) in seconds; "-1" is unbounded (None)."""
+    if value is None or value == "":
+        return default
+    if str(value).strip() == "-1":
+        return None
+    try:
+        parts = [float(p) for p in str(value).split(":")]
+    except ValueError:
+        raise ValueError(f"{value!r} is not a time span (hh:mm:ss)") from None
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return parts[-3] * 3600 + parts[-2] * 60 + parts[-1]
+
+
+def host_json(path: Path, env: Mapping[str, str]) -> dict:
+    """``host.json`` as the Functions host reads it: the file (in the script root), with app settings named
+    ``AzureFunctionsJobHost__path__to__setting`` overriding its values (learn.microsoft.com/azure/azure-functions/
+    functions-host-json#override-hostjson-values; names are case-insensitive, as in .NET configuration)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as exc:
+        raise SettingsError(str(path), f"is not JSON ({exc})") from None
+    prefix = "azurefunctionsjobhost__"
+    for name, value in sorted(env.items()):
+        if not name.lower().startswith(prefix):
+            continue
+        *parents, leaf = name[len(prefix):].split("__")
+        node = document
+        for key in parents:
+            existing = next((k for k in node if k.lower() == key.lower()), key)
+            if not isinstance(node.get(existing), dict):
+                node[existing] = {}
+            node = node[existing]
+        node[next((k for k in node if k.lower() == leaf.lower()), leaf)] = value
+    return document
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What the Functions host allows one invocation: its time, and how many queue invocations of one function run
+    at once on an instance (``batchSize + newBatchThreshold``; learn.microsoft.com/azure/azure-functions/
+    functions-bindings-storage-queue-trigger#concurrency, functions-host-json#functiontimeout)."""
+
+    function_timeout_s: float | None
+    batch_size: int
+    new_batch_threshold: int
+
+    @property
+    def queue_concurrency(self) -> int:
+        return self.batch_size + self.new_batch_threshold
+
+    @classmethod
+    def of(cls, document: Mapping, cores: int | None = None) -> HostLimits:
+        queues = (document.get("extensions") or {}).get("queues") or {}
+        batch = int(queues.get("batchSize", 16))
+        # Unset, newBatchThreshold is batchSize/2 times the instance's cores (QueuesOptions.NewBatchThreshold).
+        threshold = int(queues["newBatchThreshold"]) if "newBatchThreshold" in queues else \
+            batch // 2 * (cores or os.cpu_count() or 1)
+        # Unset, functionTimeout is 30 minutes on Flex Consumption, Premium and Dedicated plans.
+        return cls(timespan(document.get("functionTimeout"), 1800.0), batch, threshold)
+
+
 def environment(local_settings: Path | None = Path("local.settings.json"),
                 environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The process environment over ``local.settings.json`` Values (environment wins, as in Azure)."""

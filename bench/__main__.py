@@ -54,7 +54,7 @@ def _with_customer(env: dict[str, str]):
 
 
 def batch(args: argparse.Namespace) -> dict:
-    from devhost.stack import LocalStack
+    from devhost.stack import LocalStack, launch_devhost
 
     extra = {"BATCH_CHUNK_ROWS": str(args.chunk_rows), "BATCH_INFLIGHT": str(args.inflight),
              "KEY_VAULT_SIGN_RATE_PER_S": str(int(args.kv_rate or 4000) // args.workers or 1)}
@@ -67,16 +67,13 @@ def batch(args: argparse.Namespace) -> dict:
         services = _with_customer(env)
         workers = []
         for _ in range(args.workers):
-            log = open(Path(workdir) / f"worker-{len(workers)}.log", "wb")  # noqa: SIM115
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "devhost", "--script-root", str(REPO), "--concurrency", str(args.concurrency),
-                 "--log-level", "WARNING"], cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
-                stdout=log, stderr=subprocess.STDOUT))
+            with open(Path(workdir) / f"worker-{len(workers)}.log", "wb") as log:
+                workers.append(launch_devhost(["--script-root", str(REPO), "--concurrency", str(args.concurrency),
+                                               "--log-level", "WARNING"], {**os.environ, **env}, stdout=log))
         rows = "".join(f"bench-{i:07d}\n" for i in range(args.devices))
         data = ("deviceId\n" + rows).encode()
         container = stack.azurite.blob_service().get_container_client("device-batches")
         container.create_container()
-        time.sleep(2)  # let the workers start polling
         started = time.monotonic()
         container.upload_blob("bench/batch.csv", data, metadata={"output": args.output})
         peaks = {w.pid: 0 for w in workers}

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -38,13 +37,12 @@ class _Worker:
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.workdir / f"worker-{self.starts}.log", "wb")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "devhost", "--script-root", str(REPO), "--host-json", str(self.host_json),
-             "--concurrency", "4", "--message-lease", "20", "--log-level", "WARNING"],
-            cwd=REPO, env={**os.environ, **self.env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        log.close()
+        from devhost.stack import launch_devhost
+
+        with open(self.workdir / f"worker-{self.starts}.log", "wb") as log:
+            self.process = launch_devhost(["--script-root", str(REPO), "--host-json", str(self.host_json),
+                                           "--concurrency", "4", "--message-lease", "20", "--log-level", "WARNING"],
+                                          {**os.environ, **self.env}, stdout=log)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

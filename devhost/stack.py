@@ -69,6 +69,31 @@ def sas_settings(azurite: Azurite, emulators, **extra: str) -> dict[str, str]:
             **extra}
 
 
+def launch_devhost(args: list[str], env: Mapping[str, str], *, cwd: Path = REPO, stdout=None,
+                   ready_timeout_s: float = 90) -> subprocess.Popen:
+    """Start ``python -m devhost ARGS`` and return once it is ready: its Event Grid subscriptions exist (blobs
+    uploaded from now on fire, as after an Azure deployment) and its webhook, if any, listens."""
+    import tempfile
+    import time
+
+    ready = Path(tempfile.mkdtemp(prefix="devhost-")) / "ready"
+    process = subprocess.Popen([sys.executable, "-m", "devhost", *args, "--ready-file", str(ready)], cwd=cwd,
+                               env={**env, "PYTHONPATH": str(REPO)}, stdout=stdout,
+                               stderr=subprocess.STDOUT if stdout is not None else None, start_new_session=True,
+                               text=stdout is subprocess.PIPE)
+    deadline = time.monotonic() + ready_timeout_s
+    while not ready.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"devhost exited with code {process.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise RuntimeError(f"devhost was not ready within {ready_timeout_s:.0f} s")
+        time.sleep(0.1)
+    ready.unlink()
+    ready.parent.rmdir()
+    return process
+
+
 @contextlib.contextmanager
 def platform_environment(emulators) -> Iterator[None]:
     """This process on the local platform: ``IDENTITY_ENDPOINT`` / ``IDENTITY_HEADER`` in ``os.environ`` (where
@@ -134,13 +159,10 @@ class LocalStack:
         return person_settings(self.settings(), self.emulators.client_id(principal))
 
     def start_devhost(self) -> None:
-        log = open(self.state_dir / "devhost.log", "ab")  # noqa: SIM115 - handed to the child process
-        env = {**os.environ, **self.settings(), "PYTHONPATH": str(REPO)}
-        self.devhost = subprocess.Popen(
-            [sys.executable, "-m", "devhost", "--script-root", str(self.script_root),
-             "--concurrency", str(self.concurrency)],
-            cwd=self.script_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.state_dir / "devhost.log", "ab") as log:  # the child keeps its own handle
+            self.devhost = launch_devhost(["--script-root", str(self.script_root), "--concurrency",
+                                           str(self.concurrency)], {**os.environ, **self.settings()},
+                                          cwd=self.script_root, stdout=log)
 
     def stop_devhost(self, *, kill: bool = False) -> None:
         process, self.devhost = self.devhost, None

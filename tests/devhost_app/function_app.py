@@ -51,8 +51,10 @@ def always_fails(msg: func.QueueMessage) -> None:
 @app.blob_trigger(arg_name="blob", path="%TEST_CONTAINER%/{customer}/{name}", connection="AzureWebJobsStorage",
                   source="EventGrid")
 def on_blob(blob: func.InputStream, context) -> None:
-    _record("blob", {"name": blob.name, "length": blob.length, "data": blob.read().decode(),
-                     "function": context.function_name})
+    data = blob.read().decode()
+    _record("blob", {"name": blob.name, "length": blob.length, "data": data, "function": context.function_name})
+    if data == "fail":
+        raise RuntimeError("this blob always fails")
 
 
 @app.blob_trigger(arg_name="blob", path="%TEST_SLOW_CONTAINER%/{name}", connection="AzureWebJobsStorage",
@@ -65,3 +67,28 @@ def slow_blob(blob: func.InputStream) -> None:
 @app.timer_trigger(arg_name="timer", schedule="%TEST_SCHEDULE%", run_on_startup=False, use_monitor=True)
 def on_timer(timer: func.TimerRequest) -> None:
     _record("timer", {"pastDue": timer.past_due})
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%TEST_OVERLAP_QUEUE%", connection="AzureWebJobsStorage")
+def overlapping(msg: func.QueueMessage) -> None:
+    """Runs 0.4-1.6 s by its number, so that invocations end at different times; records when it ran."""
+    started = time.time()
+    time.sleep(0.4 * (1 + int(msg.get_body()) % 4))
+    _record("overlap", {"body": msg.get_body().decode(), "start": started, "end": time.time()})
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%TEST_SLEEPY_QUEUE%", connection="AzureWebJobsStorage")
+def sleepy(msg: func.QueueMessage) -> None:
+    _record("sleepy", {"body": msg.get_body().decode(), "dequeueCount": msg.dequeue_count})
+    time.sleep(float(os.environ["TEST_SLEEPY_SECONDS"]))
+    _record("woke", {"body": msg.get_body().decode()})
+
+
+@app.timer_trigger(arg_name="timer", schedule="0 0 0 1 1 *", run_on_startup=False, use_monitor=False)
+@app.retry(strategy="fixed_delay", max_retry_count="2", delay_interval="00:00:01")
+def flaky_timer(timer: func.TimerRequest, context) -> None:
+    """Fails its first TEST_TIMER_FAILURES attempts."""
+    retry = context.retry_context.retry_count
+    _record("flaky", {"retry": retry, "max": context.retry_context.max_retry_count, "at": time.time()})
+    if retry < int(os.environ["TEST_TIMER_FAILURES"]):
+        raise RuntimeError(f"attempt {retry + 1} fails")
