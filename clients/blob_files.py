@@ -4,12 +4,13 @@ assembled from parts without holding them in memory (staged blocks, committed in
 from __future__ import annotations
 
 import base64
+import datetime as dt
 from collections.abc import Iterable, Iterator
 
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings
 
-from handlers.errors import NotFound
+from handlers.errors import Conflict, NotFound
 
 from .errors import translated
 
@@ -38,27 +39,25 @@ class BlobFiles:
         self._known.add(container)
 
     def properties(self, path: str) -> tuple[int, str, dict[str, str]]:
-        """Size, ETag and metadata (keys lower-cased)."""
+        """Size, upload (``upload_of``) and metadata (keys lower-cased)."""
         with translated(f"blob {path}"):
             props = self._blob(path).get_blob_properties()
-        return props.size, props.etag, {k.lower(): v for k, v in (props.metadata or {}).items()}
+        return props.size, upload_of(props), {k.lower(): v for k, v in (props.metadata or {}).items()}
 
-    def stream(self, path: str, etag: str | None = None) -> Iterator[bytes]:
-        """The blob in chunks of a few MiB (never whole in memory); ``etag`` pins the version."""
-        from azure.core import MatchConditions
-
+    def stream(self, path: str, upload: str | None = None) -> Iterator[bytes]:
+        """The blob in chunks of a few MiB (never whole in memory); ``upload`` pins the upload (``Conflict``
+        if the blob is another one now)."""
         with translated(f"blob {path}"):
-            kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
-            downloader = self._blob(path).download_blob(max_concurrency=1, **kwargs)
+            downloader = self._blob(path).download_blob(max_concurrency=1)
+            _check_upload(path, downloader.properties, upload)
             yield from downloader.chunks()
 
-    def read_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
-        """Bytes ``start``..``end`` of the version ``etag`` (``Conflict`` if the blob was overwritten)."""
-        from azure.core import MatchConditions
-
-        kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+    def read_range(self, path: str, start: int, end: int, upload: str | None = None) -> bytes:
+        """Bytes ``start``..``end`` of the upload ``upload`` (``Conflict`` if the blob was overwritten)."""
         with translated(f"blob {path} bytes {start}-{end}"):
-            return self._blob(path).download_blob(offset=start, length=end - start, **kwargs).readall()
+            downloader = self._blob(path).download_blob(offset=start, length=end - start)
+            _check_upload(path, downloader.properties, upload)
+            return downloader.readall()
 
     def put(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._ensure(path)
@@ -97,3 +96,16 @@ class BlobFiles:
                 blob.stage_block(block_id, data)
                 blocks.append(BlobBlock(block_id=block_id))
             blob.commit_block_list(blocks, content_settings=ContentSettings(content_type))
+
+
+def upload_of(properties) -> str:
+    """Which upload a blob is: its creation time. An overwrite deletes and re-creates the blob (a new creation
+    time, as Event Grid raises a new BlobCreated); metadata and tag changes keep it, though they change the ETag
+    (learn.microsoft.com/rest/api/storageservices/get-blob-properties: x-ms-creation-time). An overwrite within
+    the same second as the upload it replaces is not told apart."""
+    return properties.creation_time.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_upload(path: str, properties, upload: str | None) -> None:
+    if upload is not None and upload_of(properties) != upload:
+        raise Conflict(f"blob {path}: overwritten since (uploaded {upload_of(properties)}, not {upload})")

@@ -49,6 +49,14 @@ DEFAULT_SIGN_RATE_PER_S = 100.0
 # (https://learn.microsoft.com/azure/key-vault/general/service-limits, DESIGN.md section 3).
 _SIGN_LIMIT_PER_10S = {KeyType.EC_P256: 4000, KeyType.EC_P384: 4000, KeyType.RSA_2048: 4000,
                        KeyType.RSA_3072: 1000, KeyType.RSA_4096: 500}
+
+
+def sign_rate(key_type: KeyType, rate_per_s: float) -> float:
+    """Signs per second this process allows itself with ``key_type`` keys: ``KEY_VAULT_SIGN_RATE_PER_S`` (set for
+    EC / RSA-2048) scaled by Key Vault's lower limits for RSA-3072 and RSA-4096."""
+    return rate_per_s * _SIGN_LIMIT_PER_10S[key_type] / _SIGN_LIMIT_PER_10S[KeyType.EC_P256]
+
+
 _CURVE_NAMES = {KeyType.EC_P256: KeyCurveName.p_256, KeyType.EC_P384: KeyCurveName.p_384}
 _CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1}
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault object names (same rule as the local key store)
@@ -107,8 +115,8 @@ class KeyVaultKeyStore:
         self._crypto_options = {
             key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, transport=transport,
                                       per_retry_policies=[
-                RateLimitPolicy(TokenBucket(sign_rate_per_s * limit / _SIGN_LIMIT_PER_10S[KeyType.EC_P256]))])
-            for key_type, limit in _SIGN_LIMIT_PER_10S.items()
+                RateLimitPolicy(TokenBucket(sign_rate(key_type, sign_rate_per_s)))])
+            for key_type in _SIGN_LIMIT_PER_10S
         }
         self._crypto: dict[tuple[str, str], CryptographyClient] = {}
         self._lock = threading.Lock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from clients.audit import StoreAuditLog
 from clients.dps import DpsEnrollmentGroups
@@ -17,7 +18,10 @@ from handlers.commands import Ports
 from handlers.expiry_sweep import SweepSettings
 from handlers.onboarding import OnboardingSettings
 from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Secrets
-from settings import Settings, SettingsError, load_settings
+from clients.keyvault import sign_rate
+from settings import HostLimits, Settings, SettingsError, host_json, load_settings
+
+APP_ROOT = Path(__file__).resolve().parent.parent  # the script root: function_app.py and host.json
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,29 @@ def build_services(settings: Settings) -> Services:
                     hubs=hub_registries(settings))
 
 
+def check_chunk_time(settings: Settings, limits: HostLimits) -> None:
+    """A chunk must finish well inside ``functionTimeout`` (past it the host fails the invocation and the chunk
+    starts over): at worst every chunk invocation the host runs at once on an instance shares this process's
+    Key Vault sign rate, so one chunk takes up to rows x concurrent chunks / rate. "Well inside" is half."""
+    if limits.function_timeout_s is None or not settings.key_vault_url:
+        return  # no time limit; or a local key store, which signs without a rate cap
+    rate = sign_rate(settings.intermediate_key_type, settings.key_vault_sign_rate_per_s)
+    worst = settings.batch_chunk_rows * limits.queue_concurrency / rate
+    if worst <= limits.function_timeout_s / 2:
+        return
+    fits = max(1, int(limits.function_timeout_s / 2 * rate / limits.queue_concurrency))
+    raise SettingsError("BATCH_CHUNK_ROWS", (
+        f"{settings.batch_chunk_rows} rows per chunk take up to {worst:.0f} s: up to {limits.queue_concurrency} "
+        f"chunks run at once per instance (host.json batchSize {limits.batch_size} + newBatchThreshold "
+        f"{limits.new_batch_threshold}) and share {rate:g} signs/s (KEY_VAULT_SIGN_RATE_PER_S, "
+        f"{settings.intermediate_key_type.value} intermediates), more than half of functionTimeout "
+        f"({limits.function_timeout_s:.0f} s). Set BATCH_CHUNK_ROWS to {fits} or less, or lower batchSize / "
+        "newBatchThreshold"))
+
+
 @functools.cache
 def services() -> Services:
     """Built on first use (a bad setting fails the first invocation with its name, and every one after)."""
-    return build_services(load_settings(os.environ))
+    settings = load_settings(os.environ)
+    check_chunk_time(settings, HostLimits.of(host_json(APP_ROOT / "host.json", os.environ)))
+    return build_services(settings)

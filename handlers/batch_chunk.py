@@ -278,7 +278,7 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
     chunk = batch["chunks"][n]
     customer = store.get(customer_document(ref.customer_id))
     try:
-        data = files.read_range(batch["input"], chunk["start"], chunk["end"], etag=batch["etag"])
+        data = files.read_range(batch["input"], chunk["start"], chunk["end"], upload=batch["upload"])
     except Conflict:
         data = None
     header = batch_format.Header(tuple(batch["columns"]), chunk["start"])

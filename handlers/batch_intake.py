@@ -134,8 +134,8 @@ def _tags(data: dict) -> dict[str, str]:
     return {"kind": "batch", "customer": data["customerId"], "status": data["status"]}
 
 
-def _scan(files: InputFiles, path: str, etag: str, kind: str, settings: BatchSettings) -> tuple[batch_format.Header, _Scan]:
-    header, lines = batch_format.read_header(files.stream(path, etag), kind)
+def _scan(files: InputFiles, path: str, upload: str, kind: str, settings: BatchSettings) -> tuple[batch_format.Header, _Scan]:
+    header, lines = batch_format.read_header(files.stream(path, upload), kind)
     scan, seen = _Scan(), {}
     current: dict | None = None
     start = header.data_start
@@ -192,14 +192,14 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
     ref = BatchRef.from_path(path, settings)
     owner = owner or secrets.token_hex(8)
     try:
-        size, etag, metadata = files.properties(path)
+        size, upload, metadata = files.properties(path)
     except NotFound:
         return f"batch {ref.customer_id}/{ref.batch_name}: the blob is gone; nothing to do"
     for _ in range(5):
         doc = store.get(ref.document)
         if doc is not None:
             data = doc.data
-            if data["etag"] != etag:
+            if data["upload"] != upload:  # (metadata or tags changed since are the same upload)
                 raise Rejected(f"batch name {ref.batch_name!r} was used already (for another upload on "
                                f"{data['createdAt']}); upload this one under a new name", field="batchName")
             if data["status"] in ("issuing", "assembling", "complete", "rejected"):
@@ -215,7 +215,7 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
             lease = data.get("lease") or {}
             if lease.get("owner") not in (None, owner) and lease.get("until", "") > stamp(now):
                 raise TransientError(f"batch {ref.batch_name}: intake in progress elsewhere; retry later")
-        record = {"customerId": ref.customer_id, "batchName": ref.batch_name, "input": path, "etag": etag,
+        record = {"customerId": ref.customer_id, "batchName": ref.batch_name, "input": path, "upload": upload,
                   "size": size, "status": "validating", "createdAt": doc.data["createdAt"] if doc else stamp(now),
                   "updatedAt": stamp(now), "lease": {"owner": owner, "until": stamp(now + LEASE)}}
         try:
@@ -227,7 +227,7 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
     else:
         raise TransientError(f"batch {ref.batch_name}: its record kept changing; retry")
     try:
-        result = _validate_and_fan_out(ref, doc, size, etag, metadata, files=files, store=store, queue=queue,
+        result = _validate_and_fan_out(ref, doc, size, upload, metadata, files=files, store=store, queue=queue,
                                        secrets_store=secrets_store, settings=settings, now=now)
     except InvalidMessage as exc:
         return _reject(ref, doc, exc.reason, exc.field, outputs=outputs, store=store, audit=audit, settings=settings,
@@ -252,7 +252,7 @@ def _reject(ref: BatchRef, doc, reason: str, field_name: str | None, *, outputs:
     return f"batch {ref.customer_id}/{ref.batch_name}: rejected: {field_name + ': ' if field_name else ''}{reason}"
 
 
-def _validate_and_fan_out(ref: BatchRef, doc, size: int, etag: str, metadata: dict[str, str], *, files: InputFiles,
+def _validate_and_fan_out(ref: BatchRef, doc, size: int, upload: str, metadata: dict[str, str], *, files: InputFiles,
                           store: DocumentStore, queue: MessageQueue, secrets_store: Secrets, settings: BatchSettings,
                           now: dt.datetime) -> dict:
     customer = store.get(customer_document(ref.customer_id))
@@ -265,7 +265,7 @@ def _validate_and_fan_out(ref: BatchRef, doc, size: int, etag: str, metadata: di
     if size > settings.max_bytes:
         raise InvalidMessage("file", f"is {size} bytes, more than {settings.max_bytes} (BATCH_MAX_BYTES); split it")
     kind = batch_format.batch_format(ref.batch_name)
-    header, scan = _scan(files, ref.input_path(settings), etag, kind, settings)
+    header, scan = _scan(files, ref.input_path(settings), upload, kind, settings)
     secret = doc.data.get("pfxSecret")
     if scan.generated_keys and secret is None:
         # 192 random bits: the PFX / key password of this batch, only ever in Key Vault.

@@ -70,12 +70,14 @@ class InputFiles(Protocol):
     """Uploaded files (``container/name`` paths), read as a stream or by byte range."""
 
     def properties(self, path: str) -> tuple[int, str, dict[str, str]]:
-        """Size, ETag and metadata (lower-case keys); ``NotFound`` if absent."""
+        """Size, upload and metadata (lower-case keys); ``NotFound`` if absent. The upload names which upload
+        the file is: new on every overwrite, unchanged by metadata or tag changes."""
 
-    def stream(self, path: str, etag: str | None = None) -> Iterator[bytes]: ...
+    def stream(self, path: str, upload: str | None = None) -> Iterator[bytes]:
+        """The file's bytes; ``Conflict`` if it is no longer the upload ``upload``."""
 
-    def read_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
-        """Bytes of the version ``etag``; ``Conflict`` if the file changed since."""
+    def read_range(self, path: str, start: int, end: int, upload: str | None = None) -> bytes:
+        """Bytes of the upload ``upload``; ``Conflict`` if the file was overwritten since."""
 
 
 class OutputFiles(Protocol):

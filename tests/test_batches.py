@@ -297,3 +297,23 @@ def test_a_customer_disabled_mid_batch_fails_the_remaining_rows_and_the_batch_co
     result = report(services, "acme", "mid.csv")
     assert result["totals"] == {"rows": 300, "issued": 0, "already_issued": 0, "failed": 300}
     assert "customer acme is disabled, not active" in result["rows"][0]["error"]
+
+
+def test_metadata_and_tags_changed_after_the_upload_neither_break_the_batch_nor_redefine_it(env):
+    """Event Grid raises BlobCreated on the upload only (learn.microsoft.com/azure/event-grid/
+    event-schema-blob-storage): options are what the upload carried when the intake ran. A metadata change
+    after it changes the blob's ETag but not the upload: the chunks still read it, a repeated trigger is a
+    no-op, and the report states the options used. Only an overwrite is another upload."""
+    services = onboarded(env, "acme")
+    path = upload(services, "acme", "late.csv", b"deviceId\nlate-1\nlate-2\n", {"output": "pem"})
+    assert "2 rows in 1 chunks" in intake(services, path)
+    blob = services.files._service.get_blob_client("device-batches", "acme/late.csv")  # test set-up
+    blob.set_blob_metadata({"output": "pfx", "validitydays": "30"})
+    blob.set_blob_tags({"stage": "tagged"})
+    assert "no-op" in intake(services, path)  # e.g. Event Grid delivering the event twice
+    outcomes = drain_chunks(services, env)
+    result = report(services, "acme", "late.csv")
+    assert result["totals"]["issued"] == 2 and result["options"]["output"] == "pem", outcomes
+    upload(services, "acme", "late.csv", b"deviceId\nother\n")  # overwritten: another upload, another name needed
+    with pytest.raises(Exception, match="was used already"):
+        intake(services, path)

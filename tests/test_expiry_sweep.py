@@ -135,3 +135,39 @@ def test_the_device_query_reads_only_what_it_finds(world):
     world.sweep(NOW, renew_before_days=1)
     assert not [n for n in reads if n.startswith("devices/") and "far-" in n]
     assert customer_document("contoso") in reads
+
+
+def test_a_sweep_that_fails_for_a_customer_is_retried_by_its_timer_policy_and_completes(world):
+    """DPS refuses contoso's group update once: the sweep still sweeps fabrikam, writes its report naming contoso
+    and raises; the host runs it again by the timer's retry policy (exponential, 1 minute first), and the retry
+    finishes contoso's renewal from where it stopped (one new key, not two)."""
+    from pathlib import Path
+
+    from devhost.host import RetryPolicy, load_app, read_functions, run_with_retries
+    from handlers.errors import TransientError
+
+    app = load_app(Path(__file__).resolve().parent.parent)  # function_app.py, as the host loads it
+    policy = read_functions(app, {"EXPIRY_SWEEP_SCHEDULE": "0 0 3 * * *"})["expiry_sweep_timer"].retry
+    assert policy == RetryPolicy("exponential_backoff", 4, minimum_s=60, maximum_s=1800)  # as the README says
+    replace, refused = world.groups.replace_group, []
+
+    def replace_once(dps, group, etag):
+        if group["enrollmentGroupId"] == "contoso" and not refused:
+            refused.append(group["enrollmentGroupId"])
+            raise TransientError("DPS: 503 ServiceUnavailable")
+        return replace(dps, group, etag)
+
+    world.groups.replace_group = replace_once
+    when = _at(world.customer()["intermediate"]["notAfter"]) - dt.timedelta(days=80)
+    created, waits, attempts = world.keys.created, [], []
+
+    def attempt(retry_context):
+        attempts.append(retry_context.retry_count)
+        return world.sweep(when)
+
+    report = run_with_retries(policy, attempt, wait=lambda seconds: waits.append(seconds) is not None)
+    assert refused == ["contoso"] and attempts == [0, 1] and waits == [60.0]
+    assert {r["customerId"] for r in report["intermediates"]["renewed"]} == {"contoso", "fabrikam"}
+    assert world.keys.created == created + 2  # one new key per customer across both attempts
+    runs = world.store.get(report_document(when.date())).data["runs"]
+    assert [r["counts"]["intermediatesRenewed"] for r in runs] == [1, 2]

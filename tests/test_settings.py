@@ -75,3 +75,47 @@ def test_environment_wins_over_local_settings(tmp_path):
     path.write_text("{not json")
     with pytest.raises(SettingsError, match="cannot be read as JSON"):
         environment(path, {})
+
+
+def test_host_json_values_are_overridden_by_azure_functions_job_host_settings(tmp_path):
+    """learn.microsoft.com/azure/azure-functions/functions-host-json#override-hostjson-values"""
+    from settings import HostLimits, host_json
+
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps({"functionTimeout": "00:10:00", "extensions": {"queues": {"batchSize": 16}}}))
+    document = host_json(path, {"AzureFunctionsJobHost__functionTimeout": "00:05:00",
+                                "AzureFunctionsJobHost__extensions__queues__newBatchThreshold": "4",
+                                "AzureFunctionsJobHost__extensions__blobs__poisonBlobThreshold": "2"})
+    limits = HostLimits.of(document, cores=4)
+    assert (limits.function_timeout_s, limits.batch_size, limits.new_batch_threshold) == (300, 16, 4)
+    assert document["extensions"]["blobs"] == {"poisonBlobThreshold": "2"}
+    unset = HostLimits.of({}, cores=4)  # the host's defaults: 30 minutes; 16 + 16 / 2 x cores
+    assert (unset.function_timeout_s, unset.queue_concurrency) == (1800, 16 + 32)
+
+
+KEY_VAULT = {"AzureWebJobsStorage": CONN, "KEY_VAULT_URL": "https://pki.vault.azure.net"}
+
+
+def test_the_shipped_host_json_and_default_settings_let_a_chunk_finish_well_inside_the_timeout():
+    from edge.services import APP_ROOT, check_chunk_time
+    from settings import HostLimits, host_json
+
+    limits = HostLimits.of(host_json(APP_ROOT / "host.json", {}))
+    assert (limits.function_timeout_s, limits.queue_concurrency) == (600, 24)
+    check_chunk_time(load_settings(KEY_VAULT), limits)  # 500 rows x 24 chunks / 100 signs/s = 120 s <= 300 s
+
+
+@pytest.mark.parametrize("extra, fits", [
+    ({"BATCH_CHUNK_ROWS": "2000"}, 1250),  # 2000 x 24 / 100 = 480 s
+    ({"INTERMEDIATE_KEY_TYPE": "rsa-4096"}, 156),  # 100 signs/s scaled to 12.5 for RSA-4096: 960 s
+])
+def test_chunks_that_cannot_finish_well_inside_function_timeout_at_the_sign_rate_are_refused(extra, fits):
+    from edge.services import check_chunk_time
+    from settings import HostLimits
+
+    limits = HostLimits(function_timeout_s=600, batch_size=16, new_batch_threshold=8)
+    with pytest.raises(SettingsError, match=rf"setting BATCH_CHUNK_ROWS: .* up to 24 chunks run at once per "
+                                            rf"instance .* Set BATCH_CHUNK_ROWS to {fits} or less"):
+        check_chunk_time(load_settings({**KEY_VAULT, **extra}), limits)
+    check_chunk_time(load_settings({**KEY_VAULT, **extra, "BATCH_CHUNK_ROWS": str(fits)}), limits)
+    check_chunk_time(load_settings({**KEY_VAULT, **extra}), HostLimits(None, 16, 8))  # no timeout (-1)
