@@ -29,6 +29,10 @@ class UsageError(Exception):
     """Bad input given on the command line (a file that cannot be read, a bad date)."""
 
 
+class Problem(Exception):
+    """The command could not do what was asked, for a reason outside the command line (the message says which)."""
+
+
 def _now(value: str | None) -> dt.datetime:
     if not value:
         return dt.datetime.now(dt.timezone.utc)
@@ -420,6 +424,8 @@ class Cli:
         except ResourceExistsError:
             raise UsageError(f"batch name {name!r} is used already for {args.customer}; pass --name NEW") from None
         self.say(f"uploaded device-batches/{args.customer}/{name} ({size} bytes)")
+        if args.functions_host:
+            self._announce_upload(container.get_blob_client(f"{args.customer}/{name}"), args.functions_host)
         if args.no_wait:
             return OK
         ref, deadline, last = BatchRef(args.customer, name), time.monotonic() + args.timeout, ""
@@ -438,6 +444,26 @@ class Cli:
             time.sleep(0.5)
         self.say(f"\nnot finished within {args.timeout:.0f}s; follow it with `pkictl batch show {args.customer} {name}`")
         return PROBLEM
+
+    def _announce_upload(self, blob, functions_host: str) -> None:
+        """Be Event Grid for a local Functions host: POST the upload's BlobCreated event to its blob webhook."""
+        from clients.event_grid import DeliveryFailed, blob_created_event, deliver
+        from clients.storage import ca_path
+
+        props = blob.get_blob_properties()
+        event = blob_created_event(container=blob.container_name, blob=blob.blob_name, url=blob.url,
+                                   etag=props.etag, length=props.size, account=blob.account_name,
+                                   content_type=props.content_settings.content_type or "")
+        try:
+            url = deliver(functions_host, "device_batch", [event], connection_verify=ca_path(self.wiring.settings)
+                          or True)
+        except ValueError as exc:
+            raise UsageError(f"--functions-host: {exc}") from None
+        except DeliveryFailed as exc:
+            raise Problem(f"the batch is uploaded, but the Functions host did not take its BlobCreated event: {exc}."
+                          " Is `func start` running? The batch runs once the event is delivered (upload it again "
+                          "under a new --name, or post the event yourself)") from None
+        self.say(f"BlobCreated event delivered to {url}")
 
     def device_export(self, args: argparse.Namespace) -> int:
         from cryptography.hazmat.primitives.serialization import pkcs12
@@ -644,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--reissue", action="store_true", help="re-issue devices another batch provisioned")
     batch.add_argument("--request-id")
     batch.add_argument("--no-wait", action="store_true", help="upload and return")
+    batch.add_argument("--functions-host", metavar="URL",
+                       help="also POST the upload's BlobCreated event to this Functions host's blob webhook, as Event "
+                            "Grid does on Azure (Core Tools: http://localhost:7071; Azurite raises no events)")
     batch.add_argument("--timeout", type=float, default=3600, metavar="SECONDS")
     batch.set_defaults(run=Cli.send_batch)
 
@@ -743,7 +772,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except (UsageError, SettingsError, PkiError, InvalidMessage, ValueError) as exc:
         print(f"error: {exc}", file=err)
         return USAGE
-    except (AlreadyExists, Conflict, NotFound) as exc:
+    except (AlreadyExists, Conflict, NotFound, Problem) as exc:
         print(f"error: {exc}", file=err)
         return PROBLEM
     except NotPermitted as exc:

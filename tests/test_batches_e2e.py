@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from devhost.stack import person_settings
+from devhost.azurite import free_port
+from devhost.stack import launch_devhost, person_settings
 from emulators.stack import OPERATOR
 from handlers.batch_chunk import device_document
 from pkictl.cli import main
@@ -47,13 +47,12 @@ def env(storage, tmp_path, stack):
     return {**values, "_HOST_JSON": str(host_json), "_CA": str(stack.ca_path), "_OPERATOR": stack.client_id(OPERATOR)}
 
 
-def devhost(env: dict, lease: float = 60) -> subprocess.Popen:
+def devhost(env: dict, *extra: str, lease: float = 60) -> subprocess.Popen:
+    """devhost on the app, once its Event Grid subscription exists (blobs uploaded from now on fire)."""
     settings = {k: v for k, v in env.items() if not k.startswith("_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "devhost", "--script-root", str(REPO), "--host-json", env["_HOST_JSON"],
-         "--concurrency", "2", "--log-level", "WARNING", "--message-lease", str(lease)],
-        cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **settings},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return launch_devhost(["--script-root", str(REPO), "--host-json", env["_HOST_JSON"], "--concurrency", "2",
+                           "--log-level", "WARNING", "--message-lease", str(lease), *extra],
+                          {"PATH": os.environ["PATH"], **settings}, stdout=subprocess.PIPE)
 
 
 def stop(process: subprocess.Popen) -> str:
@@ -68,14 +67,19 @@ def test_send_batch_follows_progress_to_the_report_and_export_gives_the_factory_
     batch.write_text("deviceId\n" + "".join(f"line7-{i:03d}\n" for i in range(300)))
     # the operator runs pkictl: send, follow, export with the key (Key Vault Secrets User), no signing role
     cli_env = person_settings({k: v for k, v in env.items() if not k.startswith("_")}, env["_OPERATOR"])
-    worker = devhost(env)
+    # The host as Core Tools runs it: no Event Grid in front of Azurite; pkictl delivers the BlobCreated event to
+    # the host's blob webhook (devhost serves it where Core Tools does: /runtime/webhooks/blobs).
+    port = free_port()
+    worker = devhost(env, "--event-grid", "webhook", "--webhook-port", str(port))
     try:
         out = io.StringIO()
-        assert main(["send", "batch", str(batch), "--customer", "acme", "--register", "2", "--timeout", "300"],
-                    env=cli_env, out=out) == 0, out.getvalue()
+        assert main(["send", "batch", str(batch), "--customer", "acme", "--register", "2", "--timeout", "300",
+                     "--functions-host", f"http://127.0.0.1:{port}"], env=cli_env, out=out) == 0, out.getvalue()
     finally:
         stop(worker)
     text = out.getvalue()
+    assert (f"BlobCreated event delivered to http://127.0.0.1:{port}/runtime/webhooks/blobs?"
+            "functionName=Host.Functions.device_batch") in text
     assert "[##############################] batch line-7.csv: complete 300/300 (issued 300" in text
     assert "report: device-batches-results/acme/line-7.csv.json" in text and "Key Vault secret batch-acme-" in text
     result = report(services, "acme", "line-7.csv")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .core_tools import core_tools_problems
 from .test_devhost import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +74,8 @@ def test_local_up_runs_the_production_configuration_end_to_end_then_down_leaves_
     assert all("127.0.0.1" in u for u in (values["KEY_VAULT_URL"], values["DPS_DEVICE_ENDPOINT"],
                                          values["IDENTITY_ENDPOINT"]))
     assert oct((tmp_path / "local.settings.json").stat().st_mode)[-3:] == "600"
+    # and `func start` can take the same file (the README's Core Tools steps)
+    assert core_tools_problems(json.loads((tmp_path / "local.settings.json").read_text())) == []
     try:
         status = pkictl(["local", "status"], tmp_path, env)
         assert status.returncode == 0 and "Key Vault emulator" in status.stdout
