@@ -22,6 +22,8 @@ _CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")  # blob cont
 _KEY_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault object names
 _DPS_RESOURCE_ID = re.compile(r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Devices/"
                               r"provisioningServices/[^/]+", re.IGNORECASE)
+# Customers' intermediate keys: customer-{customerId} (handlers.onboarding.key_name), compared lower-case.
+CUSTOMER_KEY_PREFIX = "customer-"
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -57,7 +59,8 @@ class Settings:
     storage: StorageSettings
     client_id: str | None = None  # AZURE_CLIENT_ID: the user-assigned identity of Key Vault, DPS and IoT Hub calls
     state_container: str = "pki-state"
-    key_vault_url: str | None = None
+    key_vault_url: str | None = None  # KEY_VAULT_URL: the intermediates' keys and the batch PFX passwords
+    root_key_vault_url: str | None = None  # ROOT_CA_KEY_VAULT_URL: the root key alone (docs/deploy.md, step 1)
     key_vault_sign_rate_per_s: float = 100.0
     emulator_ca_path: Path | None = None
     local_keystore_dir: Path = Path(".pki-local/keystore")
@@ -203,11 +206,45 @@ def _device_key_type(env: Mapping[str, str]) -> KeyType:
         raise SettingsError("DEVICE_KEY_TYPE", str(exc).split(": ", 1)[-1]) from None
 
 
+def _vault_url(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip() or None
+    if value and not value.startswith("https://"):
+        raise SettingsError(name, "must be an https:// vault URL such as https://myvault.vault.azure.net")
+    return value.rstrip("/") if value else None
+
+
+def _vault_urls(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``KEY_VAULT_URL`` and ``ROOT_CA_KEY_VAULT_URL``: both or neither, and two different vaults. The root key
+    has a vault of its own because Azure RBAC is additive and an ordinary assignment cannot deny
+    (learn.microsoft.com/azure/role-based-access-control/overview#multiple-role-assignments, deny-assignments): the
+    app's Key Vault Crypto Officer on the intermediates' vault would reach a root key kept there."""
+    key_vault_url, root_vault_url = _vault_url(env, "KEY_VAULT_URL"), _vault_url(env, "ROOT_CA_KEY_VAULT_URL")
+    if key_vault_url and not root_vault_url:
+        raise SettingsError("ROOT_CA_KEY_VAULT_URL", "is required with KEY_VAULT_URL: the root key lives in a vault "
+                            "of its own, where the app may only read and sign with it (docs/deploy.md)")
+    if root_vault_url and not key_vault_url:
+        raise SettingsError("ROOT_CA_KEY_VAULT_URL", "is set but KEY_VAULT_URL is not: set both (Key Vault) or "
+                            "neither (the development-only local key store)")
+    if key_vault_url and key_vault_url.lower() == root_vault_url.lower():
+        raise SettingsError("ROOT_CA_KEY_VAULT_URL", "must be another vault than KEY_VAULT_URL: in one vault the "
+                            "app's roles on the intermediates' keys would reach the root key too")
+    return key_vault_url, root_vault_url
+
+
+def _root_key_name(env: Mapping[str, str]) -> str:
+    name = _match(env, "ROOT_CA_KEY_NAME", "pki-root-ca", _KEY_NAME,
+                  "is not a Key Vault key name (1-127 of a-z, A-Z, 0-9, '-')")
+    # Customers' intermediate keys are named customer-{customerId} (handlers.onboarding.key_name); Key Vault compares
+    # names case-insensitively, so Customer-X is customer-x's key too. A root key there would be a customer's.
+    if name.lower().startswith(CUSTOMER_KEY_PREFIX):
+        raise SettingsError("ROOT_CA_KEY_NAME", f"{name!r} is in the {CUSTOMER_KEY_PREFIX}* namespace of customers' "
+                            "intermediate keys; choose another name (default pki-root-ca)")
+    return name
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Parse every setting this app reads; ``SettingsError`` names the first bad one."""
-    key_vault_url = env.get("KEY_VAULT_URL", "").strip() or None
-    if key_vault_url and not key_vault_url.startswith("https://"):
-        raise SettingsError("KEY_VAULT_URL", "must be an https:// vault URL such as https://myvault.vault.azure.net")
+    key_vault_url, root_key_vault_url = _vault_urls(env)
     try:
         root_key_type = KeyType.parse(env.get("ROOT_CA_KEY_TYPE", "").strip() or "ec-p384",
                                       field="ROOT_CA_KEY_TYPE", allowed=CA_ROOT_KEY_TYPES)
@@ -261,10 +298,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         state_container=_match(env, "STATE_CONTAINER", "pki-state", _CONTAINER,
                                "is not a blob container name (3-63 of a-z, 0-9, '-')"),
         key_vault_url=key_vault_url,
+        root_key_vault_url=root_key_vault_url,
         local_keystore_dir=Path(env.get("LOCAL_KEYSTORE_DIR", "").strip() or ".pki-local/keystore"),
         local_keystore_passphrase=env.get("LOCAL_KEYSTORE_PASSPHRASE") or None,
-        root_key_name=_match(env, "ROOT_CA_KEY_NAME", "pki-root-ca", _KEY_NAME,
-                             "is not a Key Vault key name (1-127 of a-z, A-Z, 0-9, '-')"),
+        root_key_name=_root_key_name(env),
         root_common_name=env.get("ROOT_CA_COMMON_NAME", "").strip() or "IoT PKI Root CA",
         root_organization=env.get("ROOT_CA_ORGANIZATION", "").strip() or None,
         root_key_type=root_key_type,

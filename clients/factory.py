@@ -22,34 +22,45 @@ def _loopback(url: str) -> bool:
     return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
-def _vault_options(settings: Settings) -> dict:
+def _vault_options(settings: Settings, vault_url: str) -> dict:
     # Key Vault's challenge names the resource https://vault.azure.net and the SDK checks that the vault's host
     # ends in .vault.azure.net (azure/keyvault/keys/_shared/challenge_auth_policy.py). A loopback vault cannot
     # pass that check; everything else (challenge, tenant, token for vault.azure.net) runs as on Azure.
-    return {"connection_verify": ca_path(settings),
-            "verify_challenge_resource": not _loopback(settings.key_vault_url or "")}
+    return {"connection_verify": ca_path(settings), "verify_challenge_resource": not _loopback(vault_url)}
 
 
 def key_store(settings: Settings) -> KeyStore:
-    """Key Vault when ``KEY_VAULT_URL`` is set; otherwise the development-only local key store."""
+    """Key Vault when ``KEY_VAULT_URL`` is set: the root key (``ROOT_CA_KEY_NAME``) in ``ROOT_CA_KEY_VAULT_URL``,
+    the customers' keys in ``KEY_VAULT_URL`` (``RootApartKeyStore``). Otherwise the development-only local key
+    store."""
     if not settings.key_vault_url:
         passphrase = settings.local_keystore_passphrase
         return LocalKeyStore(settings.local_keystore_dir, passphrase.encode() if passphrase else None)
-    from .keyvault import KeyVaultKeyStore
+    from .keyvault import KeyVaultKeyStore, RootApartKeyStore
 
-    return KeyVaultKeyStore(settings.key_vault_url, credential(settings),
-                            sign_rate_per_s=settings.key_vault_sign_rate_per_s, **_vault_options(settings))
+    if not settings.root_key_vault_url:  # load_settings refuses this; a hand-made Settings must not merge the two
+        raise ValueError("root_key_vault_url: the root key needs a vault of its own (ROOT_CA_KEY_VAULT_URL)")
+    credential_ = credential(settings)
+
+    def vault(url: str) -> KeyVaultKeyStore:  # each vault has its own sign limit, so its own rate limiter
+        return KeyVaultKeyStore(url, credential_, sign_rate_per_s=settings.key_vault_sign_rate_per_s,
+                                **_vault_options(settings, url))
+
+    return RootApartKeyStore(settings.root_key_name, root=vault(settings.root_key_vault_url),
+                             intermediates=vault(settings.key_vault_url))
 
 
 def secrets_store(settings: Settings, keys: KeyStore):
-    """Key Vault secrets when ``KEY_VAULT_URL`` is set; otherwise next to the local key store."""
+    """Key Vault secrets (in ``KEY_VAULT_URL``, never the root vault) when set; otherwise next to the local key
+    store."""
     if not settings.key_vault_url:
         from .local_keystore import LocalSecrets
 
         return LocalSecrets(keys)
     from .keyvault import KeyVaultSecrets
 
-    return KeyVaultSecrets(settings.key_vault_url, credential(settings), **_vault_options(settings))
+    return KeyVaultSecrets(settings.key_vault_url, credential(settings),
+                           **_vault_options(settings, settings.key_vault_url))
 
 
 def enrollment_groups(settings: Settings):

@@ -177,6 +177,39 @@ class KeyVaultKeyStore:
         self._keys.close()
 
 
+class RootApartKeyStore:
+    """``KeyStore`` over two vaults: the root key (``ROOT_CA_KEY_NAME``) in the root vault, every other key (the
+    customers' intermediates, ``customer-{id}``) in the intermediates' vault. The handlers see one ``KeyStore``.
+
+    Why two vaults: Azure RBAC is additive and ordinary role assignments cannot deny (learn.microsoft.com/azure/
+    role-based-access-control/overview#multiple-role-assignments; deny assignments are made by Azure only,
+    .../deny-assignments), and Microsoft advises against key-scoped assignments for isolation within a vault
+    (key-vault/general/rbac-guide, "Best Practices for individual keys..." and FAQ). The app needs Key Vault Crypto
+    Officer where intermediates are created; in the root vault it holds only get + sign (docs/deploy.md).
+    Names are compared as Key Vault compares them, ignoring case.
+    """
+
+    def __init__(self, root_key_name: str, root: KeyVaultKeyStore, intermediates: KeyVaultKeyStore):
+        self.root_key_name = root_key_name
+        self.root, self.intermediates = root, intermediates
+
+    def _vault(self, name: str) -> KeyVaultKeyStore:
+        return self.root if name.lower() == self.root_key_name.lower() else self.intermediates
+
+    def create_key(self, name: str, key_type: KeyType) -> KeyRef:
+        return self._vault(name).create_key(name, key_type)
+
+    def get_key(self, name: str, version: str | None = None) -> KeyRef:
+        return self._vault(name).get_key(name, version)
+
+    def signer(self, key: KeyRef) -> SignFn:
+        return self._vault(key.name).signer(key)
+
+    def close(self) -> None:
+        self.root.close()
+        self.intermediates.close()
+
+
 class KeyVaultSecrets:
     """Secrets (batch PFX passwords). Values are never logged: errors name the secret, never its value,
     and the SDK logs request bodies only with ``logging_enable``, which is never set here."""

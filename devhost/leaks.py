@@ -22,7 +22,8 @@ _JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{1
 
 def secrets_of(stack: LocalStack) -> dict[str, str]:
     """Every secret value the stack holds, by a name that says what it is (never printed)."""
-    values = {f"Key Vault secret #{i}": v for i, v in enumerate(stack.emulators.keyvault.secret_values())}
+    vaults = (stack.emulators.keyvault, stack.emulators.rootvault)  # the root vault holds none: the app may not set
+    values = {f"Key Vault secret #{i}": v for i, v in enumerate(v for vault in vaults for v in vault.secret_values())}
     values["storage account key"] = stack.azurite.connection_string.split("AccountKey=")[1].split(";")[0]
     values["IoT Hub key"] = stack.emulators.iothub.shared_access_key
     values["identity endpoint header"] = stack.emulators.issuer.header

@@ -2,8 +2,9 @@
 
 It is the production configuration with local endpoints. ``LocalStack.settings()`` are the app's settings in
 the Functions ``Values`` format, shaped as docs/deploy.md sets them on Azure: storage by service URI with
-``__credential=managedidentity`` and ``__clientId``, Key Vault by URL, DPS and IoT Hub by host name, the
-user-assigned identity in ``AZURE_CLIENT_ID``, and no key, SAS or connection string. The stack plays the
+``__credential=managedidentity`` and ``__clientId``, the two vaults by URL (``KEY_VAULT_URL``: the
+intermediates' keys and the batch secrets; ``ROOT_CA_KEY_VAULT_URL``: the root key alone), DPS and IoT Hub by host
+name, the user-assigned identity in ``AZURE_CLIENT_ID``, and no key, SAS or connection string. The stack plays the
 platform as well: its token issuer is the managed identity endpoint, named in ``IDENTITY_ENDPOINT`` /
 ``IDENTITY_HEADER`` as on Azure Functions, and ``EMULATOR_CA_PATH`` makes the clients trust its TLS CA.
 ``write_local_settings`` puts the settings in the git-ignored ``local.settings.json``.
@@ -40,6 +41,7 @@ def app_settings(azurite: Azurite, emulators, **extra: str) -> dict[str, str]:
         "AzureWebJobsStorage__clientId": app,
         "AZURE_CLIENT_ID": app,
         "KEY_VAULT_URL": emulators.keyvault_url,
+        "ROOT_CA_KEY_VAULT_URL": emulators.rootvault_url,
         "DPS_INSTANCES": json.dumps([{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope,
                                       "iotHubs": [emulators.iothub.hostname], "resourceId": d.resource_id}
                                      for d in emulators.dps_info()]),
@@ -195,8 +197,7 @@ class LocalStack:
 
 def write_local_settings(values: dict[str, str], path: Path = REPO / "local.settings.json") -> Path:
     """Write ``local.settings.json`` (mode 0600: it names the local stack's identity endpoint and its header)."""
-    document = {"IsEncrypted": False, "Values": values}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(document, handle, indent=2)
+    from emulators.stack import write_private
+
+    write_private(path, json.dumps({"IsEncrypted": False, "Values": values}, indent=2))
     return path

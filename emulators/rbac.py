@@ -1,4 +1,5 @@
-"""Azure RBAC as the emulators need it: built-in role definitions (their data actions) and role assignments.
+"""Azure RBAC as the emulators need it: built-in and custom role definitions (their data actions) and role
+assignments.
 
 Role definitions are the built-in ones, data action for data action, from
 learn.microsoft.com/azure/role-based-access-control/built-in-roles (MicrosoftDocs/azure-docs
@@ -86,6 +87,23 @@ BUILT_IN_ROLES: dict[str, RoleDefinition] = {role.name: role for role in (
 )}
 
 
+# Custom roles (learn.microsoft.com/azure/key-vault/general/rbac-guide#creating-custom-roles): not built in. Each is
+# defined in docs/deploy.md as the JSON `az role definition create` takes, and tests/test_deploy_roles.py checks that
+# JSON against these, data action for data action. The data action names are Key Vault's (built-in-roles/
+# security.md, "Key Vault Crypto User" and "Key Vault Secrets Officer"; permissions/security.md, Microsoft.KeyVault;
+# key-vault/general/rbac-guide). Key Vault Crypto User would also let the app back up, encrypt, decrypt, wrap and
+# update the root key; Key Vault Secrets Officer would let it delete, back up and purge secrets.
+CUSTOM_ROLES: dict[str, RoleDefinition] = {role.name: role for role in (
+    # The app on the root vault: read the root key's public half and sign with it (KeyVaultKeyStore.get_key: GET
+    # /keys/{name}/{version}; .signer: CryptographyClient.sign, which first reads the key). Nothing else.
+    RoleDefinition("PKI Root Key Signer", (f"{_KV}/keys/read", f"{_KV}/keys/sign/action")),
+    # The app on the intermediates' vault: each batch's PFX password (KeyVaultSecrets.set_secret: PUT
+    # /secrets/{name}; .get_secret: GET /secrets/{name}/{version}). No delete, purge, backup or list.
+    RoleDefinition("PKI Batch Secrets Writer", (f"{_KV}/secrets/setSecret/action", f"{_KV}/secrets/getSecret/action")),
+)}
+ROLES: dict[str, RoleDefinition] = {**BUILT_IN_ROLES, **CUSTOM_ROLES}
+
+
 class RoleAssignments:
     """The role assignments on one resource, by principal object id. Thread-safe."""
 
@@ -94,9 +112,9 @@ class RoleAssignments:
         self._lock = threading.Lock()
 
     def assign(self, principal_id: str, roles: Iterable[str]) -> None:
-        unknown = [role for role in roles if role not in BUILT_IN_ROLES]
+        unknown = [role for role in roles if role not in ROLES]
         if unknown:
-            raise ValueError(f"unknown role(s): {', '.join(unknown)}; known: {', '.join(sorted(BUILT_IN_ROLES))}")
+            raise ValueError(f"unknown role(s): {', '.join(unknown)}; known: {', '.join(sorted(ROLES))}")
         with self._lock:
             self._roles.setdefault(principal_id, set()).update(roles)
 
@@ -105,4 +123,4 @@ class RoleAssignments:
             return set(self._roles.get(principal_id, ()))
 
     def allows(self, principal_id: str, action: str, *, management: bool = False) -> bool:
-        return any(BUILT_IN_ROLES[role].allows(action, management=management) for role in self.roles_of(principal_id))
+        return any(ROLES[role].allows(action, management=management) for role in self.roles_of(principal_id))

@@ -2,6 +2,9 @@
 endpoint), Key Vault, IoT Hub registry, N DPS instances and the DPS device-registration endpoint, each on its
 own loopback port, behind one generated CA.
 
+Key Vault is two vaults, as on Azure: ``keyvault`` (the customers' intermediate keys and the batch secrets) and
+``rootvault`` (the root key alone, where the app may only read and sign with it: docs/deploy.md).
+
 The local tenant has three principals, and each emulator holds the role assignments ``docs/deploy.md`` makes
 on its Azure counterpart (``LOCAL_ROLES``; ``tests/test_deploy_roles.py`` checks the two agree):
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,23 +32,42 @@ from .keyvault import KeyVaultEmulator
 from .tls import ServerIdentity, make_server_identity
 
 APP, OPERATOR, ADMIN = "pki-app", "pki-operator", "pki-admin"
-# Role assignments by principal and resource, exactly as docs/deploy.md makes them ("storage" is not enforced:
-# Azurite has no RBAC). Each DPS instance and each hub gets the same assignments.
+# Role assignments by principal and resource, exactly as docs/deploy.md makes them. Resources: "keyvault" (the
+# intermediates' keys and the batch secrets), "rootvault" (the root key alone), "dps" and "iothub" (each instance and
+# each hub gets the same assignments); "storage" is the account, "container:NAME" / "queue:NAME" one container or
+# queue of it (storage is not enforced: Azurite has no RBAC; tests/test_deploy_roles.py checks the names).
 LOCAL_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
     APP: {"storage": ("Storage Account Contributor", "Storage Blob Data Owner", "Storage Queue Data Contributor",
                       "Storage Table Data Contributor"),
-          "keyvault": ("Key Vault Crypto Officer", "Key Vault Secrets Officer"),
+          "keyvault": ("Key Vault Crypto Officer", "PKI Batch Secrets Writer"),
+          "rootvault": ("PKI Root Key Signer",),  # custom: get + sign, nothing else (emulators/rbac.py)
           "dps": ("Device Provisioning Service Data Contributor",),
           "iothub": ("IoT Hub Registry Contributor",)},
-    OPERATOR: {"storage": ("Storage Blob Data Owner", "Storage Queue Data Contributor"),
+    OPERATOR: {"container:pki-state": ("Storage Blob Data Owner",),  # tag queries (blobs/filter/action): Owner only
+               "container:device-batches": ("Storage Blob Data Contributor",),
+               "container:device-certificates": ("Storage Blob Data Reader",),
+               "queue:customer-onboarding": ("Storage Queue Data Contributor",),
+               "queue:pki-commands": ("Storage Queue Data Contributor",),
                "keyvault": ("Key Vault Reader", "Key Vault Secrets User"),
+               "rootvault": ("Key Vault Reader",),
                # Reader (management plane): `root show` reads where the root is verified; Data Reader: `doctor --dps`
                "dps": ("Reader", "Device Provisioning Service Data Reader")},
-    ADMIN: {"storage": ("Storage Blob Data Owner", "Storage Queue Data Contributor"),
+    ADMIN: {"container:pki-state": ("Storage Blob Data Owner",),
+            "queue:certificate-expiry-notices": ("Storage Queue Data Contributor",),
             "keyvault": ("Key Vault Crypto Officer",),
+            "rootvault": ("Key Vault Crypto Officer",),
             # Contributor: uploading and verifying the root (`root register`) are management operations
             "dps": ("Device Provisioning Service Data Contributor", "Contributor")},
 }
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only (0600), as the local key store writes keys: the mode is given when
+    the file is made (``os.open``), so it is never world-readable; one an older run left wider is narrowed first."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
 
 
 def _key() -> str:
@@ -76,6 +99,8 @@ class EmulatorStack:
         self.issuer = TokenIssuer()
         self.principals: dict[str, LocalIdentity] = {name: self.issuer.add_identity(name) for name in LOCAL_ROLES}
         self.keyvault = KeyVaultEmulator(self._guard(VAULT, "keyvault"))
+        # The root key's vault: another vault with its own role assignments, as on Azure (docs/deploy.md, step 1).
+        self.rootvault = KeyVaultEmulator(self._guard(VAULT, "rootvault"), name="pkilocal-root")
         self.iothub = IotHubEmulator(shared_access_key=_key(), guard=self._guard(IOT_HUB, "iothub"))
         self.dps: list[DpsInstance] = [
             DpsInstance(name=f"dps{i + 1}", id_scope=f"0ne{secrets.token_hex(4).upper()}", shared_access_key=_key(),
@@ -100,7 +125,7 @@ class EmulatorStack:
         return self.state_dir / "emulators-ca.pem"
 
     def start(self) -> EmulatorStack:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ca_path.write_bytes(self.tls.ca_pem)
         try:
             identity = EmulatorServer("identity", self.issuer.routes(), None,  # plain HTTP, as on Azure
@@ -108,6 +133,7 @@ class EmulatorStack:
             self.servers["identity"] = identity
             self.issuer.endpoint = identity.url + "/msi/token"
             self._serve("keyvault", self.keyvault.routes(), key_vault_refusal)
+            self._serve("rootvault", self.rootvault.routes(), key_vault_refusal)
             hub_server = self._serve("iothub", self.iothub.routes(), hub_refusal)
             self.iothub.hostname = f"127.0.0.1:{hub_server.port}"
             for dps in self.dps:
@@ -117,7 +143,7 @@ class EmulatorStack:
         except Exception:
             self.stop()
             raise
-        (self.state_dir / "emulators.json").write_text(json.dumps(self.describe(), indent=2))
+        write_private(self.state_dir / "emulators.json", json.dumps(self.describe(), indent=2))  # holds SAS keys
         return self
 
     def _serve(self, name: str, routes, refusal: Refusal, client_auth: bool = False) -> EmulatorServer:
@@ -132,7 +158,7 @@ class EmulatorStack:
         self.servers.clear()
 
     def faults(self, service: str, **settings) -> None:
-        """Set injected faults on one service (``keyvault``, ``iothub``, ``dps1``..., ``dps-device``)."""
+        """Set injected faults on one service (``keyvault``, ``rootvault``, ``iothub``, ``dps1``..., ``dps-device``)."""
         self.servers[service].gate.faults = Faults.from_dict(settings)
 
     def azure_quotas(self) -> None:
@@ -140,7 +166,7 @@ class EmulatorStack:
         registrations and 1,000 service operations per minute per instance (learn.microsoft.com/azure/iot-dps/
         about-iot-dps#quotas-and-limits), IoT Hub S1 100 registry operations per minute per unit (iot-hub-devguide-
         quotas-throttling), Key Vault 4,000 EC signs per 10 s per vault (key-vault/general/service-limits)."""
-        for name, rate in ({"keyvault": 400.0, "iothub": 100 / 60, "dps-device": 1000 / 60} |
+        for name, rate in ({"keyvault": 400.0, "rootvault": 400.0, "iothub": 100 / 60, "dps-device": 1000 / 60} |
                            {d.name: 1000 / 60 for d in self.dps}).items():
             self.servers[name].gate.faults = Faults(rate_per_s=rate)
 
@@ -151,6 +177,10 @@ class EmulatorStack:
     @property
     def keyvault_url(self) -> str:
         return self.servers["keyvault"].url
+
+    @property
+    def rootvault_url(self) -> str:
+        return self.servers["rootvault"].url
 
     @property
     def arm_url(self) -> str:
@@ -178,7 +208,7 @@ class EmulatorStack:
             "tenantId": self.issuer.tenant_id,
             "principals": {name: {"clientId": p.client_id, "objectId": p.object_id, "roles": LOCAL_ROLES[name]}
                            for name, p in self.principals.items()},
-            "keyVaultUrl": self.keyvault_url,
+            "keyVaultUrl": self.keyvault_url, "rootKeyVaultUrl": self.rootvault_url,
             "iotHub": {"hostname": self.iothub.hostname, "connectionString": self.iothub_connection_string},
             "dps": [d.as_dict() for d in self.dps_info()],
             "dpsDeviceEndpoint": self.device_endpoint_url, "armEndpoint": self.arm_url,

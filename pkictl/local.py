@@ -57,7 +57,8 @@ def _describe(stack: LocalStack, settings_path: Path) -> dict:
         "azurite": {"blob": stack.azurite.blob_service_uri, "queue": stack.azurite.queue_service_uri},
         "identityEndpoint": emulators.issuer.endpoint,
         "principals": {name: {"clientId": p.client_id, "roles": _roles(name)} for name, p in emulators.principals.items()},
-        "keyVault": emulators.keyvault_url, "iotHub": emulators.iothub.hostname,
+        "keyVault": emulators.keyvault_url, "rootKeyVault": emulators.rootvault_url,
+        "iotHub": emulators.iothub.hostname,
         "dps": [{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope} for d in emulators.dps_info()],
         "dpsDeviceEndpoint": emulators.device_endpoint_url, "emulatorCa": str(emulators.ca_path),
         "devhostLog": str(stack.state_dir / "devhost.log") if stack.run_functions else None,
@@ -67,7 +68,9 @@ def _describe(stack: LocalStack, settings_path: Path) -> dict:
 def _print_summary(info: dict, out: TextIO) -> None:
     print("local stack is up (loopback only):", file=out)
     print(f"  storage (Azurite)   {info['azurite']['blob']}  {info['azurite']['queue']}", file=out)
-    print(f"  Key Vault emulator  {info['keyVault']}", file=out)
+    print(f"  Key Vault emulator  {info['keyVault']}  (intermediates' keys, batch secrets)", file=out)
+    print(f"  root Key Vault      {info['rootKeyVault']}  (the root key alone; the app may only read and sign)",
+          file=out)
     for dps in info["dps"]:
         print(f"  DPS {dps['name']:<15} {dps['endpoint']}  idScope {dps['idScope']}", file=out)
     print(f"  DPS device endpoint {info['dpsDeviceEndpoint']}", file=out)
@@ -99,7 +102,9 @@ def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO, azure_
     with LocalStack(dps_instances=dps_instances, run_functions=functions, azure_quotas=azure_quotas) as stack:
         write_local_settings(stack.settings(), settings_path)
         info = _describe(stack, settings_path)
-        STACK_FILE.write_text(json.dumps(info, indent=2))
+        from emulators.stack import write_private
+
+        write_private(STACK_FILE, json.dumps(info, indent=2))  # names the identities and the identity endpoint
         _print_summary(info, out)
         out.flush()
         try:

@@ -19,8 +19,9 @@ from typing import Any
 
 CONTRACTS = Path(__file__).resolve().parent / "contracts"
 # Which table describes which emulated server (by the server's name in ``emulators.stack``).
-SERVERS = {"keyvault": ("keyvault-keys.json", "keyvault-secrets.json"), "dps-device": ("dps-device.json",),
-           "arm": ("dps-management.json",)}
+_KEY_VAULT = ("keyvault-keys.json", "keyvault-secrets.json")
+SERVERS = {"keyvault": _KEY_VAULT, "rootvault": _KEY_VAULT,  # the intermediates' vault and the root key's vault
+           "dps-device": ("dps-device.json",), "arm": ("dps-management.json",)}
 DPS_SERVICE = ("dps-service.json",)  # every DPS instance: dps1, dps2...
 _TYPES = {"string": str, "boolean": bool, "object": dict, "array": list}
 

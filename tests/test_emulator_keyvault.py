@@ -280,3 +280,50 @@ def test_secrets_are_versioned_with_their_content_type(secrets_client, name):
     with pytest.raises(HttpResponseError) as disabled:
         secrets_client.get_secret(name)
     assert disabled.value.status_code == 403
+
+
+def test_the_root_vault_is_another_vault_with_its_own_role_assignments(stack, credential_of, options, keys, name):
+    """Two vaults, as docs/deploy.md makes them: a key in one is not in the other, and the app, Crypto Officer in
+    the intermediates' vault, holds only the custom get + sign role in the root vault."""
+    keys.create_ec_key(name, curve="P-256")
+    with KeyClient(stack.rootvault_url, credential_of(ADMIN), **options) as admin_root:
+        with pytest.raises(ResourceNotFoundError):
+            admin_root.get_key(name)
+        root = admin_root.create_ec_key(name, curve="P-384")  # Crypto Officer on the root vault
+    assert root.id.startswith(stack.rootvault_url + "/keys/")
+    with KeyClient(stack.rootvault_url, credential_of(APP), **options) as app_root:
+        assert app_root.get_key(name).id == root.id
+        with pytest.raises(HttpResponseError) as refused:
+            app_root.create_ec_key(name, curve="P-384")
+    assert refused.value.status_code == 403 and refused.value.error.innererror == {"code": "ForbiddenByRbac"}
+    assert "Action: 'Microsoft.KeyVault/vaults/keys/create/action'" in refused.value.error.message
+    assert "Vault: pkilocal-root;" in refused.value.error.message
+    with CryptographyClient(root.id, credential_of(APP), **options) as crypto:
+        assert len(crypto.sign("ES384", hashlib.sha384(b"x").digest()).signature) == 96
+    with SecretClient(stack.rootvault_url, credential_of(APP), **options) as app_root_secrets, \
+            pytest.raises(HttpResponseError) as secret:
+        app_root_secrets.set_secret(name, "no secrets in the root vault")
+    assert secret.value.status_code == 403 and "secrets/setSecret/action" in secret.value.error.message
+
+
+def test_the_files_holding_keys_and_sas_are_written_owner_only(stack, tmp_path):
+    import json
+    import stat
+
+    from devhost.stack import write_local_settings
+    from emulators.stack import write_private
+
+    described = stack.state_dir / "emulators.json"  # the emulators' SAS keys
+    assert stat.S_IMODE(described.stat().st_mode) == 0o600
+    assert stat.S_IMODE(stack.state_dir.stat().st_mode) == 0o700
+    assert json.loads(described.read_text())["rootKeyVaultUrl"] == stack.rootvault_url
+    for write in (lambda path: write_private(path, "{}"), lambda path: write_local_settings({}, path)):
+        path = tmp_path / "left-by-an-older-run.json"
+        path.write_text("{}")
+        path.chmod(0o644)
+        write(path)  # rewritten, and narrowed
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        path.unlink()
+        write(path)  # made
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        path.unlink()

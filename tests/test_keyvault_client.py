@@ -151,3 +151,59 @@ def test_secrets_round_trip_by_version(stack, credential_of):
             vault.get_secret("absent")
     finally:
         vault.close()
+
+
+def _settings_of(stack, principal: str, root_key_name: str):
+    """A principal's settings for the two vaults, as the app (``app_settings``) and people have them."""
+    from settings import load_settings
+
+    return load_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true",
+                          "AZURE_CLIENT_ID": stack.client_id(principal), "KEY_VAULT_URL": stack.keyvault_url,
+                          "ROOT_CA_KEY_VAULT_URL": stack.rootvault_url, "EMULATOR_CA_PATH": str(stack.ca_path),
+                          "ROOT_CA_KEY_NAME": root_key_name})
+
+
+def test_the_root_key_lives_apart_where_the_app_may_only_read_and_sign_with_it(stack):
+    """ACCEPTANCE (issue 15): the root key is the admin's, in the root vault; the app's ``KeyStore`` (the product's
+    ``clients.factory.key_store``, real SDK clients and credentials) reads and signs with it there, and the root
+    vault refuses it anything else with 403 ForbiddenByRbac, translated to ``NotPermitted``."""
+    from azure.identity import ManagedIdentityCredential
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+    from cryptography.hazmat.primitives.hashes import SHA384
+
+    from clients.factory import key_store
+    from emulators.stack import ADMIN, APP
+    from handlers.errors import NotPermitted
+
+    name = f"pki-root-{int(time.time() * 1000)}"
+    admin = key_store(_settings_of(stack, ADMIN, name))
+    app = key_store(_settings_of(stack, APP, name))
+    try:
+        root = admin.create_key(name, KeyType.EC_P384)  # `pkictl root create`, the PKI administrator's ceremony
+        assert stack.rootvault.key_versions(name) == [root.version] and stack.keyvault.key_versions(name) == []
+        assert app.get_key(name) == root and app.get_key(name.upper(), root.version) == root
+        digest = hashlib.sha384(b"an intermediate's TBS").digest()
+        signature = app.signer(root)("ES384", digest)
+        r, s = int.from_bytes(signature[:48], "big"), int.from_bytes(signature[48:], "big")
+        root.public_key.verify(utils.encode_dss_signature(r, s), digest, ec.ECDSA(utils.Prehashed(SHA384())))
+
+        for attempt in (name, name.upper()):  # Key Vault names ignore case: routed (and refused) alike
+            with pytest.raises(NotPermitted, match=r"HTTP 403 Forbidden/ForbiddenByRbac.*keys/create/action.*"
+                                                   r"vaults/pkilocal-root/keys/"):
+                app.create_key(attempt, KeyType.EC_P384)
+        assert stack.rootvault.key_versions(name) == [root.version]  # no second version
+
+        root_secrets = KeyVaultSecrets(stack.rootvault_url, ManagedIdentityCredential(client_id=stack.client_id(APP)),
+                                       connection_verify=str(stack.ca_path), verify_challenge_resource=False)
+        try:
+            with pytest.raises(NotPermitted, match=r"HTTP 403 Forbidden/ForbiddenByRbac.*secrets/setSecret/action"):
+                root_secrets.set_secret("batch-password", "not-here")
+        finally:
+            root_secrets.close()
+
+        customer = app.create_key("customer-acme-root-apart", KeyType.EC_P256)  # intermediates: the other vault
+        assert stack.keyvault.key_versions(customer.name) == [customer.version]
+        assert stack.rootvault.key_versions(customer.name) == []
+    finally:
+        admin.close()
+        app.close()

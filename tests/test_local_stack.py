@@ -71,14 +71,17 @@ def test_local_up_runs_the_production_configuration_end_to_end_then_down_leaves_
     assert values["AzureWebJobsStorage__credential"] == "managedidentity"
     assert values["AzureWebJobsStorage__clientId"] == values["AZURE_CLIENT_ID"] == info["principals"]["pki-app"]["clientId"]
     assert values["AzureWebJobsStorage__blobServiceUri"].startswith("https://127.0.0.1:")
-    assert all("127.0.0.1" in u for u in (values["KEY_VAULT_URL"], values["DPS_DEVICE_ENDPOINT"],
-                                         values["IDENTITY_ENDPOINT"]))
-    assert oct((tmp_path / "local.settings.json").stat().st_mode)[-3:] == "600"
+    assert all("127.0.0.1" in u for u in (values["KEY_VAULT_URL"], values["ROOT_CA_KEY_VAULT_URL"],
+                                         values["DPS_DEVICE_ENDPOINT"], values["IDENTITY_ENDPOINT"]))
+    assert values["KEY_VAULT_URL"] != values["ROOT_CA_KEY_VAULT_URL"]  # the root key's vault is another vault
+    # owner-only: the settings (identity endpoint and header), the stack's description, the emulators' SAS keys
+    for written in ("local.settings.json", "state/stack.json", "state/emulators/emulators.json"):
+        assert oct((tmp_path / written).stat().st_mode)[-3:] == "600", written
     # and `func start` can take the same file (the README's Core Tools steps)
     assert core_tools_problems(json.loads((tmp_path / "local.settings.json").read_text())) == []
     try:
         status = pkictl(["local", "status"], tmp_path, env)
-        assert status.returncode == 0 and "Key Vault emulator" in status.stdout
+        assert status.returncode == 0 and "Key Vault emulator" in status.stdout and "root Key Vault" in status.stdout
         again = pkictl(["local", "up", "--detach"], tmp_path, env)
         assert again.returncode == 1 and "running already" in again.stdout
         admin, operator = _as("pki-admin", tmp_path, env), _as("pki-operator", tmp_path, env)

@@ -21,8 +21,8 @@ from cryptography import x509
 from clients.audit import StoreAuditLog
 from clients.factory import enrollment_groups, key_store
 from clients.storage import queue_client, state_store
-from devhost.stack import sas_settings
-from emulators.stack import APP
+from devhost.stack import person_settings, sas_settings
+from emulators.stack import ADMIN, APP
 from handlers.errors import CapacityExhausted
 from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
 from handlers.root_ca import RootRequest, create_root
@@ -49,10 +49,15 @@ def stack_settings(azurite, stack, container: str) -> dict[str, str]:
 
 @pytest.fixture
 def env(storage, stack, tmp_path):
-    values = stack_settings(storage, stack, f"state-{secrets.token_hex(5)}")
+    values = {**stack_settings(storage, stack, f"state-{secrets.token_hex(5)}"),
+              "ROOT_CA_KEY_NAME": f"root-{secrets.token_hex(4)}"}
     settings = load_settings(values)
-    create_root(RootRequest(f"root-{secrets.token_hex(4)}", KeyType.EC_P384, 20, "E2E Root"),
-                store=state_store(settings), keys=key_store(settings), now=dt.datetime.now(dt.timezone.utc))
+    # As on Azure: the PKI administrator creates the root key in the root vault; the app only reads and signs there.
+    admin = load_settings(person_settings(values, stack.client_id(ADMIN)))
+    create_root(RootRequest(settings.root_key_name, KeyType.EC_P384, 20, "E2E Root"),
+                store=state_store(settings), keys=key_store(admin), now=dt.datetime.now(dt.UTC))
+    assert stack.rootvault.key_versions(settings.root_key_name) and not stack.keyvault.key_versions(
+        settings.root_key_name)
     return with_host_json(values, tmp_path, QUEUE)
 
 

@@ -93,7 +93,36 @@ def test_host_json_values_are_overridden_by_azure_functions_job_host_settings(tm
     assert (unset.function_timeout_s, unset.queue_concurrency) == (1800, 16 + 32)
 
 
-KEY_VAULT = {"AzureWebJobsStorage": CONN, "KEY_VAULT_URL": "https://pki.vault.azure.net"}
+KEY_VAULT = {"AzureWebJobsStorage": CONN, "KEY_VAULT_URL": "https://pki.vault.azure.net",
+             "ROOT_CA_KEY_VAULT_URL": "https://pki-root.vault.azure.net"}
+
+
+@pytest.mark.parametrize("name", ["customer-evil", "Customer-Evil", "CUSTOMER-x", "customer-"])
+def test_a_root_key_name_in_the_customers_namespace_is_refused_at_startup(name):
+    # Onboarding customer "evil" would otherwise take the root key (customer-evil) as its intermediate key; Key
+    # Vault names ignore case, so Customer-Evil is the same key. With Key Vault or the local key store alike.
+    for env in ({"AzureWebJobsStorage": CONN}, KEY_VAULT):
+        with pytest.raises(SettingsError) as caught:
+            load_settings({**env, "ROOT_CA_KEY_NAME": name})
+        assert caught.value.name == "ROOT_CA_KEY_NAME" and "customer-" in str(caught.value)
+    assert load_settings({**KEY_VAULT, "ROOT_CA_KEY_NAME": "customers-root"}).root_key_name == "customers-root"
+
+
+def test_the_root_key_has_a_vault_of_its_own():
+    settings = load_settings({**KEY_VAULT, "ROOT_CA_KEY_VAULT_URL": "https://pki-root.vault.azure.net/"})
+    assert (settings.key_vault_url, settings.root_key_vault_url) == ("https://pki.vault.azure.net",
+                                                                      "https://pki-root.vault.azure.net")
+    refused = {
+        "required with KEY_VAULT_URL": {**KEY_VAULT, "ROOT_CA_KEY_VAULT_URL": ""},
+        "KEY_VAULT_URL is not": {"AzureWebJobsStorage": CONN,
+                                 "ROOT_CA_KEY_VAULT_URL": "https://pki-root.vault.azure.net"},
+        "another vault": {**KEY_VAULT, "ROOT_CA_KEY_VAULT_URL": "https://PKI.vault.azure.net/"},
+        "https://": {**KEY_VAULT, "ROOT_CA_KEY_VAULT_URL": "http://pki-root.vault.azure.net"},
+    }
+    for words, env in refused.items():
+        with pytest.raises(SettingsError, match=words) as caught:
+            load_settings(env)
+        assert caught.value.name == "ROOT_CA_KEY_VAULT_URL", words
 
 
 def test_the_shipped_host_json_and_default_settings_let_a_chunk_finish_well_inside_the_timeout():
