@@ -74,6 +74,7 @@ class Settings:
     dps_connection_strings: dict[str, str] = field(default_factory=dict, repr=False)
     intermediate_key_type: KeyType = KeyType.EC_P256
     intermediate_validity_days: int = 5 * 365
+    renewal_min_interval_hours: int = 24
     dps_max_groups: int = 100
     batch_chunk_rows: int = 500
     batch_max_rows: int = 100_000
@@ -283,6 +284,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         dps_connection_strings=connection_strings,
         intermediate_key_type=intermediate_key_type,
         intermediate_validity_days=_int(env, "INTERMEDIATE_VALIDITY_DAYS", 5 * 365, 30, 30 * 365),
+        renewal_min_interval_hours=_int(env, "RENEWAL_MIN_INTERVAL_HOURS", 24, 0, 24 * 365),
         dps_max_groups=_int(env, "DPS_MAX_GROUPS_PER_INSTANCE", 100, 1, 100),
         batch_chunk_rows=_int(env, "BATCH_CHUNK_ROWS", 500, 1, 5000),
         batch_max_rows=_int(env, "BATCH_MAX_ROWS", 100_000, 1, 1_000_000),

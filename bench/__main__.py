@@ -192,13 +192,13 @@ def sweep(args: argparse.Namespace) -> dict:
                 record = {"customerId": f"customer-{i % 5}", "deviceId": f"dev-{i:07d}", "status": "issued",
                           "serial": f"{i:X}", "outputs": {},
                           "notAfter": (now + dt.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")}
-                services.store.create(device_document(record["customerId"], record["deviceId"]), record,
+                services.store.create(device_document(record["deviceId"]), record,
                                       tags=device_tags(record))
 
             seeded = time.monotonic()
             list(pool.map(seed, range(size)))
             seed_s = time.monotonic() - seeded
-            probe = device_document("customer-1", "dev-0000001")
+            probe = device_document("dev-0000001")
             timings = []
             for _ in range(20):  # what one storage request costs at this fleet size (Azurite slows as it fills)
                 tick = time.monotonic()

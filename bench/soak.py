@@ -88,8 +88,12 @@ def soak(args) -> dict:
         env = stack.settings()
         services = build_services(load_settings(env))
         store, files = services.store, services.files
-        create_root(RootRequest("pki-root-ca", KeyType.EC_P384, 20, "Soak Root"), store=store, keys=services.keys,
-                    now=dt.datetime.now(dt.timezone.utc))
+        # the root ceremony is the PKI administrator's: the app may only read and sign with the root key
+        from clients.factory import key_store
+        from emulators.stack import ADMIN
+
+        create_root(RootRequest("pki-root-ca", KeyType.EC_P384, 20, "Soak Root"), store=store,
+                    keys=key_store(load_settings(stack.settings_as(ADMIN))), now=dt.datetime.now(dt.UTC))
         emulators = stack.emulators
         emulators.faults("keyvault", latency_ms=15, rate_per_s=200, retry_after=False)
         for dps in emulators.dps:
@@ -188,7 +192,7 @@ def soak(args) -> dict:
             counts["already_issued_rows"] += sum(r["status"] == "already_issued" for r in rows)
             counts["failed_rows"] += sum(r["status"] == "failed" for r in rows)
             for row in rows:
-                record = store.get(f"devices/{customer}/{row['deviceId']}.json")
+                record = store.get(f"devices/{row['deviceId']}.json")
                 if record is None:
                     problems.append(f"lost: {row['deviceId']} has no record")
                     counts["lost"] += 1
@@ -245,7 +249,7 @@ def soak(args) -> dict:
                 problems.append(f"inconsistent: command {n} has {effects['changed']} effects: {dict(effects)}")
                 counts["inconsistent"] += 1
         for device in (f"{customers[0]}-d00001", f"{customers[0]}-d00002"):
-            if store.get(f"devices/{customers[0]}/{device}.json").data["status"] != "disabled":
+            if store.get(f"devices/{device}.json").data["status"] != "disabled":
                 problems.append(f"inconsistent: {device} is not disabled")
                 counts["inconsistent"] += 1
         if store.get(f"customers/{customers[-1]}.json").data["status"] != "disabled":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Services:
         return OnboardingSettings(pool=self.settings.dps_pool,
                                   intermediate_key_type=self.settings.intermediate_key_type,
                                   intermediate_validity_days=self.settings.intermediate_validity_days,
+                                  renewal_min_interval=dt.timedelta(hours=self.settings.renewal_min_interval_hours),
                                   max_groups_per_dps=self.settings.dps_max_groups)
 
     @property

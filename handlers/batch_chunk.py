@@ -32,11 +32,19 @@ from pki.keys import KeyType, generate_key
 from pki.signing import remote_key
 
 from . import batch_format
-from .batch_intake import BatchRef, BatchSettings, _csv_cell
-from .errors import AlreadyExists, Conflict, TransientError
+from .batch_intake import BatchRef, BatchSettings, _csv_cell, csv_bytes
+from .errors import AlreadyExists, Conflict, InvalidMessage, TransientError
 from .leases import release, stamp
 from .onboarding import customer_document
-from .ports import AuditLog, DocumentStore, InputFiles, KeyStore, OutputFiles, Secrets
+from .ports import (
+    AuditLog,
+    Document,
+    DocumentStore,
+    InputFiles,
+    KeyStore,
+    OutputFiles,
+    Secrets,
+)
 from .root_ca import load_root
 
 REPORT_COLUMNS = ("row", "deviceId", "status", "serial", "thumbprintSha1", "thumbprintSha256", "notAfter",
@@ -61,15 +69,26 @@ class ChunkMessage:
         from .messages import Fields, decode_json_message
 
         fields = Fields(decode_json_message(raw))
-        customer_id = fields.text("customerId", required=True)
+        customer_id = fields.text("customerId", required=True, max_length=63)
         batch_name = fields.text("batchName", required=True, max_length=200)
         chunk = fields.integer("chunk", required=True, minimum=0)
         fields.reject_unknown()
+        BatchRef.checked(customer_id, batch_name)  # a forged message names no path outside one customer's folder
         return cls(customer_id, batch_name, chunk)
 
 
-def device_document(customer_id: str, device_id: str) -> str:
-    return f"devices/{customer_id}/{device_id}.json"
+def device_document(device_id: str) -> str:
+    """One record per device id, whatever the customer: DPS registration ids are shared by every group of an instance
+    and hub device ids by everyone on a hub, so an id is held by the first customer whose certificate for it is
+    recorded (a create-if-absent), and no other customer can be issued, or act on, that id."""
+    return f"devices/{device_id}.json"
+
+
+def read_device(store: DocumentStore, customer_id: str, device_id: str) -> Document | None:
+    """The device record if ``customer_id`` holds the device; ``None`` otherwise (another customer's device is
+    answered exactly like a device nobody holds, so no input learns who holds it)."""
+    doc = store.get(device_document(device_id))
+    return doc if doc is not None and doc.data.get("customerId") == customer_id else None
 
 
 
@@ -98,16 +117,19 @@ class _Issuer:
         self.signer = remote_key(key.public_key, keys.signer(key))
         self.prefix = f"{settings.output_container}/{ref.customer_id}/{ref.batch_name}"
 
-    def row(self, row: batch_format.Row, duplicate_of: int | None) -> dict[str, Any]:
+    def row(self, row: batch_format.Row, duplicate_of: int | None, same_key_as: int | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {"row": row.index, "deviceId": row.device_id}
         if row.error:
             return {**result, "status": "failed", "error": f"row {row.index}: {row.error}"}
         if duplicate_of is not None:
             return {**result, "status": "failed", "error": f"row {row.index}: duplicate of row {duplicate_of}"}
+        if same_key_as is not None:
+            return {**result, "status": "failed", "error": f"row {row.index}: csr: its public key is the one row "
+                    f"{same_key_as} requests a certificate for; every device needs its own key"}
         problem = registration_id_problem(row.device_id)
         if problem:
             return {**result, "status": "failed", "error": f"row {row.index}: deviceId {row.device_id!r} {problem}"}
-        name = device_document(self.ref.customer_id, row.device_id)
+        name = device_document(row.device_id)
         # On a chunk's first attempt no device of it can be recorded for this batch yet (duplicates are caught at
         # intake), so the read is skipped and the conditional create decides; a resumed chunk reads first.
         existing = None if self.first_attempt else self.store.get(name)
@@ -131,7 +153,7 @@ class _Issuer:
                 existing = self.store.get(name)
                 verdict = self._recorded(row, existing.data, result) if existing is not None else None
                 if verdict is not None or existing is None:
-                    if existing is not None and existing.data.get("batch") != self.ref.batch_name:
+                    if existing is not None and not self._ours(existing.data):
                         for path in record["outputs"].values():
                             self.outputs.delete(path)  # ours, under this batch's prefix, and never recorded
                     return verdict or {**result, "status": "failed", "error": f"row {row.index}: changed meanwhile"}
@@ -146,13 +168,21 @@ class _Issuer:
 
     def _recorded(self, row: batch_format.Row, recorded: dict, result: dict) -> dict[str, Any] | None:
         """The row's verdict when the device is already recorded; ``None`` when it may be (re-)issued."""
-        if recorded.get("batch") == self.ref.batch_name and recorded.get("customerId") == self.ref.customer_id:
+        if recorded.get("customerId") != self.ref.customer_id:  # names no customer: that is the other's business
+            return {**result, "status": "failed", "error": f"row {row.index}: deviceId {row.device_id!r} is already "
+                    "provisioned for another customer; device ids are shared by every customer of the DPS instances "
+                    "and hubs, so choose another id"}
+        if self._ours(recorded):
             return {**result, **_published(recorded), "status": "already_issued"}
         if not self.reissue:
             return {**result, "status": "failed",
                     "error": f"row {row.index}: already provisioned by batch {recorded.get('batch')!r} "
                              f"(serial {recorded.get('serial')}); set metadata reissue=true to re-issue"}
         return None
+
+    def _ours(self, recorded: dict) -> bool:
+        """Recorded by this very batch (an earlier attempt of it)."""
+        return recorded.get("batch") == self.ref.batch_name and recorded.get("customerId") == self.ref.customer_id
 
     def _issue(self, row: batch_format.Row):
         if row.csr:
@@ -200,9 +230,12 @@ class _Issuer:
 
 
 def device_tags(record: dict) -> dict[str, str]:
-    """Index tags the expiry sweep and the CLI query (notAfter as YYYYMMDD sorts as text)."""
-    return {"kind": "device", "customer": record["customerId"], "status": record["status"],
+    """Index tags the expiry sweep, renewals and the CLI query (notAfter as YYYYMMDD sorts as text)."""
+    tags = {"kind": "device", "customer": record["customerId"], "status": record["status"],
             "notAfter": record["notAfter"][:10].replace("-", "")}
+    if record.get("intermediateSerial"):  # which devices a renewal would cut off (handlers/intermediates.py)
+        tags["issuer"] = record["intermediateSerial"]
+    return tags
 
 
 def _published(record: dict) -> dict[str, Any]:
@@ -252,12 +285,12 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
     # One owner per run, never per message: two deliveries of one message must not both hold the chunk.
     owner = secrets.token_hex(8)
     batch_doc = store.get(ref.document)
-    if batch_doc is None or batch_doc.data["status"] not in ("issuing", "assembling", "complete"):
+    if batch_doc is None:  # the intake records a batch before it sends any chunk: this message is not from it
+        raise InvalidMessage("batchName", f"customer {ref.customer_id} has no batch {ref.batch_name!r}")
+    if batch_doc.data["status"] not in ("issuing", "assembling", "complete"):
         raise TransientError(f"batch {ref.batch_name}: not ready for chunks yet")  # intake still writing
     batch = batch_doc.data
     if message.chunk >= len(batch["chunks"]):
-        from .errors import InvalidMessage
-
         raise InvalidMessage("chunk", f"batch {ref.batch_name} has {len(batch['chunks'])} chunks")
     chunk_doc = _claim_chunk(ref, message.chunk, owner, store, now, settings.chunk_lease_s, sleep)
     if chunk_doc.data["status"] != "done":
@@ -297,7 +330,8 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
         rows = list(batch_format.rows_in_range(data, chunk["start"], header, batch["format"], chunk["firstRow"]))
         with _Heartbeat(store, ref.chunk_document(n), owner, settings.chunk_lease_s, now), \
                 ThreadPoolExecutor(max_workers=settings.inflight, thread_name_prefix="issue") as pool:
-            results = list(pool.map(lambda r: issuer.row(r, chunk["duplicates"].get(str(r.index))), rows))
+            results = list(pool.map(lambda r: issuer.row(r, chunk["duplicates"].get(str(r.index)),
+                                                         chunk.get("sameKey", {}).get(str(r.index))), rows))
     current = store.get(ref.chunk_document(n))
     if (current.data.get("lease") or {}).get("owner") != owner:
         raise TransientError(f"chunk {n} of {ref.batch_name}: lost its lease while issuing; retry")
@@ -394,10 +428,10 @@ def _assemble(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs: Outp
         yield b"\n]}\n"
 
     def csv_parts() -> Iterator[bytes]:
-        yield (",".join(REPORT_COLUMNS) + "\r\n").encode()
+        yield csv_bytes(",".join(REPORT_COLUMNS) + "\r\n")
         for n in range(len(batch["chunks"])):
-            yield "".join(",".join(_csv_cell(r.get(c)) for c in REPORT_COLUMNS) + "\r\n"
-                          for r in chunk_results(n)).encode()
+            yield csv_bytes("".join(",".join(_csv_cell(r.get(c)) for c in REPORT_COLUMNS) + "\r\n"
+                                    for r in chunk_results(n)))
 
     outputs.assemble(ref.report_path(settings, "json"), json_parts(), "application/json")
     outputs.assemble(ref.report_path(settings, "csv"), csv_parts(), "text/csv")

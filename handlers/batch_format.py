@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import InvalidMessage
+from .messages import JsonProblem, load_json
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 COLUMNS = ("deviceId", "csr")
@@ -64,6 +64,7 @@ def _text(line: bytes, where: str) -> str:
 class Header:
     columns: tuple[str, ...]
     data_start: int  # byte offset of the first data row
+    first_line: int = 2  # the file's line number where data starts (named by quoting errors, found at intake)
 
 
 def read_header(chunks: Iterable[bytes], kind: str) -> tuple[Header, Iterator[tuple[bytes, int]]]:
@@ -81,8 +82,14 @@ def read_header(chunks: Iterable[bytes], kind: str) -> tuple[Header, Iterator[tu
             yield line.removeprefix(_BOM), end
             yield from lines
         return Header(columns=COLUMNS, data_start=len(_BOM) if line.startswith(_BOM) else 0), again()
+    if len(line) > MAX_ROW_BYTES:
+        raise InvalidMessage("header", f"line 1 is {len(line)} bytes long; a header is at most {MAX_ROW_BYTES} "
+                             "(expected 'deviceId[,csr]')")
     text = _text(line.removeprefix(_BOM), "the header")
-    columns = tuple(c.strip() for c in next(csv.reader([text])))
+    try:
+        columns = tuple(c.strip() for c in next(csv.reader([text], strict=True)))
+    except csv.Error as exc:
+        raise InvalidMessage("header", f"line 1 is not valid CSV ({exc}); expected 'deviceId[,csr]'") from None
     if "deviceId" not in columns:
         found = ", ".join(repr(c) for c in columns)
         raise InvalidMessage("header", f"must name a deviceId column (and optionally csr); found {found}"
@@ -109,15 +116,22 @@ def parse_rows(lines: Iterator[tuple[bytes, int]], header: Header, kind: str, fi
             index += 1
         return
     record_lines: list[bytes] = []
-    last_end = header.data_start
+    line_number = header.first_line  # the file's line number of the next line read
+    opened = line_number
     for line, end in lines:
+        if not record_lines:
+            opened = line_number
+        line_number += 1
         record_lines.append(line)
-        last_end = end
         text = b"".join(record_lines)
         if len(text) > MAX_ROW_BYTES:
-            yield Row(index, None, None, f"row is longer than {MAX_ROW_BYTES} bytes (an unclosed quote?)", end)
-            record_lines, index = [], index + 1
-            continue
+            if len(record_lines) == 1:
+                yield Row(index, None, None, f"is longer than {MAX_ROW_BYTES} bytes", end)
+                record_lines, index = [], index + 1
+                continue
+            # Reading on would swallow the rows after it into one cell, and report a file that is not the one sent.
+            raise InvalidMessage("file", f"line {opened}: a quoted cell opens there and is not closed within "
+                                 f"{MAX_ROW_BYTES} bytes (an unclosed quote?); nothing of the batch was issued")
         if _open_quote(text):  # inside a quoted cell (a PEM CSR spans lines): read on
             continue
         record_lines = []
@@ -126,7 +140,8 @@ def parse_rows(lines: Iterator[tuple[bytes, int]], header: Header, kind: str, fi
         yield _csv_row(text, header, index, end)
         index += 1
     if record_lines:
-        yield Row(index, None, None, "unclosed quote at the end of the file", last_end)
+        raise InvalidMessage("file", f"line {opened}: a quoted cell opens there and is never closed (the file ends "
+                             "inside it); nothing of the batch was issued")
 
 
 def _open_quote(text: bytes) -> bool:
@@ -155,9 +170,11 @@ def _csv_row(raw: bytes, header: Header, index: int, end: int) -> Row:
 
 def _json_row(raw: bytes, index: int, end: int) -> Row:
     try:
-        document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return Row(index, None, None, f"is not a JSON object ({type(exc).__name__})", end)
+        document = load_json(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return Row(index, None, None, "is not UTF-8 text", end)
+    except JsonProblem as exc:
+        return Row(index, None, None, f"is not a JSON object this service accepts: it {exc}", end)
     if not isinstance(document, dict):
         return Row(index, None, None, "is not a JSON object", end)
     unknown = sorted(set(document) - set(COLUMNS))

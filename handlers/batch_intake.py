@@ -14,16 +14,19 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from pki.csr import key_digest
 from pki.keys import DEVICE_KEY_TYPES, KeyType
 
 from . import batch_format
 from .errors import AlreadyExists, Conflict, InvalidMessage, NotFound, Rejected, TransientError
 from .leases import release, stamp
-from .onboarding import customer_document
+from .messages import REQUEST_ID, REQUEST_ID_RULE
+from .onboarding import CUSTOMER_ID, customer_document
 from .ports import AuditLog, DocumentStore, InputFiles, MessageQueue, OutputFiles, Secrets
 
 CHUNK_QUEUE = "batch-chunks"
@@ -31,6 +34,8 @@ LEASE = dt.timedelta(minutes=5)
 # Metadata Azure tools add on their own; anything else unknown is a typo and rejected.
 _FOREIGN_METADATA = frozenset({"hdi_isfolder"})
 OPTION_KEYS = ("keytype", "validitydays", "output", "register", "reissue", "requestid")
+_WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only
+MAX_BATCH_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -67,20 +72,23 @@ class BatchOptions:
         except ValueError as exc:
             raise InvalidMessage("metadata.keytype", str(exc).split(": ", 1)[-1]) from None
         days = metadata.get("validitydays") or str(settings.default_validity_days)
-        if not days.isdigit() or not 1 <= int(days) <= 30 * 365:
+        if not _WHOLE.fullmatch(days) or not 1 <= int(days) <= 30 * 365:  # (str.isdigit takes '³', int() does not)
             raise InvalidMessage("metadata.validitydays", f"{days!r} must be a whole number of days, 1-10950")
         output = (metadata.get("output") or "pfx").lower()
         if output not in ("pfx", "pem"):
             raise InvalidMessage("metadata.output", f"{output!r} must be pfx or pem")
         register = (metadata.get("register") or "0").lower()
-        if register != "all" and not register.isdigit():
+        if register != "all" and not _WHOLE.fullmatch(register):
             raise InvalidMessage("metadata.register", f"{register!r} must be a number of devices or 'all'")
         reissue = (metadata.get("reissue") or "false").lower()
         if reissue not in ("true", "false"):
             raise InvalidMessage("metadata.reissue", f"{reissue!r} must be true or false")
+        request_id = metadata.get("requestid") or None
+        if request_id is not None and not REQUEST_ID.fullmatch(request_id):
+            raise InvalidMessage("metadata.requestid", f"{request_id!r} {REQUEST_ID_RULE}")
         return cls(key_type=key_type, validity_days=int(days), output=output,
                    register=register if register == "all" else int(register), reissue=reissue == "true",
-                   request_id=metadata.get("requestid"))
+                   request_id=request_id)
 
     def as_dict(self) -> dict[str, Any]:
         return {"keyType": self.key_type.value, "validityDays": self.validity_days, "output": self.output,
@@ -94,12 +102,26 @@ class BatchRef:
 
     @classmethod
     def from_path(cls, path: str, settings: BatchSettings) -> BatchRef:
+        """The batch a blob path names, checked before any storage call: the path decides where the batch's records,
+        outputs and reports go, so it must name exactly one customer's folder."""
         container, _, rest = path.partition("/")
         customer_id, _, batch_name = rest.partition("/")
         if container != settings.input_container or not customer_id or not batch_name:
             raise InvalidMessage("path", f"{path!r} must be {settings.input_container}/{{customerId}}/{{batchName}}")
-        if len(batch_name) > 200 or any(c in batch_name for c in "\\?#"):
-            raise InvalidMessage("batchName", "must be at most 200 characters, without \\ ? #")
+        return cls.checked(customer_id, batch_name)
+
+    @classmethod
+    def checked(cls, customer_id: str, batch_name: str) -> BatchRef:
+        """``InvalidMessage`` unless the customer id is one and the name is a plain relative name: no empty, ``.`` or
+        ``..`` segment (SDKs and proxies normalise those, and the result could land in another customer's folder),
+        no ``\\ ? #`` or control characters."""
+        if not CUSTOMER_ID.fullmatch(customer_id):
+            raise InvalidMessage("customerId", f"{customer_id!r} in the path is not a customer id (1-63 of a-z, 0-9 "
+                                 "and '-', starting and ending with a letter or digit)")
+        if len(batch_name) > MAX_BATCH_NAME or any(c in batch_name for c in "\\?#") or not batch_name.isprintable():
+            raise InvalidMessage("batchName", f"must be at most {MAX_BATCH_NAME} printable characters, without \\ ? #")
+        if any(segment in ("", ".", "..") for segment in batch_name.split("/")):
+            raise InvalidMessage("batchName", f"{batch_name!r} has an empty, '.' or '..' path segment")
         batch_format.batch_format(batch_name)
         return cls(customer_id, batch_name)
 
@@ -136,7 +158,7 @@ def _tags(data: dict) -> dict[str, str]:
 
 def _scan(files: InputFiles, path: str, upload: str, kind: str, settings: BatchSettings) -> tuple[batch_format.Header, _Scan]:
     header, lines = batch_format.read_header(files.stream(path, upload), kind)
-    scan, seen = _Scan(), {}
+    scan, seen, keys = _Scan(), {}, {}
     current: dict | None = None
     start = header.data_start
     for row in batch_format.parse_rows(lines, header, kind):
@@ -144,7 +166,8 @@ def _scan(files: InputFiles, path: str, upload: str, kind: str, settings: BatchS
         if scan.rows > settings.max_rows:
             raise InvalidMessage("file", f"has more than {settings.max_rows} rows (BATCH_MAX_ROWS); split it")
         if current is None:
-            current = {"n": len(scan.chunks), "start": start, "firstRow": row.index, "rows": 0, "duplicates": {}}
+            current = {"n": len(scan.chunks), "start": start, "firstRow": row.index, "rows": 0, "duplicates": {},
+                       "sameKey": {}}
         current["rows"] += 1
         current["end"] = start = row.end
         if row.device_id is not None and row.error is None:
@@ -155,6 +178,11 @@ def _scan(files: InputFiles, path: str, upload: str, kind: str, settings: BatchS
                 seen[digest] = row.index
         if not row.csr:
             scan.generated_keys += 1
+        elif row.error is None and (digest := key_digest(row.csr)) is not None:
+            if digest in keys:  # two devices, one key: whoever holds the key is both
+                current["sameKey"][str(row.index)] = keys[digest]
+            else:
+                keys[digest] = row.index
         if current["rows"] >= settings.chunk_rows:
             scan.chunks.append(current)
             current = None
@@ -171,8 +199,13 @@ def write_rejection_report(ref: BatchRef, reason: str, field_name: str | None, o
               "reason": reason, "field": field_name, "at": stamp(now),
               "totals": {"rows": 0, "issued": 0, "already_issued": 0, "failed": 0}, "rows": []}
     outputs.put(ref.report_path(settings, "json"), json.dumps(report, indent=2).encode(), "application/json")
-    outputs.put(ref.report_path(settings, "csv"), f"status,reason\r\nrejected,{_csv_cell(reason)}\r\n".encode(),
+    outputs.put(ref.report_path(settings, "csv"), csv_bytes(f"status,reason\r\nrejected,{_csv_cell(reason)}\r\n"),
                 "text/csv")
+
+
+def csv_bytes(text: str) -> bytes:
+    """UTF-8 of report text, whatever it holds: a reason quoting bad input still writes (as a backslash escape)."""
+    return text.encode("utf-8", "backslashreplace")
 
 
 def _csv_cell(value: object) -> str:

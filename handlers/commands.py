@@ -13,7 +13,6 @@ state is what DPS and the hub end with. A redelivered command finds its state ap
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +20,11 @@ from typing import Any, Protocol
 
 from pki.ids import registration_id_problem
 
-from .batch_chunk import device_document, device_tags
+from .batch_chunk import device_tags, read_device
 from .errors import AlreadyExists, Conflict, InvalidMessage, Rejected, TransientError
 from .intermediates import renew_intermediate
 from .leases import stamp
-from .messages import Delivery, Fields, decode_json_message
+from .messages import REQUEST_ID, REQUEST_ID_RULE, Delivery, Fields, decode_json_message
 from .onboarding import (CUSTOMER_ID, ONBOARDED, Group, OnboardingSettings, customer_document, customer_tags,
                          group_body, placed_instance)
 from .ports import AuditLog, DocumentStore, KeyStore, OutputFiles
@@ -45,6 +44,7 @@ class Command:
     device_id: str | None = None
     request_id: str | None = None
     disable_devices: bool = False
+    force: bool = False
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Command:
@@ -70,11 +70,13 @@ class Command:
         disable_devices = fields.boolean("disableDevices")
         if disable_devices and command != "disable-customer":
             raise InvalidMessage("disableDevices", "is only for disable-customer")
-        request_id = fields.text("requestId", max_length=128, pattern=re.compile(r"[\x21-\x7e]+"),
-                                 rule="must be printable ASCII without spaces")
+        force = fields.boolean("force")
+        if force and command != "renew-intermediate":
+            raise InvalidMessage("force", "is only for renew-intermediate")
+        request_id = fields.text("requestId", max_length=128, pattern=REQUEST_ID, rule=REQUEST_ID_RULE)
         fields.reject_unknown()
         return cls(command=command, customer_id=customer_id, reason=reason, device_id=device_id,
-                   request_id=request_id, disable_devices=disable_devices)
+                   request_id=request_id, disable_devices=disable_devices, force=force)
 
 
 class Provisioning(Protocol):
@@ -244,7 +246,13 @@ def _device_apply(run: _Run, customer: dict, certificate_pem: str):
                 continue
         else:
             raise TransientError(f"individual enrollment {device_id} on {dps} kept changing; retry")
-        placement = hub_placement(ports.dps.registration(dps, device_id), device)
+        registration = ports.dps.registration(dps, device_id)
+        if _assigned(registration) and not registered_through(ports.dps, dps, customer["customerId"], device_id):
+            # Not this customer's device in the hub, whatever our record says: leave it alone.
+            return {"hub": {**(device.get("hub") or {}), "status": "not-touched",
+                            "why": f"registration {device_id} on {dps} is assigned through another enrollment, not "
+                                   f"the group {customer['customerId']}"}}
+        placement = hub_placement(registration, device)
         if placement is None:
             return {}  # never assigned: there is nothing in a hub to disable
         hub, hub_device = placement["name"], placement["deviceId"]
@@ -264,11 +272,25 @@ def _device_apply(run: _Run, customer: dict, certificate_pem: str):
     return apply
 
 
+def _assigned(registration: dict | None) -> bool:
+    return bool(registration) and registration.get("status", "assigned") == "assigned" \
+        and bool(registration.get("assignedHub"))
+
+
+def registered_through(dps: Provisioning, instance: str, group_id: str, registration_id: str) -> bool:
+    """Whether the device's registration went through enrollment group ``group_id``. DPS's registration state does not
+    name its enrollment (DeviceRegistrationState in the service API spec, 2021-10-01: no group field); the query of
+    one group's registrations (DeviceRegistrationState_Query) is the only place that says, so it is read, paged,
+    until the device turns up."""
+    wanted = registration_id.lower()  # DPS registration ids compare case-insensitively
+    return any((state.get("registrationId") or "").lower() == wanted for state in dps.registrations(instance, group_id))
+
+
 def hub_placement(registration: dict | None, record: dict) -> dict | None:
     """Where a device lives in IoT Hub: DPS's registration state when its latest attempt was assigned, otherwise what
     the device record learned when it last was. A refused attempt (``disabled``, ``failed``) names no hub, and the
     device is still where it was assigned before it (DPS does not remove it from the hub)."""
-    if registration and registration.get("status", "assigned") == "assigned" and registration.get("assignedHub"):
+    if _assigned(registration):
         return {"name": registration["assignedHub"],
                 "deviceId": registration.get("deviceId") or registration.get("registrationId")}
     known = record.get("hub") or {}
@@ -278,10 +300,10 @@ def hub_placement(registration: dict | None, record: dict) -> dict | None:
 def _device_command(run: _Run) -> str:
     command, ports = run.command, run.ports
     customer = run.customer().data
-    name = device_document(command.customer_id, command.device_id)
+    name = f"device {command.device_id} of customer {command.customer_id}"
 
     def read():
-        doc = ports.store.get(name)
+        doc = read_device(ports.store, command.customer_id, command.device_id)
         if doc is None:
             raise Rejected(f"device {command.device_id!r} of customer {command.customer_id!r} has no certificate "
                            "from this service", field="deviceId")
@@ -391,7 +413,7 @@ def _hub_devices(run: _Run, customer: dict, wanted: str) -> tuple[list[str], lis
             continue
         record = {}
         if state.get("status", "assigned") != "assigned":  # a refused latest attempt: where the record saw it
-            doc = ports.store.get(device_document(customer["customerId"], state["registrationId"]))
+            doc = read_device(ports.store, customer["customerId"], state["registrationId"])
             record = doc.data if doc is not None else {}
         placement = hub_placement(state, record)
         if placement is not None:
@@ -454,7 +476,7 @@ def run_command(command: Command, delivery: Delivery, *, ports: Ports, now: dt.d
                                      store=ports.store, keys=ports.keys, audit=ports.audit, now=now,
                                      sync=lambda customer: sync_group(ports, customer, now),
                                      settings=ports.settings, request_id=command.request_id,
-                                     message_id=delivery.message_id)
+                                     message_id=delivery.message_id, force=command.force)
         return f"customer {command.customer_id}: {outcome}"
     return _customer_command(run)
 

@@ -26,7 +26,7 @@ from typing import Any
 from .batch_chunk import device_tags
 from .commands import Ports, sync_group
 from .errors import AlreadyExists, Conflict, TransientError
-from .intermediates import renew_intermediate
+from .intermediates import RenewalRefused, renew_intermediate
 from .leases import stamp
 from .onboarding import ONBOARDED, customer_document, customer_tags, list_customers
 from .ports import Document, MessageQueue
@@ -93,18 +93,22 @@ class _Sweep:
 
     # -- intermediates -----------------------------------------------------------------------------------------
     def intermediates(self) -> dict[str, list]:
-        renewed, dropped, failed = [], [], []
+        renewed, dropped, failed, held = [], [], [], []
         for customer_id in list_customers(self.ports.store):
             doc = self.ports.store.get(customer_document(customer_id))
             if doc is None or doc.data.get("status") not in ONBOARDED or not doc.data.get("intermediate"):
                 continue
             try:
-                renewed += self._renew(doc)
+                try:
+                    renewed += self._renew(doc)
+                except RenewalRefused as exc:  # not a failure: retrying will not help, and the operator decides
+                    held.append({"customerId": customer_id, "reason": exc.reason})
+                    self.warnings.append(f"customer {customer_id}: intermediate not renewed: {exc.reason}")
                 dropped += self._drop_expired_secondary(customer_id)
             except Exception as exc:  # noqa: BLE001 - one customer's failure must not stop the others' sweep
                 failed.append({"customerId": customer_id, "error": f"{type(exc).__name__}: {exc}"})
                 self.warnings.append(f"customer {customer_id}: {type(exc).__name__}: {exc}")
-        return {"renewed": renewed, "secondaryRemoved": dropped, "failed": failed}
+        return {"renewed": renewed, "secondaryRemoved": dropped, "failed": failed, "held": held}
 
     def _renew(self, doc: Document) -> list[dict]:
         data = doc.data
@@ -222,7 +226,7 @@ def run_sweep(*, ports: Ports, queue: MessageQueue, settings: SweepSettings, now
     root = sweep.root()
     intermediates = sweep.intermediates()
     devices = sweep.devices()
-    counts = {"intermediatesRenewed": len(intermediates["renewed"]),
+    counts = {"intermediatesRenewed": len(intermediates["renewed"]), "renewalsHeld": len(intermediates["held"]),
               "secondariesRemoved": len(intermediates["secondaryRemoved"]),
               "devicesExpiring": devices["expiring"], "devicesMarkedExpired": devices["expired"],
               "noticesSentByThisRun": sum(1 for n in devices["notices"] if n["by"] == "this sweep"),

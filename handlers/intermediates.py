@@ -26,15 +26,55 @@ from .ports import AuditLog, DocumentStore, KeyStore
 
 LEASE = dt.timedelta(minutes=10)
 HISTORY = 50  # renewal ids remembered per customer
-PREVIOUS_KEPT = 5  # earlier intermediates kept in the record (the newest is the group's secondary)
 _ATTEMPTS = 12
+NAMED = 10  # devices a refusal names (it counts them all)
+
+
+class RenewalRefused(Rejected):
+    """A renewal that would strand devices or come too soon after the last one; ``"force": true`` overrides."""
+
+
+def active_devices_of(store: DocumentStore, customer_id: str, serial: str, now: dt.datetime) -> list[str]:
+    """Names of the customer's devices issued by intermediate ``serial`` that are still in use: status ``issued``
+    (not disabled, expired or revoked) and not yet expired. One blob index tag query (device tags carry the issuer)."""
+    return sorted(store.find(f"\"kind\" = 'device' AND \"customer\" = '{customer_id}' AND \"issuer\" = '{serial}' "
+                             f"AND \"status\" = 'issued' AND \"notAfter\" > '{now:%Y%m%d}'"))
+
+
+def _refusal(data: dict, *, force: bool, min_interval: dt.timedelta, store: DocumentStore,
+             now: dt.datetime) -> tuple[str, dict] | None:
+    """Why a new renewal must not start now, and what it would cut off; ``None`` when it may (or is forced)."""
+    if force:
+        return None
+    last = (data.get("renewals") or [None])[0]
+    if last and stamp(now - min_interval) < last["at"]:
+        why = (f"the intermediate was renewed at {last['at']} by {last['id']}; renewals of one customer are limited "
+               f"to one per {min_interval.total_seconds() / 3600:g} h (RENEWAL_MIN_INTERVAL_HOURS). Send "
+               "\"force\": true to renew anyway")
+        return why, {"lastRenewal": last}
+    secondary = (data.get("previousIntermediates") or [None])[0]
+    if secondary and secondary["notAfter"] > stamp(now):
+        devices = active_devices_of(store, data["customerId"], secondary["serial"], now)
+        if devices:
+            named = [n.rsplit("/", 1)[-1].removesuffix(".json") for n in devices[:NAMED]]
+            why = (f"renewing now would drop intermediate {secondary['serial']} (the enrollment group's secondary) "
+                   f"from the group while {len(devices)} active, unexpired device(s) issued by it still provision "
+                   f"with it ({', '.join(named)}{', ...' if len(devices) > NAMED else ''}); the group holds only the "
+                   "current and the previous intermediate. Re-issue or disable those devices first, or send "
+                   "\"force\": true to cut them off")
+            return why, {"wouldCutOff": {"intermediate": secondary["serial"], "devices": len(devices), "named": named}}
+    return None
 
 
 def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store: DocumentStore, keys: KeyStore,
                        audit: AuditLog, now: dt.datetime, sync: Callable[[dict], None], settings: OnboardingSettings,
                        request_id: str | None = None, message_id: str | None = None, wait_s: float = 20.0,
-                       sleep: Callable[[float], None] = time.sleep) -> str:
-    """Renew once per ``renewal_id``; ``sync(record)`` makes the enrollment group match a customer record."""
+                       force: bool = False, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Renew once per ``renewal_id``; ``sync(record)`` makes the enrollment group match a customer record.
+
+    A new renewal is refused (``RenewalRefused``) within ``settings.renewal_min_interval`` of the last one, or while
+    the group's secondary intermediate still has active, unexpired devices, unless ``force``. Concurrent renewals
+    therefore make one: the others find it done, too recent."""
     name = customer_document(customer_id)
     owner = secrets.token_hex(8)
 
@@ -67,8 +107,14 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
                 continue
             raise TransientError(f"customer {customer_id}: renewal {renewal['id']} is in progress elsewhere "
                                  f"(lease until {lease['until']}); retry later")
-        # A renewal left by a crashed run (any id) is finished first, under its own id; then this one runs.
-        renewal = renewal or {"id": renewal_id, "status": "pending", "reason": reason, "startedAt": stamp(now)}
+        if not renewal:  # (a renewal left by a crashed run, any id, was checked when it started: finish it first)
+            refused = _refusal(data, force=force, min_interval=settings.renewal_min_interval, store=store, now=now)
+            if refused is not None:
+                why, detail = refused
+                log("rejected", data["intermediate"]["serial"], data["intermediate"]["serial"], why=why, **detail)
+                raise RenewalRefused(why)
+        renewal = renewal or {"id": renewal_id, "status": "pending", "reason": reason, "startedAt": stamp(now),
+                              "forced": force}
         try:
             lease = {"owner": owner, "until": stamp(now + LEASE)}
             doc = store.replace(doc, {**data, "renewal": renewal, "lease": lease}, tags=customer_tags(data))
@@ -113,7 +159,7 @@ def _advance(doc, *, keys: KeyStore, store: DocumentStore, sync: Callable[[dict]
             data, key.public_key, store=store, keys=keys, settings=settings, now=now))
     previous = [{**data["intermediate"], "key": data["key"]}, *data.get("previousIntermediates", [])]
     swapped = {**data, "intermediate": renewal["intermediate"], "key": renewal["key"],
-               "previousIntermediates": previous[:PREVIOUS_KEPT], "renewal": None, "lease": None,
+               "previousIntermediates": previous, "renewal": None, "lease": None,  # all kept: issuers of devices
                "updatedAt": stamp(now),
                "renewals": [{"id": renewal["id"], "at": stamp(now), "serial": renewal["intermediate"]["serial"]},
                             *data.get("renewals", [])][:HISTORY]}

@@ -19,6 +19,78 @@ from typing import Any
 from .errors import InvalidMessage
 
 MAX_MESSAGE_BYTES = 64 * 1024  # Azure Storage queue messages are at most 64 KiB
+MAX_JSON_DEPTH = 32  # no contract nests deeper than 4; deeper input is refused before the parser recurses
+# One rule for every requestId (queue messages and batch metadata): it is logged, audited and compared.
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+REQUEST_ID_RULE = "must be 1-128 printable ASCII characters without spaces"
+
+
+class JsonProblem(ValueError):
+    """Why a text is not JSON this service accepts (each input turns it into its own rejection)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:  # RFC 8259 4: names SHOULD be unique; keeping the last one lets one text say two things
+            raise JsonProblem(f"has the key {key!r} twice")
+        document[key] = value
+    return document
+
+
+def _deepest(text: str) -> int:
+    """How deep arrays and objects nest, outside strings (linear; cheap when brackets are few)."""
+    if text.count("{") + text.count("[") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _valid_unicode(value: Any) -> None:
+    """No lone surrogate (``"\\ud800"`` is valid JSON and invalid text): it would break every UTF-8 writer later."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonProblem("holds a lone surrogate escape (\\ud800-\\udfff), which is not text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(key)
+            _valid_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _valid_unicode(item)
+
+
+def load_json(text: str) -> Any:
+    """JSON as every input of the service is read: nested at most ``MAX_JSON_DEPTH`` deep, no key twice in an
+    object, every string valid Unicode. ``JsonProblem`` (a ``ValueError``) says what is wrong."""
+    if _deepest(text) > MAX_JSON_DEPTH:
+        raise JsonProblem(f"nests arrays or objects more than {MAX_JSON_DEPTH} deep")
+    try:
+        document = json.loads(text, object_pairs_hook=_unique_keys)
+    except JsonProblem:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise JsonProblem(f"is not valid JSON ({exc})") from None
+    _valid_unicode(document)
+    return document
 
 
 @dataclass(frozen=True)
@@ -43,11 +115,11 @@ def decode_json_message(raw: bytes | str) -> dict[str, Any]:
         except (binascii.Error, ValueError):
             raise InvalidMessage("message", "is neither JSON nor base64-encoded JSON") from None
     try:
-        document = json.loads(text.decode("utf-8"))
+        document = load_json(text.decode("utf-8"))
     except UnicodeDecodeError:
         raise InvalidMessage("message", "is not UTF-8 text") from None
-    except ValueError as exc:
-        raise InvalidMessage("message", f"is not valid JSON ({exc})") from None
+    except JsonProblem as exc:
+        raise InvalidMessage("message", str(exc)) from None
     if not isinstance(document, dict):
         raise InvalidMessage("message", f"must be a JSON object, not {type(document).__name__}")
     return document

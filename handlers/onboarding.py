@@ -24,7 +24,7 @@ from pki.keys import KeyType
 from .dps_pool import MAX_GROUPS_PER_DPS, DpsInstance, choose_instance
 from .errors import AlreadyExists, CapacityExhausted, Conflict, InvalidMessage, NotFound, Rejected, TransientError
 from .leases import release, stamp
-from .messages import Fields, decode_json_message
+from .messages import REQUEST_ID, REQUEST_ID_RULE, Fields, decode_json_message
 from .ports import AuditLog, Document, DocumentStore, KeyStore
 from .root_ca import load_root, root_signer
 
@@ -88,7 +88,8 @@ class OnboardingRequest:
             raise InvalidMessage("iotHubs", "allocationPolicy static needs exactly one IoT hub host name in iotHubs")
         request = cls(customer_id=customer_id, display_name=display_name, country=country,
                       iot_hubs=hubs, allocation_policy=policy, initial_twin=twin,
-                      iot_edge=fields.boolean("iotEdge"), request_id=fields.text("requestId", max_length=128))
+                      iot_edge=fields.boolean("iotEdge"),
+                      request_id=fields.text("requestId", max_length=128, pattern=REQUEST_ID, rule=REQUEST_ID_RULE))
         fields.reject_unknown()
         return request
 
@@ -120,6 +121,7 @@ class OnboardingSettings:
     pool: tuple[DpsInstance, ...]
     intermediate_key_type: KeyType = KeyType.EC_P256
     intermediate_validity_days: int = 5 * 365
+    renewal_min_interval: dt.timedelta = dt.timedelta(hours=24)  # renewals of one customer, unless forced
     max_groups_per_dps: int = MAX_GROUPS_PER_DPS  # DPS's limit; lower it to keep headroom for hand-made groups
 
 

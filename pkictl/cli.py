@@ -302,9 +302,9 @@ class Cli:
         return OK
 
     def device_show(self, args: argparse.Namespace) -> int:
-        from handlers.batch_chunk import device_document
+        from handlers.batch_chunk import read_device
 
-        doc = self.wiring.store.get(device_document(args.customer, args.device))
+        doc = read_device(self.wiring.store, args.customer, args.device)
         if doc is None:
             raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
         self.say(json.dumps(doc.data, indent=2))
@@ -470,10 +470,10 @@ class Cli:
 
         from clients.factory import secrets_store
         from clients.storage import blob_service
-        from handlers.batch_chunk import device_document
+        from handlers.batch_chunk import read_device
         from handlers.root_ca import load_root
 
-        doc = self.wiring.store.get(device_document(args.customer, args.device))
+        doc = read_device(self.wiring.store, args.customer, args.device)
         if doc is None:
             raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
         record = doc.data

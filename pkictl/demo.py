@@ -157,7 +157,7 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
             return 1
 
         def disabled() -> bool:
-            record = wiring.store.get("devices/contoso-gmbh/sensor-0003.json").data
+            record = wiring.store.get("devices/sensor-0003.json").data
             return record["status"] == "disabled" and (record.get("lastCommand") or {}).get("applied") is True
 
         if not _wait(disabled):

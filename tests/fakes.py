@@ -231,3 +231,82 @@ def run_concurrently(action, times: int, expected: tuple[type[BaseException], ..
     for thread in threads:
         thread.join()
     return results, errors
+
+
+class MemoryFiles:
+    """InputFiles and OutputFiles in memory: an upload id per write (an overwrite is a new upload), byte ranges
+    pinned to the upload, lower-case metadata."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, tuple[bytes, str, dict[str, str]]] = {}
+        self._uploads = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def upload(self, path: str, data: bytes, metadata: Mapping[str, str] | None = None) -> None:
+        with self._lock:
+            self.blobs[path] = (bytes(data), f"upload-{next(self._uploads)}",
+                                {k.lower(): v for k, v in (metadata or {}).items()})
+
+    def _current(self, path: str, upload: str | None) -> bytes:
+        from handlers.errors import NotFound
+
+        if path not in self.blobs:
+            raise NotFound(f"{path}: no such file")
+        data, current, _ = self.blobs[path]
+        if upload is not None and upload != current:
+            raise Conflict(f"{path}: overwritten since upload {upload}")
+        return data
+
+    def properties(self, path: str) -> tuple[int, str, dict[str, str]]:
+        self._current(path, None)
+        data, upload, metadata = self.blobs[path]
+        return len(data), upload, dict(metadata)
+
+    def stream(self, path: str, upload: str | None = None) -> Iterator[bytes]:
+        data = self._current(path, upload)
+        for start in range(0, len(data), 64 * 1024):
+            yield data[start:start + 64 * 1024]
+
+    def read_range(self, path: str, start: int, end: int, upload: str | None = None) -> bytes:
+        return self._current(path, upload)[start:end]
+
+    def put(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.upload(path, data)
+
+    def get(self, path: str) -> bytes:
+        return self._current(path, None)
+
+    def delete(self, path: str) -> None:
+        with self._lock:
+            self.blobs.pop(path, None)
+
+    def assemble(self, path: str, parts, content_type: str) -> None:
+        self.upload(path, b"".join(parts))
+
+
+class MemoryQueue:
+    """MessageQueue that keeps what was sent, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def send(self, queue: str, message: Mapping[str, Any]) -> None:
+        self.sent.append((queue, dict(message)))
+
+
+class MemorySecrets:
+    """Secrets with versions, in memory."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], str] = {}
+        self.latest: dict[str, str] = {}
+        self._versions = itertools.count(1)
+
+    def set_secret(self, name: str, value: str) -> str:
+        version = f"v{next(self._versions)}"
+        self.values[(name, version)] = value
+        self.latest[name] = version
+        return version
+
+    def get_secret(self, name: str, version: str | None = None) -> str:
+        return self.values[(name, version or self.latest[name])]

@@ -1,6 +1,9 @@
 """The batch parser on its own: offsets, quoting and hostile lines (pure, fast)."""
 
+import pytest
+
 from handlers.batch_format import parse_rows, read_header, rows_in_range
+from handlers.errors import InvalidMessage
 
 
 def rows(data: bytes, kind: str = "csv", pieces: int = 7):
@@ -25,10 +28,17 @@ def test_a_quote_inside_an_unquoted_cell_is_a_plain_character_not_the_start_of_a
     assert [r.device_id for r in parsed] == ["d0", 'ab"c', "d2"]  # the id check then names the bad character
 
 
-def test_an_unclosed_quote_at_the_end_ends_at_the_last_byte():
+def test_an_unclosed_quote_rejects_the_file_naming_the_line_where_it_opened():
     data = b'deviceId,csr\nd0,\nd1,"never closed\nd2,\n'
-    _, parsed = rows(data)
-    assert parsed[-1].error == "unclosed quote at the end of the file" and parsed[-1].end == len(data)
+    with pytest.raises(InvalidMessage, match="line 3: a quoted cell opens there and is never closed") as caught:
+        rows(data)
+    assert caught.value.field == "file"
+
+
+def test_an_unclosed_quote_that_would_swallow_the_rows_after_it_rejects_the_file():
+    data = b'deviceId\nd0\n"d1\n' + b"".join(b"d%05d\n" % i for i in range(2997))
+    with pytest.raises(InvalidMessage, match="line 3: a quoted cell opens there and is not closed within 16384"):
+        rows(data)
 
 
 def test_hostile_json_lines_fail_as_rows():

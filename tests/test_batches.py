@@ -88,7 +88,7 @@ def test_1000_generated_keys_and_200_csrs_verify_open_and_register(env, stack):
 
 def _assert_one_recorded_certificate_each(services, result: dict) -> None:
     for row in result["rows"]:
-        record = services.store.get(device_document("acme", row["deviceId"])).data
+        record = services.store.get(device_document(row["deviceId"])).data
         on_file = _certificate(services, record["outputs"]["certificate"])[0]
         assert format(on_file.serial_number, "X") == record["serial"] == row["serial"]
 

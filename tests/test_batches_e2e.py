@@ -148,7 +148,7 @@ def test_a_worker_killed_mid_chunk_and_a_fresh_one_leave_one_certificate_per_dev
     assert result["totals"]["failed"] == 0
     assert result["totals"]["issued"] + result["totals"]["already_issued"] == rows
     for row in result["rows"]:
-        record = services.store.get(device_document("acme", row["deviceId"])).data
+        record = services.store.get(device_document(row["deviceId"])).data
         on_file = x509.load_pem_x509_certificate(services.files.get(record["outputs"]["certificate"]))
         assert format(on_file.serial_number, "X") == record["serial"] == row["serial"]
         pfx = services.files.get(record["outputs"]["pfx"])

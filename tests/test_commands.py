@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import threading
 
 import pytest
 from cryptography import x509
@@ -11,6 +13,7 @@ from cryptography import x509
 from handlers.batch_chunk import device_document, device_tags
 from handlers.commands import Command, Ports, run_command
 from handlers.errors import InvalidMessage, Rejected, TransientError
+from handlers.intermediates import RenewalRefused
 from handlers.messages import Delivery
 from handlers.onboarding import customer_document
 from pki.export import thumbprints
@@ -42,12 +45,14 @@ class CommandWorld(World):
                            audit=self.audit, settings=self.settings)
         self.sequence = 0
 
-    def device(self, device_id: str, customer: str = "contoso", registered: bool = True) -> None:
-        record = {"customerId": customer, "deviceId": device_id, "status": "issued", "serial": "01",
-                  "notAfter": "2027-11-29T00:00:00Z", "outputs": {"certificate": f"out/{device_id}/cert.pem"}}
+    def device(self, device_id: str, customer: str = "contoso", registered: bool = True, status: str = "issued",
+               issuer: str | None = None, not_after: str = "2027-11-29T00:00:00Z") -> None:
+        record = {"customerId": customer, "deviceId": device_id, "status": status, "serial": "01",
+                  "notAfter": not_after, "outputs": {"certificate": f"out/{device_id}/cert.pem"},
+                  "intermediateSerial": issuer or self.customer(customer)["intermediate"]["serial"]}
         self.files.data[record["outputs"]["certificate"]] = self.customer(customer)["intermediate"][
             "certificatePem"].encode()
-        self.store.create(device_document(customer, device_id), record, tags=device_tags(record))
+        self.store.create(device_document(device_id), record, tags=device_tags(record))
         if registered:
             self.groups.registered[device_id] = {"registrationId": device_id, "deviceId": device_id,
                                                  "assignedHub": HUB, "group": customer}
@@ -91,7 +96,8 @@ MALFORMED = [
      "disableDevices"),
     ({"command": "renew-intermediate", "customerId": "contoso", "reason": "x", "requestId": "has space"},
      "requestId"),
-    ({"command": "renew-intermediate", "customerId": "contoso", "reason": "x", "force": True}, "force"),
+    ({"command": "renew-intermediate", "customerId": "contoso", "reason": "x", "force": "yes"}, "force"),
+    ({"command": "disable-customer", "customerId": "contoso", "reason": "x", "force": True}, "force"),
 ]
 
 
@@ -112,14 +118,14 @@ def test_unknown_customer_or_device_is_rejected(world):
 def test_disable_then_enable_a_device(world):
     world.device("d1")
     world.send(disable())
-    record = world.store.get(device_document("contoso", "d1")).data
+    record = world.store.get(device_document("d1")).data
     assert record["status"] == "disabled" and record["disabledReason"] == "stolen"
     assert record["lastCommand"]["applied"] is True
     assert world.hubs.devices[(HUB, "d1")]["status"] == "disabled"
     assert world.groups.enrollments["d1"]["provisioningStatus"] == "disabled"
     assert "d1" in list(world.store.find("\"kind\" = 'device' AND \"status\" = 'disabled'"))[0]
     world.send({**disable(), "command": "enable-device", "reason": "found"})
-    assert world.store.get(device_document("contoso", "d1")).data["status"] == "issued"
+    assert world.store.get(device_document("d1")).data["status"] == "issued"
     assert world.hubs.devices[(HUB, "d1")]["status"] == "enabled"
     assert "d1" not in world.groups.enrollments
     assert world.effects("disable-device") == ["changed"] and world.effects("enable-device") == ["changed"]
@@ -143,7 +149,7 @@ def test_an_older_command_arriving_late_is_superseded(world):
     world.send({**disable(), "command": "enable-device"}, at=NOW + dt.timedelta(minutes=5))
     outcome = world.send(disable(), at=NOW + dt.timedelta(minutes=1))  # enqueued earlier, delivered later
     assert "superseded" in outcome
-    assert world.store.get(device_document("contoso", "d1")).data["status"] == "issued"
+    assert world.store.get(device_document("d1")).data["status"] == "issued"
     assert world.hubs.devices[(HUB, "d1")]["status"] == "enabled"
 
 
@@ -163,7 +169,7 @@ def test_concurrent_disable_and_enable_end_in_the_later_state(world):
 
         run_concurrently(one, 2, expected=(TransientError,))
         wanted = "disabled" if later_disables else "issued"
-        assert world.store.get(device_document("contoso", "d1")).data["status"] == wanted
+        assert world.store.get(device_document("d1")).data["status"] == wanted
         assert world.hubs.devices[(HUB, "d1")]["status"] == ("disabled" if later_disables else "enabled")
         assert ("d1" in world.groups.enrollments) == later_disables
 
@@ -225,7 +231,7 @@ def test_a_refused_latest_attempt_does_not_lose_the_hub_the_record_learned(world
     world.device("d1")
     world.send(disable())
     assert world.hubs.devices[(HUB, "d1")]["status"] == "disabled"
-    assert world.store.get(device_document("contoso", "d1")).data["hub"] == {
+    assert world.store.get(device_document("d1")).data["hub"] == {
         "name": HUB, "deviceId": "d1", "status": "disabled"}
     world.groups.registered["d1"] = {"registrationId": "d1", "status": "disabled", "errorCode": 401005,
                                      "group": "contoso"}
@@ -260,3 +266,87 @@ def test_enable_customer_reaches_devices_whose_refused_attempts_made_dps_forget_
         world.groups.registered[device] = {"registrationId": device, "status": "disabled", "group": "contoso"}
     world.send({"command": "enable-customer", "customerId": "contoso", "reason": "paid"})
     assert [world.hubs.devices[(HUB, d)]["status"] for d in ("d1", "d2")] == ["enabled", "enabled"]
+
+
+# --- tenant walls (penetration test finding 1) ----------------------------------------------------------------
+def test_a_command_for_another_customers_device_is_rejected_without_naming_the_holder(world):
+    world.device("shared-001", customer="fabrikam")
+    with pytest.raises(Rejected, match="has no certificate from this service") as refused:
+        world.send(disable("shared-001"))  # contoso asks
+    assert "fabrikam" not in str(refused.value)
+    assert world.hubs.devices[(HUB, "shared-001")]["status"] == "enabled"
+    assert "shared-001" not in world.groups.enrollments  # nothing of DPS touched either
+
+
+def test_a_hub_device_registered_through_another_enrollment_is_not_touched(world):
+    # contoso's record holds d1, but DPS says the registration that placed d1 in the hub went through fabrikam's group
+    # (a device of that id from outside this service): the hub device is not contoso's to disable.
+    world.device("d1")
+    world.groups.registered["d1"]["group"] = "fabrikam"
+    world.send(disable())
+    assert world.hubs.devices[(HUB, "d1")]["status"] == "enabled"
+    hub = world.store.get(device_document("d1")).data["hub"]
+    assert hub["status"] == "not-touched" and "another enrollment" in hub["why"]
+    assert world.audit.events[-1]["hub"]["status"] == "not-touched"
+
+
+# --- renewals cannot strand devices (penetration test finding 2) ----------------------------------------------
+def renew(request_id: str, **extra) -> dict:
+    return {"command": "renew-intermediate", "customerId": "contoso", "reason": "storm", "requestId": request_id,
+            **extra}
+
+
+def test_a_renewal_storm_renews_once_and_refuses_the_rest_naming_the_limit(world):
+    world.keys.created = 0
+    world.send(renew("storm-0"))
+    for i in range(1, 10):
+        with pytest.raises(RenewalRefused, match=r"limited to one per 24 h \(RENEWAL_MIN_INTERVAL_HOURS\)"):
+            world.send(renew(f"storm-{i}"))
+    assert world.keys.created == 1
+    assert world.effects("renew-intermediate") == ["changed"] + ["rejected"] * 9
+    assert world.audit.events[-1]["lastRenewal"]["id"] == "storm-0"
+
+
+def test_concurrent_renewals_with_different_ids_make_one(world):
+    world.keys.created = 0
+    results, errors = run_concurrently(lambda: world.send(renew(f"c-{threading.get_ident()}")), 5,
+                                       expected=(RenewalRefused, TransientError))
+    assert world.keys.created == 1 and len(results) == 1
+    assert all(isinstance(e, RenewalRefused) or "in progress" in str(e) for e in errors)
+
+
+def test_a_renewal_that_would_cut_devices_off_is_refused_unless_forced_and_every_issuer_stays_on_record(world):
+    world.ports = dataclasses.replace(world.ports, settings=dataclasses.replace(
+        world.settings, renewal_min_interval=dt.timedelta(0)))
+    first = world.customer()["intermediate"]["serial"]
+    world.device("old-1", issuer=first)
+    world.device("old-gone", issuer=first, not_after="2020-01-01T00:00:00Z")  # expired: not counted
+    world.device("old-off", issuer=first, status="disabled")  # disabled: not counted
+    world.send(renew("r1"))  # the first intermediate becomes the group's secondary: old-1 still provisions
+    with pytest.raises(RenewalRefused) as refused:
+        world.send(renew("r2"))
+    assert f"drop intermediate {first}" in refused.value.reason and "1 active, unexpired device(s)" in \
+        refused.value.reason and "(old-1)" in refused.value.reason
+    assert world.audit.events[-1]["wouldCutOff"] == {"intermediate": first, "devices": 1, "named": ["old-1"]}
+    for i in range(3, 10):  # forced renewals: each cuts off what it must, and no issuer leaves the record
+        world.send(renew(f"r{i}", force=True))
+    record = world.customer()
+    assert [p["serial"] for p in record["previousIntermediates"]][-1] == first
+    assert len(record["previousIntermediates"]) == 8 and record["renewals"][0]["id"] == "r9"
+
+
+def test_the_sweep_holds_a_renewal_that_would_strand_devices_and_reports_it(world):
+    from handlers.expiry_sweep import SweepSettings, run_sweep
+
+    from .fakes import MemoryQueue
+
+    world.ports = dataclasses.replace(world.ports, settings=dataclasses.replace(
+        world.settings, renewal_min_interval=dt.timedelta(0)))
+    first = world.customer()["intermediate"]["serial"]
+    world.send(renew("r1"))
+    world.device("old-1", issuer=first)
+    report = run_sweep(ports=world.ports, queue=MemoryQueue(), now=NOW,
+                       settings=SweepSettings(renew_before_days=100 * 365))  # everything is "near expiry"
+    held = {h["customerId"]: h["reason"] for h in report["intermediates"]["held"]}
+    assert "old-1" in held["contoso"] and report["counts"]["renewalsHeld"] == 1
+    assert "fabrikam" in {r["customerId"] for r in report["intermediates"]["renewed"]}

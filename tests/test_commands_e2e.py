@@ -63,7 +63,7 @@ class Fleet:
         drain_chunks(self.services, self.settings_env)
 
     def register(self, customer: str, device: str) -> str:
-        record = self.services.store.get(device_document(customer, device)).data
+        record = self.services.store.get(device_document(device)).data
         chain = self.services.files.get(record["outputs"]["chain"])
         folder = self.tmp / device
         folder.mkdir(exist_ok=True)
@@ -156,7 +156,7 @@ def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, st
     assert len(stack.keyvault.key_versions(f"customer-{acme}")) == 2, log[-2000:]
     fleet.issue(acme, ["a-3"], "after-renewal.jsonl")
     new_device = x509.load_pem_x509_certificates(fleet.services.files.get(
-        fleet.services.store.get(device_document(acme, "a-3")).data["outputs"]["chain"]))
+        fleet.services.store.get(device_document("a-3")).data["outputs"]["chain"]))
     assert format(new_device[1].serial_number, "X") == record["intermediate"]["serial"]
     assert fleet.register(acme, "a-3") == stack.iothub.hostname  # issued by the new intermediate
     assert fleet.register(acme, "a-2") == stack.iothub.hostname  # issued by the old one (group secondary)
@@ -204,3 +204,35 @@ def test_malformed_commands_are_rejected_with_recorded_reasons(env, storage):
     assert all(r["reason"] and r["payload"] is not None for r in records), records
     fields = sorted(str(r.get("field")) for r in records)
     assert fields.count("message") == 3 and "deviceId" in fields and "reason" in fields and "extra" in fields
+
+
+def test_a_device_id_one_customer_holds_is_neither_issued_to_nor_commanded_by_another(env, stack, tmp_path):
+    """Penetration test finding 1, as it was run: two customers of one DPS instance each get a batch containing the
+    same device id. Before device ids were held across customers, the second was issued too, its registration took
+    over the first's hub device, and the first's disable-device then cut off the second's device."""
+    fleet = Fleet(env, stack, tmp_path)
+    acme, globex = fleet.acme, fleet.globex
+    shared = f"shared-{secrets.token_hex(3)}"
+    fleet.issue(acme, [shared], "takeover-a.jsonl")
+    assert fleet.register(acme, shared) == stack.iothub.hostname
+    acme_key = fleet.keys[shared]
+    fleet.issue(globex, [shared], "takeover-b.jsonl")  # globex's own key for the id
+    fleet.keys[shared] = acme_key
+    report = json.loads(fleet.services.files.get(f"device-batches-results/{globex}/takeover-b.jsonl.json"))
+    assert report["rows"][0]["status"] == "failed"
+    assert "already provisioned for another customer" in report["rows"][0]["error"]
+    assert acme not in report["rows"][0]["error"]  # who holds it is the other customer's business
+    assert fleet.services.store.get(device_document(shared)).data["customerId"] == acme
+    host = Devhost(env)
+    try:
+        fleet.send("disable-device", "--customer", globex, "--device", shared, "--reason", "takeover")
+        deadline = time.monotonic() + 60
+        while not (found := list(fleet.services.store.find(f"\"kind\" = 'rejection' AND \"queue\" = '{QUEUE}'"))):
+            assert time.monotonic() < deadline, "the command was neither rejected nor recorded"
+            time.sleep(0.3)
+    finally:
+        host.stop()
+    rejection = fleet.services.store.get(found[0]).data
+    assert rejection["field"] == "deviceId" and "has no certificate from this service" in rejection["reason"]
+    assert stack.iothub.device_status(shared) == "enabled"
+    assert fleet.register(acme, shared) == stack.iothub.hostname  # acme's device still provisions

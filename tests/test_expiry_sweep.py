@@ -10,28 +10,20 @@ from handlers.batch_chunk import device_document, device_tags
 from handlers.expiry_sweep import NOTICE_QUEUE, SweepSettings, report_document, run_sweep
 from handlers.onboarding import customer_document
 
-from .fakes import run_concurrently
+from .fakes import MemoryQueue, run_concurrently
 from .test_commands import CommandWorld
 from .x509_helpers import NOW
-
-
-class Queue:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict]] = []
-
-    def send(self, queue: str, message) -> None:
-        self.sent.append((queue, dict(message)))
 
 
 class SweepWorld(CommandWorld):
     def __init__(self, tmp_path):
         super().__init__(tmp_path)
-        self.queue = Queue()
+        self.queue = MemoryQueue()
 
     def record(self, customer: str, device: str, not_after: dt.datetime, status: str = "issued") -> None:
         record = {"customerId": customer, "deviceId": device, "status": status, "serial": f"S-{device}",
                   "notAfter": not_after.strftime("%Y-%m-%dT%H:%M:%SZ"), "outputs": {}}
-        self.store.create(device_document(customer, device), record, tags=device_tags(record))
+        self.store.create(device_document(device), record, tags=device_tags(record))
 
     def sweep(self, now: dt.datetime, **settings):
         return run_sweep(ports=self.ports, queue=self.queue, settings=SweepSettings(**settings), now=now)
@@ -96,7 +88,7 @@ def test_expiring_devices_get_one_notice_per_customer_and_expired_ones_are_marke
     assert sorted(d["deviceId"] for d in notices["contoso"]["devices"]) == ["gone"] + [f"soon-{i}" for i in range(5)]
     assert {d["status"] for d in notices["contoso"]["devices"] if d["deviceId"] == "gone"} == {"expired"}
     assert notices["contoso"]["devices"][1]["serial"] == "S-soon-0"
-    assert world.store.get(device_document("contoso", "gone")).data["status"] == "expired"
+    assert world.store.get(device_document("gone")).data["status"] == "expired"
     world.sweep(NOW + dt.timedelta(hours=2), renew_before_days=1)  # same day: no second notice
     world.sweep(NOW + dt.timedelta(days=1), renew_before_days=1)  # next day: these devices were noticed already
     assert len(world.notices()) == 2

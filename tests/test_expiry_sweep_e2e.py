@@ -77,9 +77,9 @@ def test_two_concurrent_sweeps_renew_once_and_notify_once(env, stack, tmp_path):
     customers = [fleet.acme, fleet.globex]
     for customer in customers:
         for i in range(30):
-            record = {"customerId": customer, "deviceId": f"dev-{i}", "status": "issued", "serial": f"{i:X}",
+            record = {"customerId": customer, "deviceId": f"{customer}-dev-{i}", "status": "issued", "serial": f"{i:X}",
                       "notAfter": (now + dt.timedelta(days=3 + i % 20)).strftime("%Y-%m-%dT%H:%M:%SZ"), "outputs": {}}
-            services.store.create(device_document(customer, f"dev-{i}"), record, tags=device_tags(record))
+            services.store.create(device_document(f"{customer}-dev-{i}"), record, tags=device_tags(record))
     versions = {c: len(stack.keyvault.key_versions(f"customer-{c}")) for c in customers}
     reports, errors = [], []
 
