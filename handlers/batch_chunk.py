@@ -1,10 +1,11 @@
 """Use case: one chunk of a device batch -> one certificate per device, then (for the last chunk)
 the batch report.
 
-Idempotency, per device: the device record ``devices/{customerId}/{deviceId}.json`` is created
+Idempotency, per device: the device record ``devices/{deviceId}.json`` (one per id, across customers) is created
 with If-None-Match *after* its outputs are written under this batch's own prefix, and read
 before anything is issued. A device already recorded for this batch is ``already_issued``; one
-recorded by another batch fails as "already provisioned" (unless the batch asks for re-issue);
+recorded by another batch fails as "already provisioned" (unless the batch asks for re-issue), and one another
+customer holds fails as "already provisioned for another customer" (always);
 a crash between outputs and record re-issues and overwrites the outputs, so the recorded
 certificate is always the one in the output files. A chunk record (leased by the queue message)
 keeps two deliveries of one chunk from working at once, and completion is counted once per chunk.

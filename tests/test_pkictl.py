@@ -206,7 +206,7 @@ def _more_commands(env: dict, store) -> None:
         out = io.StringIO()
         assert main(["send", "command", *args, "--reason", "contract run"], env=env, out=out, err=out) == 0, \
             out.getvalue()
-        record = "devices/contoso-gmbh/sensor-0003.json" if "--device" in args else "customers/contoso-gmbh.json"
+        record = "devices/sensor-0003.json" if "--device" in args else "customers/contoso-gmbh.json"
         deadline = time.monotonic() + 60
         while (store.get(record).data.get("lastCommand") or {}).get("command") != args[0] or \
                 not store.get(record).data["lastCommand"].get("applied"):
