@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup clean
+.PHONY: demo test unit lint setup clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -20,8 +20,16 @@ node_modules/.installed: package.json package-lock.json $(wildcard patches/*.pat
 demo: setup
 	$(PY) -m pkictl demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
+
+# The fast loop: everything that needs neither Azurite nor the emulators' processes.
+unit: setup lint
+	$(PY) -m pytest -m "not integration and not slow"
+
+# ruff with the project's configuration (pyproject.toml); CI runs it first, through `make test`.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .hypothesis

@@ -17,10 +17,10 @@ app = func.FunctionApp()
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
-def _onboard(body: bytes, wired: Services, delivery: Delivery) -> str:
+def handle_onboarding(body: bytes, wired: Services, delivery: Delivery) -> str:
     request = onboarding.OnboardingRequest.parse(body)
     outcome = onboarding.onboard_customer(
         request, store=wired.store, keys=wired.keys, groups=wired.groups, audit=wired.audit,
@@ -31,10 +31,10 @@ def _onboard(body: bytes, wired: Services, delivery: Delivery) -> str:
 @app.queue_trigger(arg_name="msg", queue_name=onboarding.QUEUE, connection="AzureWebJobsStorage")
 def customer_onboarding(msg: func.QueueMessage) -> None:
     """ERP "new customer" -> intermediate CA in Key Vault + DPS enrollment group."""
-    run_queue_message(msg, queue=onboarding.QUEUE, services=services, handle=_onboard)
+    run_queue_message(msg, queue=onboarding.QUEUE, services=services, handle=handle_onboarding)
 
 
-def _intake(path: str, wired: Services) -> str:
+def handle_batch(path: str, wired: Services) -> str:
     return batch_intake.intake_batch(path, files=wired.files, outputs=wired.files, store=wired.store, queue=wired.queue,
                                      secrets_store=wired.secrets, audit=wired.audit, settings=wired.batches, now=_now())
 
@@ -43,10 +43,10 @@ def _intake(path: str, wired: Services) -> str:
                   source="EventGrid")
 def device_batch(blob: func.InputStream) -> None:
     """A device batch (CSV/JSONL) -> validated, recorded, fanned out as chunk messages."""
-    run_blob(blob, services=services, handle=_intake)
+    run_blob(blob, services=services, handle=handle_batch)
 
 
-def _issue_chunk(body: bytes, wired: Services, delivery: Delivery) -> str:
+def handle_chunk(body: bytes, wired: Services, delivery: Delivery) -> str:
     return batch_chunk.process_chunk(
         batch_chunk.ChunkMessage.parse(body), files=wired.files, outputs=wired.files, store=wired.store,
         keys=wired.keys, secrets_store=wired.secrets, audit=wired.audit, settings=wired.batches, now=_now(),
@@ -56,20 +56,20 @@ def _issue_chunk(body: bytes, wired: Services, delivery: Delivery) -> str:
 @app.queue_trigger(arg_name="msg", queue_name=batch_intake.CHUNK_QUEUE, connection="AzureWebJobsStorage")
 def batch_chunk_issue(msg: func.QueueMessage) -> None:
     """One chunk of a batch -> one certificate per device; the last chunk assembles the report."""
-    run_queue_message(msg, queue=batch_intake.CHUNK_QUEUE, services=services, handle=_issue_chunk)
+    run_queue_message(msg, queue=batch_intake.CHUNK_QUEUE, services=services, handle=handle_chunk)
 
 
-def _command(body: bytes, wired: Services, delivery: Delivery) -> str:
+def handle_command(body: bytes, wired: Services, delivery: Delivery) -> str:
     return commands.run_command(commands.Command.parse(body), delivery, ports=wired.commands, now=_now())
 
 
 @app.queue_trigger(arg_name="msg", queue_name=commands.QUEUE, connection="AzureWebJobsStorage")
 def operator_command(msg: func.QueueMessage) -> None:
     """Operator/ERP command -> device or customer disabled/enabled (IoT Hub + DPS), intermediate renewed."""
-    run_queue_message(msg, queue=commands.QUEUE, services=services, handle=_command)
+    run_queue_message(msg, queue=commands.QUEUE, services=services, handle=handle_command)
 
 
-def _sweep(wired: Services) -> str:
+def handle_sweep(wired: Services) -> str:
     report = expiry_sweep.run_sweep(ports=wired.commands, queue=wired.queue, settings=wired.sweep, now=_now())
     return f"expiry sweep {report['date']}: {report['counts']}"
 
@@ -79,4 +79,4 @@ def _sweep(wired: Services) -> str:
            maximum_interval="00:30:00")
 def expiry_sweep_timer(timer: func.TimerRequest) -> None:
     """Daily: renew intermediates near expiry, notify customers of expiring devices, warn about the root."""
-    run_timer(timer, name="expiry-sweep", services=services, handle=_sweep)
+    run_timer(timer, name="expiry-sweep", services=services, handle=handle_sweep)

@@ -45,7 +45,7 @@ def _with_customer(env: dict[str, str]):
     from settings import load_settings
 
     services = build_services(load_settings(env))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     create_root(RootRequest("root", KeyType.EC_P256, 20, "Bench Root"), store=services.store, keys=services.keys,
                 now=now)
     onboard_customer(OnboardingRequest(customer_id="bench"), store=services.store, keys=services.keys,
@@ -151,15 +151,15 @@ def _storage_rates(args, azurite, ca, tags, rates) -> dict:
     from clients.storage import pooled_transport
 
     with azurite, ThreadPoolExecutor(8) as pool:  # HTTPS, as the app reaches it
-        service = BlobServiceClient.from_connection_string(azurite.connection_string, transport=pooled_transport(str(ca)))
+        service = BlobServiceClient.from_connection_string(azurite.connection_string,
+                                                           transport=pooled_transport(str(ca)))
         for kind in rates:
             container = service.get_container_client(kind)
             container.create_container()
             for step in range(4):
                 started = time.monotonic()
-                list(pool.map(lambda i: container.upload_blob(f"{step}/{i}", b"x" * 1000,
-                                                              tags=tags if kind == "tagged" else None),
-                              range(args.blobs // 4)))
+                list(pool.map(lambda i, step=step, container=container, kind=kind: container.upload_blob(
+                    f"{step}/{i}", b"x" * 1000, tags=tags if kind == "tagged" else None), range(args.blobs // 4)))
                 rates[kind].append(round(args.blobs // 4 / (time.monotonic() - started)))
     per_device = 3 / (sum(rates["plain"]) / 4) + 1 / (sum(rates["tagged"]) / 4)
     return {"benchmark": "storage", "blobs_per_kind": args.blobs, "plain_uploads_per_s_by_quarter": rates["plain"],
@@ -177,7 +177,7 @@ def sweep(args: argparse.Namespace) -> dict:
     from handlers.expiry_sweep import run_sweep
     from settings import load_settings
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     results = []
     with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
             LocalStack(Path(workdir), dps_instances=1, run_functions=False) as stack, ThreadPoolExecutor(16) as pool:
@@ -254,7 +254,7 @@ def _intake_child(path: str) -> None:
     services = build_services(load_settings(os.environ))
     print(intake_batch(path, files=services.files, outputs=services.files, store=services.store, queue=_NoQueue(),
                        secrets_store=services.secrets, audit=services.audit, settings=services.batches,
-                       now=dt.datetime.now(dt.timezone.utc)))
+                       now=dt.datetime.now(dt.UTC)))
 
 
 class _NoQueue:

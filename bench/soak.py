@@ -126,11 +126,12 @@ def soak(args) -> dict:
             container = azurite.blob_service().get_container_client("device-batches")
             try:
                 container.create_container()
-            except Exception:  # noqa: BLE001 - exists
+            except Exception:  # noqa: BLE001, S110 - it exists already
                 pass
             for customer in customers:
                 rows = "".join(f"{customer}-d{i:05d}\n" for i in range(per_customer))
-                container.upload_blob(f"{customer}/soak.csv", ("deviceId\n" + rows).encode(), metadata={"output": "pem"})
+                container.upload_blob(f"{customer}/soak.csv", ("deviceId\n" + rows).encode(),
+                                      metadata={"output": "pem"})
             container.upload_blob(f"{customers[0]}/broken.csv", b"serial,colour\n1,red\n")
 
             def issued() -> int:  # devices recorded so far (chunks report only when they finish)
@@ -158,8 +159,8 @@ def soak(args) -> dict:
                 send("pki-commands", message)
                 send("pki-commands", message)
             for bad in ('{"command": "disable-device"}', '{"command": "explode", "customerId": "x", "reason": "r"}',
-                        '{"command": "enable-device", "customerId": "soak-00", "deviceId": "nope-never", '
-                        '"reason": "r"}'):
+                        ('{"command": "enable-device", "customerId": "soak-00", "deviceId": "nope-never", '
+                         '"reason": "r"}')):
                 send("pki-commands", bad)
             audit = StoreAuditLog(store)
 
@@ -200,11 +201,13 @@ def soak(args) -> dict:
                 from cryptography import x509
 
                 on_file = x509.load_pem_x509_certificate(files.get(record.data["outputs"]["certificate"]))
-                if format(on_file.serial_number, "X") != record.data["serial"] or row.get("serial") != record.data["serial"]:
+                if (format(on_file.serial_number, "X") != record.data["serial"]
+                        or row.get("serial") != record.data["serial"]):
                     problems.append(f"duplicated: {row['deviceId']} record/file/report serials differ")
                     counts["duplicated"] += 1
                 if issued_events[row["deviceId"]] > 1:
-                    problems.append(f"duplicated: {row['deviceId']} audited as issued {issued_events[row['deviceId']]} times")
+                    problems.append(f"duplicated: {row['deviceId']} audited as issued "
+                                    f"{issued_events[row['deviceId']]} times")
                     counts["duplicated"] += 1
         counts["device_records"] = sum(1 for _ in store.find("\"kind\" = 'device'"))
         if counts["device_records"] != per_customer * len(customers):
@@ -242,7 +245,7 @@ def soak(args) -> dict:
                 problems.append(f"inconsistent: {customer}'s onboarding audit does not end in active")
                 counts["inconsistent"] += 1
         # commands: one effect per requestId; records agree with the audit
-        for n, command in enumerate(commands):
+        for n, _command in enumerate(commands):
             effects = Counter(e["effect"] for e in events if e.get("requestId") == f"soak-cmd-{n}")
             counts["command_noops"] += effects["no-op"]
             if effects["changed"] != 1:
@@ -256,7 +259,8 @@ def soak(args) -> dict:
             problems.append(f"inconsistent: {customers[-1]} is not disabled")
             counts["inconsistent"] += 1
         renewed = store.get(f"customers/{customers[1]}.json").data
-        if len(renewed.get("renewals", [])) != 1 or len(emulators.keyvault.key_versions(f"customer-{customers[1]}")) != 2:
+        if (len(renewed.get("renewals", [])) != 1
+                or len(emulators.keyvault.key_versions(f"customer-{customers[1]}")) != 2):
             problems.append(f"inconsistent: {customers[1]} renewed {len(renewed.get('renewals', []))} times")
             counts["inconsistent"] += 1
         leaks, scanned = find_leaks(stack)
@@ -271,4 +275,4 @@ def soak(args) -> dict:
 
 
 class _Doc:
-    data: dict = {}
+    data: dict = {}  # noqa: RUF012 - a stand-in for a missing record: read, never written

@@ -20,7 +20,7 @@ class StoreAuditLog:
         self._store = store
 
     def append(self, event: Mapping[str, Any]) -> None:
-        at = str(event.get("at") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        at = str(event.get("at") or dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         day = at[:10]
         name = f"audit/{day.replace('-', '/')}/{at.replace(':', '')}-{secrets.token_hex(6)}.json"
         tags = {"kind": "audit", "date": day.replace("-", ""), "action": str(event.get("action", ""))}
@@ -28,7 +28,7 @@ class StoreAuditLog:
             if event.get(key):
                 tags[key] = str(event[key])
         # "at" is the use case's clock (fixed for a run); "recordedAt" orders events written in one second.
-        recorded = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        recorded = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         self._store.create(name, {**event, "at": at, "recordedAt": recorded}, tags=tags)
 
     def query(self, *, customer: str | None = None, device: str | None = None,
@@ -42,7 +42,7 @@ class StoreAuditLog:
             terms.append(f"\"date\" >= '{since.strftime('%Y%m%d')}'")
         names = set(self._store.find(" AND ".join(terms + ([f"\"device\" = '{device}'"] if device else []))))
         if device:
-            names |= set(self._store.find(" AND ".join(terms + ["\"action\" = 'batch.issue'"])))
+            names |= set(self._store.find(" AND ".join([*terms, "\"action\" = 'batch.issue'"])))
         events = []
         for name in names:
             doc = self._store.get(name)

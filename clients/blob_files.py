@@ -103,7 +103,7 @@ def upload_of(properties) -> str:
     time, as Event Grid raises a new BlobCreated); metadata and tag changes keep it, though they change the ETag
     (learn.microsoft.com/rest/api/storageservices/get-blob-properties: x-ms-creation-time). An overwrite within
     the same second as the upload it replaces is not told apart."""
-    return properties.creation_time.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return properties.creation_time.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_upload(path: str, properties, upload: str | None) -> None:

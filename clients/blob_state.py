@@ -42,7 +42,7 @@ class BlobDocumentStore:
             if not self._container.exists():
                 try:
                     self._container.create_container()
-                except Exception:  # noqa: BLE001 - lost a creation race; exists() below decides
+                except Exception:  # lost a creation race; exists() below decides (and re-raises otherwise)
                     if not self._container.exists():
                         raise
 
@@ -57,16 +57,17 @@ class BlobDocumentStore:
 
     def create(self, name: str, data: Mapping[str, Any], *, tags: Mapping[str, str] | None = None) -> Document:
         with translated(f"document {name}"):
-            result = self._container.get_blob_client(name).upload_blob(_encode(data), overwrite=False, tags=_check_tags(tags),
-                                                 content_settings=_JSON)
+            result = self._container.get_blob_client(name).upload_blob(
+                _encode(data), overwrite=False, tags=_check_tags(tags), content_settings=_JSON)
         return Document(name=name, data=dict(data), etag=result["etag"])
 
     def replace(self, current: Document, data: Mapping[str, Any], *,
                 tags: Mapping[str, str] | None = None) -> Document:
         with translated(f"document {current.name}"):
-            result = self._container.get_blob_client(current.name).upload_blob(_encode(data), overwrite=True, tags=_check_tags(tags),
-                                                 etag=current.etag, match_condition=MatchConditions.IfNotModified,
-                                                 content_settings=_JSON)
+            result = self._container.get_blob_client(current.name).upload_blob(
+                _encode(data), overwrite=True, tags=_check_tags(tags),
+                etag=current.etag, match_condition=MatchConditions.IfNotModified,
+                content_settings=_JSON)
         return Document(name=current.name, data=dict(data), etag=result["etag"])
 
     def find(self, tag_filter: str) -> Iterator[str]:

@@ -42,7 +42,8 @@ class DpsCaCertificates:
 
         match = _RESOURCE_ID.fullmatch(dps.resource_id or "")
         if match is None:
-            raise ValueError(f"DPS instance {dps.name}: resourceId {dps.resource_id!r} is not a provisioning service id")
+            raise ValueError(f"DPS instance {dps.name}: resourceId {dps.resource_id!r} "
+                             "is not a provisioning service id")
         subscription = match["subscription"]
         if subscription not in self._clients:
             self._clients[subscription] = IotDpsClient(self._credential, subscription, base_url=self._endpoint,

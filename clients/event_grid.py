@@ -36,7 +36,7 @@ def blob_created_event(*, container: str, blob: str, url: str, etag: str, length
         "subject": f"/blobServices/default/containers/{container}/blobs/{blob}",
         "eventType": "Microsoft.Storage.BlobCreated",
         "id": str(uuid.uuid4()),
-        "eventTime": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "eventTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "data": {"api": api, "clientRequestId": str(uuid.uuid4()), "requestId": str(uuid.uuid4()), "eTag": etag,
                  "contentType": content_type or "application/octet-stream", "contentLength": length,
                  "blobType": "BlockBlob", "accessTier": access_tier, "url": url, "sequencer": f"{time.time_ns():032x}",

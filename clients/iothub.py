@@ -4,7 +4,8 @@
 and its CA trust is msrest's connection configuration (``protocol.config.connection.verify``, set to the
 local stack's CA when ``EMULATOR_CA_PATH`` is). With a token credential it takes the hub's host name
 (``IoTHubRegistryManager.from_token_credential`` puts ``https://`` in front itself: azure-iot-hub 2.7,
-``iothub_registry_manager.py``) and asks for ``https://iothubs.azure.net/.default`` tokens. Registry operations are throttled by IoT Hub at 100/min per S1 unit, shared by the
+``iothub_registry_manager.py``) and asks for ``https://iothubs.azure.net/.default`` tokens.
+Registry operations are throttled by IoT Hub at 100/min per S1 unit, shared by the
 whole hub: every call here takes a token from a client-side bucket (``IOT_HUB_REGISTRY_OPS_PER_MIN``),
 and a bulk call changes up to 100 devices for one token. Throttling (429) and server faults become
 ``TransientError``: the command message is retried by the host.

@@ -39,8 +39,8 @@ from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
 
 from .errors import translated
-from .storage import pooled_transport
 from .retry import RateLimitPolicy, ThrottlingRetryPolicy, TokenBucket
+from .storage import pooled_transport
 
 # A quarter of Key Vault's EC/RSA-2048 sign limit (4,000 per 10 s): the limit is per vault, shared by
 # every Functions instance the app scales out to. RSA-3072/4096 get the same fraction of theirs.
@@ -111,7 +111,8 @@ class KeyVaultKeyStore:
         self._keys = KeyClient(vault_url, credential, **_client_options(
             connection_verify, verify_challenge_resource, ThrottlingRetryPolicy(**retry)))
         sign_retry = ThrottlingRetryPolicy(retry_post=True, **retry)
-        transport = pooled_transport(connection_verify)  # one pool for every key's CryptographyClient: chunks sign from many threads
+        # one pool for every key's CryptographyClient: chunks sign from many threads
+        transport = pooled_transport(connection_verify)
         self._crypto_options = {
             key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, transport=transport,
                                       per_retry_policies=[

@@ -25,7 +25,7 @@ from pki.keys import KeyType, PrivateKey, generate_key
 from pki.signing import SignFn, software_signer
 
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault's rule, so names carry over
-_PASSPHRASE_FILE = ".passphrase"
+_PASSPHRASE_FILE = ".passphrase"  # noqa: S105 - a file name, not a password
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -91,7 +91,8 @@ class LocalKeyStore:
         try:
             key = serialization.load_pem_private_key(pem, self._passphrase)
         except (ValueError, TypeError):
-            raise ValueError(f"key {name}/{version}: cannot be decrypted; is LOCAL_KEYSTORE_PASSPHRASE right?") from None
+            raise ValueError(f"key {name}/{version}: cannot be decrypted; "
+                             "is LOCAL_KEYSTORE_PASSPHRASE right?") from None
         with self._lock:
             self._cache[(name, version)] = key
         return version, key
@@ -111,7 +112,7 @@ class LocalSecrets:
         self._keys = keys
 
     def _folder(self, name: str) -> Path:
-        folder = self._keys._dir / "secrets" / self._keys._key_dir(name).name  # noqa: SLF001 - same store
+        folder = self._keys._dir / "secrets" / self._keys._key_dir(name).name  # noqa: SLF001 - its own key store
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         return folder
 
@@ -131,4 +132,4 @@ class LocalSecrets:
         return self._fernet().decrypt(token).decode()
 
     def _fernet(self) -> Fernet:
-        return Fernet(base64.urlsafe_b64encode(hashlib.sha256(self._keys._passphrase).digest()))  # noqa: SLF001
+        return Fernet(base64.urlsafe_b64encode(hashlib.sha256(self._keys._passphrase).digest()))  # noqa: SLF001 - its own key store

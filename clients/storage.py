@@ -11,7 +11,6 @@ from settings import Settings, StorageSettings
 from .blob_state import BlobDocumentStore
 from .identity import app_credential, storage_credential
 
-
 # Batch chunks write from many threads at once; requests' default pool of 10 connections per host
 # would open and discard a connection for every extra concurrent call.
 POOL_SIZE = 64

@@ -143,7 +143,8 @@ class Azurite:
                 return self
             except AzuriteError as exc:
                 error = exc
-                output = self._process.stderr.read().decode(errors="replace") if self._process.poll() is not None else ""
+                output = (self._process.stderr.read().decode(errors="replace")
+                          if self._process.poll() is not None else "")
                 self.stop(keep_workdir=True)
                 if "EADDRINUSE" not in output:
                     raise AzuriteError(f"{exc}: {output.strip()[-2000:]}") from None

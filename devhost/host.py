@@ -365,7 +365,8 @@ def event_problem(event: Any) -> str | None:
         return f"the event lacks {', '.join(missing)}"
     data = event["data"]
     if not isinstance(data, dict) or [f for f in _DATA_FIELDS if f not in data]:
-        return f"the event's data lacks {', '.join(f for f in _DATA_FIELDS if not isinstance(data, dict) or f not in data)}"
+        return ("the event's data lacks "
+                + ", ".join(f for f in _DATA_FIELDS if not isinstance(data, dict) or f not in data))
     if event["eventType"] != "Microsoft.Storage.BlobCreated":
         return f"eventType {event['eventType']!r}: a blob trigger's subscription delivers Microsoft.Storage.BlobCreated"
     if not re.fullmatch(r"/blobServices/default/containers/[^/]+/blobs/.+", str(event["subject"])):
@@ -705,8 +706,8 @@ class FunctionHost:
             created = f"{blob.name}@{blob.creation_time.isoformat()}"
             if not pattern.match(blob.name) or blob.creation_time < since or created in existing:
                 continue
-            receipt = f"eventgrid/{self.host_id}/{function.name}/events/{container_name}/{blob.name}@" \
-                      f"{int(blob.creation_time.timestamp())}"
+            receipt = (f"eventgrid/{self.host_id}/{function.name}/events/{container_name}/{blob.name}@"
+                       f"{int(blob.creation_time.timestamp())}")
             if receipt in self._announced:
                 continue
             try:
@@ -906,7 +907,7 @@ class FunctionHost:
             timers = ", ".join(f.name for f in self._timers()) or "none"
             raise HostError(f"no timer function {name!r}; timer functions: {timers}")
         schedule = Schedule.parse(function.trigger["schedule"])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         request = TimerRequest(past_due=past_due, schedule={"AdjustForDST": False},
                                schedule_status={"Last": now.isoformat(), "Next": schedule.next_after(now).isoformat()})
         try:
@@ -920,7 +921,7 @@ class FunctionHost:
     def _fire_scheduled(self, name: str, past_due: bool) -> None:
         try:
             self.fire(name, past_due=past_due)
-        except Exception:  # noqa: BLE001 - logged by _invoke; the next occurrence runs as scheduled
+        except Exception:  # noqa: BLE001, S110 - logged by _invoke; the next occurrence runs as scheduled
             pass
 
     def _tick_timers(self, now: dt.datetime) -> int:
@@ -928,7 +929,8 @@ class FunctionHost:
         for name, due in list(self._next_timer.items()):
             if due <= now:
                 self._next_timer[name] = Schedule.parse(self.functions[name].trigger["schedule"]).next_after(now)
-                self._submit(lambda n=name, late=(now - due).total_seconds() > 1: self._fire_scheduled(n, late))
+                late = (now - due).total_seconds() > 1
+                self._submit(lambda n=name, late=late: self._fire_scheduled(n, late))
                 started += 1
         return started
 
@@ -955,7 +957,7 @@ class FunctionHost:
                 started += self._publish_blob_events(function) if function.event_grid else self._scan_blobs(function)
             except Exception:  # as above
                 log.warning("scanning blobs for %s failed; retrying", function.name, exc_info=True)
-        return started + self._tick_timers(dt.datetime.now(dt.timezone.utc))
+        return started + self._tick_timers(dt.datetime.now(dt.UTC))
 
     @property
     def busy(self) -> int:
@@ -965,7 +967,7 @@ class FunctionHost:
     def run(self, stop: threading.Event | None = None, *, until_idle: float | None = None) -> None:
         """Poll until ``stop`` is set, or (``until_idle``) until nothing ran for that many seconds."""
         stop = stop or self._stop
-        self._start_timers(dt.datetime.now(dt.timezone.utc))
+        self._start_timers(dt.datetime.now(dt.UTC))
         last_renewal = last_activity = time.monotonic()
         while not stop.is_set():
             started = self.poll_once()

@@ -74,7 +74,8 @@ class Schedule:
             return cls(empty, empty, empty, empty, empty, empty, interval)
         parts = text.split()
         if len(parts) != 6:
-            raise ScheduleError(f"{expression!r}: NCRONTAB needs 6 fields (sec min hour day month dow), got {len(parts)}")
+            raise ScheduleError(f"{expression!r}: NCRONTAB needs 6 fields (sec min hour day month dow), "
+                                f"got {len(parts)}")
         return cls(*(_field(p, i) for i, p in enumerate(parts)))
 
     def next_after(self, moment: dt.datetime) -> dt.datetime:

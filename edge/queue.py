@@ -28,7 +28,7 @@ def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
              handle: Callable[[str, Services], str]) -> None:
     """A blob trigger: the handler reads the blob itself (streaming), by its path ``container/name``."""
     context = {"blob": blob.name}
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     wired = services()
     try:
         outcome = handle(blob.name, wired)
@@ -51,7 +51,7 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
                       handle: Callable[[bytes, Services, Delivery], str]) -> None:
     body = msg.get_body()
     context = {"queue": queue, "messageId": msg.id, "dequeueCount": msg.dequeue_count, "requestId": _request_id(body)}
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     try:
         wired = services()
     except Exception:

@@ -112,7 +112,8 @@ class ResourceManagerEmulator:
                     ("GET", one, self._get, "certificates/read"),
                     ("PUT", one, self._put, "certificates/write"),
                     ("DELETE", one, self._delete, "certificates/delete"),
-                    ("POST", one + "/generateVerificationCode", self._code, "certificates/generateVerificationCode/action"),
+                    ("POST", one + "/generateVerificationCode", self._code,
+                     "certificates/generateVerificationCode/action"),
                     ("POST", one + "/verify", self._verify, "certificates/verify/action"))]
 
     # -- what every request goes through -------------------------------------------------------------
@@ -226,7 +227,8 @@ class ResourceManagerEmulator:
             self._if_match(request, record, required=True)
             record.verification_code = secrets.token_hex(24).upper()
             record.etag, record.updated = self._new_etag(), utc_now()
-            return Response(200, {"name": record.name, "etag": record.etag, "type": self._resource(instance, record)["type"],
+            return Response(200, {"name": record.name, "etag": record.etag,
+                                  "type": self._resource(instance, record)["type"],
                                   "id": self._resource(instance, record)["id"],
                                   "properties": {**self._properties(record),
                                                  "verificationCode": record.verification_code}})

@@ -198,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
+    def log_message(self, format: str, *args: Any) -> None:  # (BaseHTTPRequestHandler's parameter name)
         log.debug("%s %s", self.server.name, format % args)
 
     def _serve(self) -> None:
@@ -317,7 +317,9 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
         request.close()
 
     def handle_error(self, request, client_address) -> None:
-        log.debug("%s: connection from %s ended with an error", self.name, client_address, exc_info=True)
+        # socketserver calls this from inside its except clause, so the exception is the one being handled
+        log.debug("%s: connection from %s ended with an error", self.name, client_address,
+                  exc_info=True)  # noqa: LOG014
 
     def dispatch(self, request: Request) -> Response:
         try:
@@ -330,10 +332,11 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
                 match = pattern.fullmatch(request.path)
                 if match and method == request.method:
                     return handler(request, **match.groupdict())
-            return Response(404, {"error": {"code": "NotFound", "message": f"no route {request.method} {request.path}"}})
+            return Response(404, {"error": {"code": "NotFound",
+                                            "message": f"no route {request.method} {request.path}"}})
         except HttpError as exc:
             return exc.response
-        except Exception as exc:  # noqa: BLE001 - an emulator bug must answer 500, not hang the client
+        except Exception as exc:  # an emulator bug must answer 500, not hang the client (logged)
             log.exception("%s: %s %s failed", self.name, request.method, request.path)
             return Response(500, {"error": {"code": "InternalError", "message": f"{type(exc).__name__}: {exc}"}})
 

@@ -35,7 +35,7 @@ from .core import Request, Response, route
 from .rbac import RoleAssignments
 
 API_VERSION = "2019-08-01"
-TOKEN_PATH = "/msi/token"
+TOKEN_PATH = "/msi/token"  # noqa: S105 - a URL path, not a token
 DEFAULT_LIFETIME_S = 600
 # The resources (token audiences) of the services this app uses; Entra refuses a resource it does not know.
 VAULT = "https://vault.azure.net"

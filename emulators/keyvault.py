@@ -90,7 +90,8 @@ def _public_jwk(key: PrivateKey) -> dict[str, Any]:
         crv = next(name for name, key_type in _CURVES.items() if key_type.curve.name == public.curve.name)
         return {"kty": "EC", "crv": crv, "x": _b64url(numbers.x.to_bytes(size, "big")),
                 "y": _b64url(numbers.y.to_bytes(size, "big"))}
-    assert isinstance(public, rsa.RSAPublicKey)
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise TypeError(f"{type(public).__name__} keys are not served")
     numbers = public.public_numbers()
     return {"kty": "RSA", "n": _b64url(_int_bytes(numbers.n)), "e": _b64url(_int_bytes(numbers.e))}
 

@@ -47,7 +47,8 @@ _QUEUES = "Microsoft.Storage/storageAccounts/queueServices/queues"
 BUILT_IN_ROLES: dict[str, RoleDefinition] = {role.name: role for role in (
     # general.md: the management-plane roles (uploading and verifying a DPS CA certificate is an ARM operation)
     RoleDefinition("Contributor", (), actions=("*",), not_actions=(
-        "Microsoft.Authorization/*/Delete", "Microsoft.Authorization/*/Write", "Microsoft.Authorization/elevateAccess/Action",
+        "Microsoft.Authorization/*/Delete", "Microsoft.Authorization/*/Write",
+        "Microsoft.Authorization/elevateAccess/Action",
         "Microsoft.Blueprint/blueprintAssignments/write", "Microsoft.Blueprint/blueprintAssignments/delete",
         "Microsoft.Compute/galleries/share/action", "Microsoft.Purview/consents/write",
         "Microsoft.Purview/consents/delete", "Microsoft.Resources/deploymentStacks/manageDenySetting/action",

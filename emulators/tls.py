@@ -27,7 +27,7 @@ class ServerIdentity:
 
 def make_server_identity(now: dt.datetime | None = None) -> ServerIdentity:
     """A throwaway CA and a TLS server certificate for 127.0.0.1 / localhost signed by it."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     ca_key = generate_key(KeyType.EC_P256)
     ca = profiles.issue_root(key=ca_key, common_name="IoT PKI local emulators CA", now=now, validity_days=30)
     key = generate_key(KeyType.EC_P256)

@@ -210,7 +210,8 @@ class _Issuer:
         base = f"{self.prefix}/{row.device_id}"
         outputs = {"certificate": f"{base}/cert.pem", "chain": f"{base}/chain.pem"}
         if private_key is not None:
-            outputs["pfx" if self.output == "pfx" else "key"] = f"{base}/device.{'pfx' if self.output == 'pfx' else 'key'}"
+            outputs["pfx" if self.output == "pfx" else "key"] = (
+                f"{base}/device.{'pfx' if self.output == 'pfx' else 'key'}")
         return {"customerId": self.ref.customer_id, "deviceId": row.device_id, "status": "issued",
                 "batch": self.ref.batch_name, "row": row.index, "keySource": "generated" if private_key else "csr",
                 **export.summary(certificate), "intermediateSerial": self.customer["intermediate"]["serial"],
@@ -267,7 +268,7 @@ class _Heartbeat:
                 doc = self.store.get(self.name)
                 if doc is not None and (doc.data.get("lease") or {}).get("owner") == self.owner:
                     self.store.replace(doc, {**doc.data, "lease": {"owner": self.owner, "until": self.until()}})
-            except Exception:  # noqa: BLE001 - a missed beat only shortens the lease
+            except Exception:  # noqa: BLE001, S110 - a missed beat only shortens the lease
                 pass
 
     def __enter__(self) -> _Heartbeat:
@@ -395,8 +396,8 @@ def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStor
     else:
         raise TransientError(f"batch {ref.batch_name}: could not count chunk {n}; retry")
     if data["status"] != "assembling":
-        return f"batch {ref.customer_id}/{ref.batch_name}: chunk {n} done ({len(data['completedChunks'])}/" \
-               f"{len(data['chunks'])})"
+        return (f"batch {ref.customer_id}/{ref.batch_name}: chunk {n} done ({len(data['completedChunks'])}/"
+                f"{len(data['chunks'])})")
     _assemble(ref, data, store=store, outputs=outputs, settings=settings, now=now)
     final = {**data, "status": "complete", "completedAt": stamp(now),
              "report": {"json": ref.report_path(settings, "json"), "csv": ref.report_path(settings, "csv")}}

@@ -163,7 +163,7 @@ def _csv_row(raw: bytes, header: Header, index: int, end: int) -> Row:
         return Row(index, None, None, f"is not valid CSV ({exc})", end)
     if len(cells) != len(header.columns):
         return Row(index, None, None, f"has {len(cells)} cells, the header has {len(header.columns)}", end)
-    values = dict(zip(header.columns, cells))
+    values = dict(zip(header.columns, cells, strict=True))  # (the counts were compared above)
     csr = (values.get("csr") or "").strip() or None
     return Row(index, values["deviceId"].strip(), csr, None, end)
 

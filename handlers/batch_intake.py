@@ -156,7 +156,8 @@ def _tags(data: dict) -> dict[str, str]:
     return {"kind": "batch", "customer": data["customerId"], "status": data["status"]}
 
 
-def _scan(files: InputFiles, path: str, upload: str, kind: str, settings: BatchSettings) -> tuple[batch_format.Header, _Scan]:
+def _scan(files: InputFiles, path: str, upload: str, kind: str,
+          settings: BatchSettings) -> tuple[batch_format.Header, _Scan]:
     header, lines = batch_format.read_header(files.stream(path, upload), kind)
     scan, seen, keys = _Scan(), {}, {}
     current: dict | None = None
@@ -243,7 +244,8 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
                     _mark_enqueued(ref, store)
                     return f"batch {ref.customer_id}/{ref.batch_name}: chunk messages sent again"
                 audit.append({"at": stamp(now), "action": "batch.intake", "effect": "no-op",
-                              "customer": ref.customer_id, "batch": ref.batch_name, "reason": f"already {data['status']}"})
+                              "customer": ref.customer_id, "batch": ref.batch_name,
+                              "reason": f"already {data['status']}"})
                 return f"batch {ref.customer_id}/{ref.batch_name}: already {data['status']} (no-op)"
             lease = data.get("lease") or {}
             if lease.get("owner") not in (None, owner) and lease.get("until", "") > stamp(now):

@@ -25,8 +25,16 @@ from .errors import AlreadyExists, Conflict, InvalidMessage, Rejected, Transient
 from .intermediates import renew_intermediate
 from .leases import stamp
 from .messages import REQUEST_ID, REQUEST_ID_RULE, Delivery, Fields, decode_json_message
-from .onboarding import (CUSTOMER_ID, ONBOARDED, Group, OnboardingSettings, customer_document, customer_tags,
-                         group_body, placed_instance)
+from .onboarding import (
+    CUSTOMER_ID,
+    ONBOARDED,
+    Group,
+    OnboardingSettings,
+    customer_document,
+    customer_tags,
+    group_body,
+    placed_instance,
+)
 from .ports import AuditLog, DocumentStore, KeyStore, OutputFiles
 
 QUEUE = "pki-commands"
@@ -132,7 +140,7 @@ class Ports:
 
 def order_key(command: Command, delivery: Delivery) -> str:
     """Later commands sort later: enqueue time (microseconds), then requestId, then message id."""
-    at = delivery.enqueued_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") \
+    at = delivery.enqueued_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") \
         if delivery.enqueued_at else ""
     return f"{at}|{command.request_id or ''}|{delivery.message_id or ''}"
 
@@ -462,7 +470,8 @@ def _customer_command(run: _Run) -> str:
 
     run.settle(run.customer, apply)
     run.audit("changed", before, wanted, hubDevices=len(touched), absentFromHub=absent)
-    return f"customer {command.customer_id}: {before} -> {wanted}" + (f", {len(touched)} hub devices" if touched else "")
+    return (f"customer {command.customer_id}: {before} -> {wanted}"
+            + (f", {len(touched)} hub devices" if touched else ""))
 
 
 def run_command(command: Command, delivery: Delivery, *, ports: Ports, now: dt.datetime,

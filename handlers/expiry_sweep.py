@@ -54,7 +54,7 @@ def notice_document(day: dt.date, customer_id: str) -> str:
 
 
 def _days_left(not_after: str, now: dt.datetime) -> int:
-    expires = dt.datetime.strptime(not_after, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    expires = dt.datetime.strptime(not_after, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     return (expires - now).days
 
 
@@ -221,7 +221,7 @@ class _Sweep:
 def run_sweep(*, ports: Ports, queue: MessageQueue, settings: SweepSettings, now: dt.datetime,
               clock: Callable[[], dt.datetime] | None = None) -> dict[str, Any]:
     """Run the sweep for ``now``'s date; returns the report (also written to ``reports/expiry/DATE.json``)."""
-    started = (clock or (lambda: dt.datetime.now(dt.timezone.utc)))()
+    started = (clock or (lambda: dt.datetime.now(dt.UTC)))()
     sweep = _Sweep(ports, queue, settings, now)
     root = sweep.root()
     intermediates = sweep.intermediates()

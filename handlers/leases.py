@@ -13,7 +13,7 @@ from .ports import DocumentStore
 
 
 def stamp(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def release(store: DocumentStore, name: str, owner: str, tags: Callable[[dict], dict] | None = None) -> None:
@@ -24,5 +24,5 @@ def release(store: DocumentStore, name: str, owner: str, tags: Callable[[dict], 
         if doc is not None and (doc.data.get("lease") or {}).get("owner") == owner:
             data = {**doc.data, "lease": None}
             store.replace(doc, data, **({"tags": tags(data)} if tags else {}))
-    except Exception:  # noqa: BLE001 - see above
+    except Exception:  # noqa: BLE001, S110 - see above
         pass

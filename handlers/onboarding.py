@@ -259,7 +259,8 @@ class _Run:
             except AlreadyExists:
                 group = self.groups.get_group(instance.name, body["enrollmentGroupId"])
                 if group is None:
-                    raise TransientError(f"enrollment group {body['enrollmentGroupId']} exists and vanished; retry")
+                    raise TransientError(
+                        f"enrollment group {body['enrollmentGroupId']} exists and vanished; retry") from None
                 self.check_ours(group, doc.data["intermediate"]["thumbprintSha1"], instance.name)
             except CapacityExhausted:
                 # Another customer took the last slot between our count and our create: move before the group
@@ -333,7 +334,8 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             except CapacityExhausted:
                 raise  # handled below: the record is marked rejected
             except Exception:
-                release(store, run.name, run.owner, customer_tags)  # let the next delivery resume at once instead of waiting out the lease
+                # let the next delivery resume at once instead of waiting out the lease
+                release(store, run.name, run.owner, customer_tags)
                 raise
         except (AlreadyExists, Conflict):
             continue  # another run wrote first: read again and follow its state

@@ -63,8 +63,8 @@ def _managed(pool: Sequence[DpsInstance], names: Sequence[str] | None) -> list[D
                                       f"({', '.join(i.name for i in pool) or 'none configured'})")
     missing = [i.name for i in chosen if not i.resource_id]
     if missing:
-        raise InvalidMessage("DPS_INSTANCES", f"{', '.join(missing)} has no resourceId: its CA certificates are managed "
-                                              "through Azure Resource Manager, which needs it")
+        raise InvalidMessage("DPS_INSTANCES", f"{', '.join(missing)} has no resourceId: its CA certificates "
+                                              "are managed through Azure Resource Manager, which needs it")
     return chosen
 
 

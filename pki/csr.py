@@ -34,7 +34,7 @@ def accept_csr(data: bytes | str | x509.CertificateSigningRequest, device_id: st
     try:
         KeyType.of(public_key)
     except InvalidInput as exc:
-        allowed = "EC P-256/P-384 or RSA >= %d bits" % MIN_RSA_BITS
+        allowed = f"EC P-256/P-384 or RSA >= {MIN_RSA_BITS} bits"
         raise InvalidCsr(field, f"key {describe(public_key)} is not allowed ({exc.reason}); use {allowed}") from None
     if isinstance(public_key, rsa.RSAPublicKey) and public_key.public_numbers().e != RSA_PUBLIC_EXPONENT:
         # CA/Browser Forum BR 6.1.6 and NIST SP 800-89 ask for an odd e >= 65537; 65537 is what every key here has

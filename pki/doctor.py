@@ -60,7 +60,8 @@ def _validity(cert: x509.Certificate, role: str, now: dt.datetime) -> list[Findi
     if cert.not_valid_after_utc <= now:
         return [Finding("error", f"{role}-expired",
                         f"the {role} certificate {_name(cert)} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z",
-                        f"issue a new {role} certificate" + (" (renew-intermediate)" if role == "intermediate" else ""))]
+                        f"issue a new {role} certificate"
+                        + (" (renew-intermediate)" if role == "intermediate" else ""))]
     if cert.not_valid_before_utc > now:
         return [Finding("error", f"{role}-not-yet-valid",
                         f"the {role} certificate {_name(cert)} is not valid before "
@@ -143,7 +144,7 @@ def _build_path(device: x509.Certificate, pool: list[x509.Certificate], now: dt.
                 continue
             try:
                 current.verify_directly_issued_by(candidate)
-            except Exception:  # noqa: BLE001 - signature, algorithm or name failure: not this issuer
+            except Exception:  # noqa: BLE001, S112 - signature, algorithm or name failure: not this issuer
                 continue
             issuer = candidate
             break
@@ -208,7 +209,8 @@ def _against_dps(path: list[x509.Certificate], presented: list[x509.Certificate]
     if not reached:
         found.append(Finding("error", "root-not-verified", f"no certificate of the device's chain "
                              f"({', '.join(_name(c) for c in path[1:]) or 'none'}) is a verified CA certificate of "
-                             f"{dps.name} (DPS 401002)", f"`pkictl root register --dps {dps.name}` (upload and proof of "
+                             f"{dps.name} (DPS 401002)",
+                             f"`pkictl root register --dps {dps.name}` (upload and proof of "
                              "possession)"))
     elif not any(c in presented for c in reached):
         found.append(Finding("error", "verified-not-presented", f"the device does not present {_name(reached[0])}, "

@@ -62,7 +62,7 @@ def _check_now(now: dt.datetime) -> dt.datetime:
         raise TypeError(f"now must be a datetime, not {type(now).__name__}")
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (UTC)")
-    return now.astimezone(dt.timezone.utc).replace(microsecond=0)
+    return now.astimezone(dt.UTC).replace(microsecond=0)
 
 
 def _check_days(validity_days: int, field: str) -> dt.timedelta:
@@ -100,7 +100,8 @@ def build_name(common_name: str, *, organization: str | None = None, country: st
     return x509.Name(attributes)
 
 
-def _validity(issuer: x509.Certificate | None, now: dt.datetime, lifetime: dt.timedelta) -> tuple[dt.datetime, dt.datetime, dt.datetime]:
+def _validity(issuer: x509.Certificate | None, now: dt.datetime,
+              lifetime: dt.timedelta) -> tuple[dt.datetime, dt.datetime, dt.datetime]:
     not_before = now - CLOCK_SKEW
     requested = now + lifetime
     not_after = requested

@@ -126,7 +126,8 @@ class RemoteRsaKey(rsa.RSAPrivateKey):
     def public_key(self) -> rsa.RSAPublicKey:
         return self._public_key
 
-    def sign(self, data: bytes, pad: padding.AsymmetricPadding, algorithm: hashes.HashAlgorithm | utils.Prehashed) -> bytes:
+    def sign(self, data: bytes, pad: padding.AsymmetricPadding,
+             algorithm: hashes.HashAlgorithm | utils.Prehashed) -> bytes:
         digest, hash_algorithm = _digest(data, algorithm)
         suffix = _HASH_SUFFIX.get(hash_algorithm.name)
         if suffix is None:

@@ -35,12 +35,12 @@ class Problem(Exception):
 
 def _now(value: str | None) -> dt.datetime:
     if not value:
-        return dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.now(dt.UTC)
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise UsageError(f"--now: {value!r} is not an ISO date such as 2027-01-31 or 2027-01-31T12:00:00Z") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _read(path: str, option: str) -> bytes:
@@ -91,7 +91,8 @@ class Cli:
         self.say(f"  serial:     {summary['serial']}")
         self.say(f"  notAfter:   {summary['notAfter']}")
         self.say(f"  SHA-1:      {summary['thumbprintSha1']}")
-        self.say("next: `pkictl root show --pem > root.pem`, upload it to DPS, then `pkictl verification-cert --code ...`")
+        self.say("next: `pkictl root show --pem > root.pem`, upload it to DPS, "
+                 "then `pkictl verification-cert --code ...`")
         return OK
 
     def root_show(self, args: argparse.Namespace) -> int:
@@ -315,7 +316,7 @@ class Cli:
 
         since = None
         if args.since:
-            since = dt.datetime.now(dt.timezone.utc).date() if args.since == "today" else _now(args.since).date()
+            since = dt.datetime.now(dt.UTC).date() if args.since == "today" else _now(args.since).date()
         count = 0
         for event in StoreAuditLog(self.wiring.store).query(customer=args.customer, device=args.device, since=since):
             count += 1
@@ -350,7 +351,8 @@ class Cli:
 
     def _sweep_summary(self, report: dict) -> None:
         counts = report["counts"]
-        self.say(f"expiry sweep {report['date']} (now {report['now']}): {counts['intermediatesRenewed']} intermediate(s) "
+        self.say(f"expiry sweep {report['date']} (now {report['now']}): "
+                 f"{counts['intermediatesRenewed']} intermediate(s) "
                  f"renewed, {counts['secondariesRemoved']} expired secondary removed, {counts['devicesExpiring']} "
                  f"device(s) expiring within {report['settings']['notice_before_days']} days, "
                  f"{counts['devicesMarkedExpired']} marked expired, {len(report['notices'])} notice(s) today")
@@ -367,7 +369,7 @@ class Cli:
     def sweep_show(self, args: argparse.Namespace) -> int:
         from handlers.expiry_sweep import report_document
 
-        day = _now(args.date).date() if args.date else dt.datetime.now(dt.timezone.utc).date()
+        day = _now(args.date).date() if args.date else dt.datetime.now(dt.UTC).date()
         doc = self.wiring.store.get(report_document(day))
         if doc is None:
             raise NotFound(f"no expiry sweep report for {day}; `pkictl sweep run` makes one")
@@ -442,7 +444,8 @@ class Cli:
                     return self.batch_show(argparse.Namespace(customer=args.customer, batch=name, json=False)) \
                         if doc.data["status"] == "complete" else PROBLEM
             time.sleep(0.5)
-        self.say(f"\nnot finished within {args.timeout:.0f}s; follow it with `pkictl batch show {args.customer} {name}`")
+        self.say(f"\nnot finished within {args.timeout:.0f}s; "
+                 f"follow it with `pkictl batch show {args.customer} {name}`")
         return PROBLEM
 
     def _announce_upload(self, blob, functions_host: str) -> None:
@@ -505,7 +508,8 @@ class Cli:
         for filename, content in written.items():
             target = out / filename
             target.unlink(missing_ok=True)  # never write a key through an old file's mode or a symlink
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if filename.startswith("device.") else 0o644)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600 if filename.startswith("device.") else 0o644)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
         self.say(f"wrote {', '.join(written)} to {out} (serial {record['serial']}, notAfter {record['notAfter']})")
@@ -784,7 +788,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=err)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI's last word; PKICTL_DEBUG=1 shows the traceback
+    except Exception as exc:  # the CLI's last word; PKICTL_DEBUG=1 shows the traceback
         if env.get("PKICTL_DEBUG"):
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc} (set PKICTL_DEBUG=1 for details)", file=err)

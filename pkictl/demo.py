@@ -1,5 +1,6 @@
 """The main job on a throwaway local stack (Azurite + Key Vault/DPS/IoT Hub emulators + devhost running
-function_app): root CA, registered and verified in DPS, two customers onboarded through the queue (and a rejection), a device batch for
+function_app): root CA, registered and verified in DPS, two customers onboarded through the queue
+(and a rejection), a device batch for
 each, a device exported and registered over mutual TLS, the device disabled by an operator command and
 refused, an intermediate renewed, an expiry sweep rehearsed with a date override.
 
@@ -163,7 +164,8 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
         if not _wait(disabled):
             print(f"FAILED: the device was not disabled; see {stack.state_dir / 'devhost.log'}", file=out)
             return 1
-        print(f"device record: disabled; IoT Hub: {stack.emulators.iothub.device_status('sensor-0003')}; a new registration:", file=out)
+        print(f"device record: disabled; IoT Hub: {stack.emulators.iothub.device_status('sensor-0003')}; "
+              "a new registration:", file=out)
         if main(["device", "register", "--cert", str(device_dir / "cert.pem"), "--chain", str(device_dir / "chain.pem"),
                  "--key", str(device_dir / "device.key"), "--id-scope", records["contoso-gmbh"]["dps"]["idScope"]],
                 env=env, out=out) != 1:
@@ -185,7 +187,7 @@ def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = N
               f"{renewed['previousIntermediates'][0]['serial'][:16]}... (secondary); Key Vault holds "
               f"{len(stack.emulators.keyvault.key_versions('customer-fabrikam'))} versions of its key", file=out)
 
-        rehearsal = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=340)).strftime("%Y-%m-%d")
+        rehearsal = (dt.datetime.now(dt.UTC) + dt.timedelta(days=340)).strftime("%Y-%m-%d")
         step(f"9. the expiry sweep, rehearsed as if it were {rehearsal}: devices expiring within 30 days are "
              "announced on queue certificate-expiry-notices, one message per customer")
         if not ok(["sweep", "run", "--now", rehearsal], env):

@@ -56,7 +56,8 @@ def _describe(stack: LocalStack, settings_path: Path) -> dict:
         "pid": os.getpid(), "ready": True, "localSettings": str(settings_path),
         "azurite": {"blob": stack.azurite.blob_service_uri, "queue": stack.azurite.queue_service_uri},
         "identityEndpoint": emulators.issuer.endpoint,
-        "principals": {name: {"clientId": p.client_id, "roles": _roles(name)} for name, p in emulators.principals.items()},
+        "principals": {name: {"clientId": p.client_id, "roles": _roles(name)}
+                       for name, p in emulators.principals.items()},
         "keyVault": emulators.keyvault_url, "rootKeyVault": emulators.rootvault_url,
         "iotHub": emulators.iothub.hostname,
         "dps": [{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope} for d in emulators.dps_info()],

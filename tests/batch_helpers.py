@@ -31,7 +31,7 @@ def onboarded(env: dict[str, str], customer_id: str, stack=None):
     """Services for ``env`` with a root and one active customer; with ``stack``, the root is also registered and
     verified in every DPS instance by the PKI administrator, through ARM, as `pkictl root register --all` does."""
     services = build_services(load_settings(env))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     root = create_root(RootRequest(f"root-{secrets.token_hex(4)}", KeyType.EC_P256, 20, "Batch Root"),
                        store=services.store, keys=services.keys, now=now)
     if stack is not None:
@@ -49,7 +49,7 @@ def register_root_as_admin(env: dict[str, str], stack, root) -> dict[str, str]:
 
     admin = load_settings(person_settings(env, stack.client_id(ADMIN)))
     return register_root(root, admin.dps_pool, names=None, certificates=ca_certificates(admin),
-                         keys=key_store(admin), now=dt.datetime.now(dt.timezone.utc))
+                         keys=key_store(admin), now=dt.datetime.now(dt.UTC))
 
 
 def upload(services, customer_id: str, name: str, data: bytes, metadata: dict | None = None) -> str:
@@ -65,7 +65,7 @@ def upload(services, customer_id: str, name: str, data: bytes, metadata: dict | 
 def intake(services, path: str) -> str:
     return batch_intake.intake_batch(path, files=services.files, outputs=services.files, store=services.store,
                                      queue=services.queue, secrets_store=services.secrets, audit=services.audit,
-                                     settings=services.batches, now=dt.datetime.now(dt.timezone.utc))
+                                     settings=services.batches, now=dt.datetime.now(dt.UTC))
 
 
 def drain_chunks(services, env: dict[str, str], registrar=None) -> list[str]:
@@ -80,7 +80,7 @@ def drain_chunks(services, env: dict[str, str], registrar=None) -> list[str]:
             outcomes.append(batch_chunk.process_chunk(
                 batch_chunk.ChunkMessage.parse(message.content), files=services.files, outputs=services.files,
                 store=services.store, keys=services.keys, secrets_store=services.secrets, audit=services.audit,
-                settings=services.batches, now=dt.datetime.now(dt.timezone.utc), registrar=registrar))
+                settings=services.batches, now=dt.datetime.now(dt.UTC), registrar=registrar))
             queue.delete_message(message)
 
 

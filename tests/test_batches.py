@@ -149,15 +149,15 @@ def test_a_crash_mid_chunk_then_resume_leaves_one_certificate_per_device(env):
     path = upload(services, "acme", "crash.csv", ("deviceId\n" + "".join(f"c-{i}\n" for i in range(250))).encode())
     intake(services, path)
     message = ChunkMessage("acme", "crash.csv", 0)
-    kwargs = dict(files=services.files, store=services.store, keys=services.keys, secrets_store=services.secrets,
-                  audit=services.audit, settings=services.batches)
+    kwargs = {"files": services.files, "store": services.store, "keys": services.keys,
+              "secrets_store": services.secrets, "audit": services.audit, "settings": services.batches}
     with pytest.raises(BaseException, match="worker killed"):
         batch_chunk.process_chunk(message, outputs=CrashingOutputs(services.files, 300),
-                                  now=dt.datetime.now(dt.timezone.utc), **kwargs)
+                                  now=dt.datetime.now(dt.UTC), **kwargs)
     partly = sum(1 for _ in services.store.find("\"kind\" = 'device' AND \"customer\" = 'acme'"))
     assert 0 < partly < 250
     # The next delivery waits for the dead worker's lease (5 s here) to run out, then takes the chunk over.
-    batch_chunk.process_chunk(message, outputs=services.files, now=dt.datetime.now(dt.timezone.utc), **kwargs)
+    batch_chunk.process_chunk(message, outputs=services.files, now=dt.datetime.now(dt.UTC), **kwargs)
     result = report(services, "acme", "crash.csv")
     assert result["totals"]["issued"] + result["totals"]["already_issued"] == 250
     _assert_one_recorded_certificate_each(services, result)
@@ -167,7 +167,8 @@ BAD_BATCHES = [
     ("empty.csv", b"", {}, "file", "is empty"),
     ("no-header.csv", b"dev-1\ndev-2\n", {}, "header", "a header row is required"),
     ("wrong-columns.csv", b"id,certificate\nd1,x\n", {}, "header", "must name a deviceId column"),
-    ("extra-column.csv", b"deviceId,csr,colour\nd1,,red\n", {}, "header", "columns must be deviceId and optionally csr"),
+    ("extra-column.csv", b"deviceId,csr,colour\nd1,,red\n", {}, "header",
+     "columns must be deviceId and optionally csr"),
     ("header-only.csv", b"deviceId\n", {}, "file", "no device rows"),
     ("too-many.csv", b"deviceId\n" + b"".join(b"d%d\n" % i for i in range(6)), {}, "file", "more than 5 rows"),
     ("bad-option.csv", b"deviceId\nd1\n", {"keytype": "rsa-1024"}, "metadata.keytype", "not a key type"),
@@ -182,13 +183,13 @@ def test_a_bad_batch_is_rejected_with_a_report_and_nothing_is_issued(env, name, 
     services = onboarded(env, "acme")
     path = upload(services, "acme", name, data, metadata)
     services_limit = services.batches.__class__(**{**services.batches.__dict__, "max_rows": 5})
-    from handlers import batch_intake
-
     import datetime as dt
+
+    from handlers import batch_intake
 
     outcome = batch_intake.intake_batch(path, files=services.files, outputs=services.files, store=services.store,
                                         queue=services.queue, secrets_store=services.secrets, audit=services.audit,
-                                        settings=services_limit, now=dt.datetime.now(dt.timezone.utc))
+                                        settings=services_limit, now=dt.datetime.now(dt.UTC))
     assert "rejected" in outcome
     result = report(services, "acme", name)
     assert result["status"] == "rejected" and result["field"] == field and reason in result["reason"]
@@ -278,7 +279,7 @@ def test_an_intake_that_fails_midway_is_finished_by_the_retry(env):
     def run():
         return batch_intake.intake_batch(path, files=services.files, outputs=services.files, store=services.store,
                                          queue=flaky, secrets_store=services.secrets, audit=services.audit,
-                                         settings=services.batches, now=dt.datetime.now(dt.timezone.utc))
+                                         settings=services.batches, now=dt.datetime.now(dt.UTC))
 
     with pytest.raises(TransientError):
         run()
@@ -307,7 +308,7 @@ def test_metadata_and_tags_changed_after_the_upload_neither_break_the_batch_nor_
     services = onboarded(env, "acme")
     path = upload(services, "acme", "late.csv", b"deviceId\nlate-1\nlate-2\n", {"output": "pem"})
     assert "2 rows in 1 chunks" in intake(services, path)
-    blob = services.files._service.get_blob_client("device-batches", "acme/late.csv")  # test set-up
+    blob = services.files._service.get_blob_client("device-batches", "acme/late.csv")  # noqa: SLF001 - test set-up
     blob.set_blob_metadata({"output": "pfx", "validitydays": "30"})
     blob.set_blob_tags({"stage": "tagged"})
     assert "no-op" in intake(services, path)  # e.g. Event Grid delivering the event twice

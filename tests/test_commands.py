@@ -123,7 +123,7 @@ def test_disable_then_enable_a_device(world):
     assert record["lastCommand"]["applied"] is True
     assert world.hubs.devices[(HUB, "d1")]["status"] == "disabled"
     assert world.groups.enrollments["d1"]["provisioningStatus"] == "disabled"
-    assert "d1" in list(world.store.find("\"kind\" = 'device' AND \"status\" = 'disabled'"))[0]
+    assert "d1" in next(iter(world.store.find("\"kind\" = 'device' AND \"status\" = 'disabled'")))
     world.send({**disable(), "command": "enable-device", "reason": "found"})
     assert world.store.get(device_document("d1")).data["status"] == "issued"
     assert world.hubs.devices[(HUB, "d1")]["status"] == "enabled"
@@ -159,10 +159,11 @@ def test_concurrent_disable_and_enable_end_in_the_later_state(world):
         later_disables = round_ % 2 == 0
         base = NOW + dt.timedelta(hours=round_)
         messages = [(disable(), base + dt.timedelta(seconds=2 if later_disables else 1)),
-                    ({**disable(), "command": "enable-device"}, base + dt.timedelta(seconds=1 if later_disables else 2))]
+                    ({**disable(), "command": "enable-device"},
+                     base + dt.timedelta(seconds=1 if later_disables else 2))]
         calls = iter(messages)
 
-        def one():
+        def one(calls=calls, round_=round_):
             message, at = next(calls)
             return run_command(Command.parse(json.dumps(message)), Delivery(f"m-{round_}-{at}", at),
                                ports=world.ports, now=NOW)
@@ -217,8 +218,7 @@ def test_renewal_rolls_the_group_and_happens_once_per_command(world):
 def test_concurrent_deliveries_of_one_renewal_create_one_key_version(world):
     world.keys.created = 0
     message = {"command": "renew-intermediate", "customerId": "contoso", "reason": "r", "requestId": "renew-2"}
-    results, errors = run_concurrently(lambda: world.send(message, message_id="same"), 4,
-                                       expected=(TransientError,))
+    _, errors = run_concurrently(lambda: world.send(message, message_id="same"), 4, expected=(TransientError,))
     for _ in errors:  # the host retries those that found the renewal in progress
         world.send(message, message_id="same")
     assert world.keys.created == 1

@@ -100,7 +100,7 @@ class Fleet:
 def _now():
     import datetime as dt
 
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, stack, tmp_path):
@@ -113,8 +113,10 @@ def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, st
     host = Devhost(env)
     try:
         # disable-device, delivered twice (same requestId): hub disabled, re-registration refused
-        fleet.send("disable-device", "--customer", acme, "--device", "a-1", "--reason", "stolen", "--request-id", "op-1")
-        fleet.send("disable-device", "--customer", acme, "--device", "a-1", "--reason", "stolen", "--request-id", "op-1")
+        fleet.send("disable-device", "--customer", acme, "--device", "a-1", "--reason", "stolen",
+                   "--request-id", "op-1")
+        fleet.send("disable-device", "--customer", acme, "--device", "a-1", "--reason", "stolen",
+                   "--request-id", "op-1")
         events = fleet.wait(acme, "disable-device", 2)
         assert sorted(e["effect"] for e in events) == ["changed", "no-op"]
         assert stack.iothub.device_status("a-1") == "disabled"

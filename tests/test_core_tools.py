@@ -23,7 +23,8 @@ def test_the_written_file_has_the_shape_core_tools_reads(tmp_path):
 
 @pytest.mark.parametrize("document, problem", [
     ({"Values": IDENTITY}, "IsEncrypted must be false"),
-    ({"IsEncrypted": False, "Values": {**IDENTITY, "BATCH_CHUNK_ROWS": 500}}, "Values.BATCH_CHUNK_ROWS must be a string"),
+    ({"IsEncrypted": False, "Values": {**IDENTITY, "BATCH_CHUNK_ROWS": 500}},
+     "Values.BATCH_CHUNK_ROWS must be a string"),
     ({"IsEncrypted": False, "Values": {k: v for k, v in IDENTITY.items() if k != "FUNCTIONS_WORKER_RUNTIME"}},
      "FUNCTIONS_WORKER_RUNTIME must be python"),
     ({"IsEncrypted": False, "Values": {k: v for k, v in IDENTITY.items() if "queue" not in k}},

@@ -51,7 +51,8 @@ def test_requested_extensions_are_ignored_the_profile_decides():
     (lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nnot base64\n-----END CERTIFICATE REQUEST-----\n",
      "malformed certificate request"),
     (lambda: b"", "is empty"),
-    (lambda: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "expected '-----BEGIN CERTIFICATE REQUEST"),
+    (lambda: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+     "expected '-----BEGIN CERTIFICATE REQUEST"),
 ])
 def test_bad_csrs_say_why(make, message):
     with pytest.raises(InvalidCsr) as caught:

@@ -27,7 +27,7 @@ APP = Path(__file__).resolve().parent / "devhost_app"
 def test_ncrontab_schedules():
     import datetime as dt
 
-    at = dt.datetime(2026, 11, 29, 2, 30, 10, tzinfo=dt.timezone.utc)
+    at = dt.datetime(2026, 11, 29, 2, 30, 10, tzinfo=dt.UTC)
     assert Schedule.parse("0 0 3 * * *").next_after(at) == at.replace(hour=3, minute=0, second=0)
     assert Schedule.parse("*/15 * * * * *").next_after(at) == at.replace(second=15)
     assert Schedule.parse("0 30 9 * * mon-fri").next_after(at).weekday() == 0  # the 29th is a Sunday
@@ -100,7 +100,8 @@ def start_devhost(env: dict, *extra: str) -> subprocess.Popen:
     settings = {k: v for k, v in env.items() if not k.startswith("_")}
     if "--fire" in extra:
         return subprocess.Popen([sys.executable, "-m", "devhost", "--script-root", str(APP), "--log-level", "WARNING",
-                                 *extra], cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **settings},
+                                 *extra], cwd=REPO,
+                                env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **settings},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return launch_devhost(["--script-root", str(APP), "--log-level", "WARNING", "--message-lease", "10", *extra],
                           {"PATH": os.environ["PATH"], **settings}, stdout=subprocess.PIPE)

@@ -7,7 +7,7 @@ registers as a device would, ``IoTHubRegistryManager`` reads the hub.
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,7 @@ def _forget_trusted_roots(stack):
 
 def _device_chain(device_id: str, stack=None) -> Chain:
     """A chain valid now (it goes over TLS) whose root is verified in the first DPS instance (with ``stack``)."""
-    chain = make_chain(device_id=device_id, now=datetime.now(timezone.utc))
+    chain = make_chain(device_id=device_id, now=datetime.now(UTC))
     if stack is not None:
         stack.dps[0].trust(chain.root)
     return chain
@@ -138,7 +138,7 @@ def test_a_root_not_verified_in_the_instance_is_refused_with_401002(stack, dps, 
     # uploaded but not verified (no proof of possession) counts for nothing either
     from emulators.dps import CaCertificate
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     stack.dps[0].ca_certificates["unverified"] = CaCertificate("unverified", chain.root, cert_pem(chain.root), False,
                                                                "e", now, now)
     try:
@@ -151,7 +151,7 @@ def test_a_rogue_intermediate_with_the_customers_subject_but_another_key_is_refu
     device_id = f"dev-{secrets.token_hex(4)}"
     real = _device_chain(device_id, stack)
     _enroll_group(dps, real)
-    rogue = make_chain(device_id=device_id, now=datetime.now(timezone.utc))  # same subject names, other keys
+    rogue = make_chain(device_id=device_id, now=datetime.now(UTC))  # same subject names, other keys
     assert rogue.intermediate.subject == real.intermediate.subject
     forged = Chain(real.root, real.root_key, rogue.intermediate, rogue.intermediate_key, rogue.device,
                    rogue.device_key)
@@ -172,7 +172,7 @@ def test_path_validation_enforces_the_ca_flag_and_path_length(stack, dps, tmp_pa
     from pki.keys import KeyType, generate_key
     from tests.x509_helpers import remote
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     device_id = f"dev-{secrets.token_hex(4)}"
     chain = _device_chain(device_id, stack)
     # a device certificate (CA:false) used as the issuer of another "device"
@@ -274,7 +274,8 @@ def test_an_attempt_the_hub_does_not_take_fails_through_the_operation_and_is_rec
 def test_unknown_id_scope_is_refused(stack, tmp_path):
     device_id = f"dev-{secrets.token_hex(4)}"
     with pytest.raises(RegistrationRefused) as refused:
-        register(stack.device_endpoint_url, "0neNOSUCHSCOPE", device_id, *_files(tmp_path, _device_chain(device_id, stack)),
+        register(stack.device_endpoint_url, "0neNOSUCHSCOPE", device_id,
+                 *_files(tmp_path, _device_chain(device_id, stack)),
                  ca_path=stack.ca_path)
     assert refused.value.status_code == 404
 

@@ -48,10 +48,12 @@ def test_wrong_cn(chain):
 
 
 def test_expired_and_not_yet_valid(chain):
-    later = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root, now=NOW + dt.timedelta(days=31))
+    later = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root,
+                     now=NOW + dt.timedelta(days=31))
     assert codes(later) == ["device-expired"]
-    assert "issue a new device certificate" == later[0].fix
-    earlier = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root, now=NOW - dt.timedelta(days=1))
+    assert later[0].fix == "issue a new device certificate"
+    earlier = diagnose(chain.device, presented=[chain.intermediate, chain.root], root=chain.root,
+                       now=NOW - dt.timedelta(days=1))
     assert "device-not-yet-valid" in codes(earlier)
 
 
@@ -97,7 +99,8 @@ def test_chain_out_of_order_is_a_warning(chain):
 
 def test_expired_intermediate(chain):
     short = make_chain(intermediate_days=40, device_days=30)
-    findings = diagnose(short.device, presented=[short.intermediate, short.root], root=short.root, now=NOW + dt.timedelta(days=41))
+    findings = diagnose(short.device, presented=[short.intermediate, short.root], root=short.root,
+                        now=NOW + dt.timedelta(days=41))
     assert codes(findings) == ["device-expired", "intermediate-expired"]
 
 
@@ -110,6 +113,7 @@ def test_device_that_claims_to_be_a_ca(chain):
            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
            .sign(remote(chain.intermediate_key), hashes.SHA256()))
-    findings = diagnose(bad, presented=[chain.intermediate, chain.root], root=chain.root, now=NOW + dt.timedelta(hours=1))
+    findings = diagnose(bad, presented=[chain.intermediate, chain.root], root=chain.root,
+                        now=NOW + dt.timedelta(hours=1))
     assert {"device-is-ca", "device-eku"} <= set(codes(findings))
     assert all(f.fix for f in findings)

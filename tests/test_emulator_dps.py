@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -176,7 +176,8 @@ def test_registration_ids_follow_one_rule_in_the_enrollment_api_and_at_registrat
     assert dps.enrollment.create_or_update(id="ends-with-dash-", enrollment=enrollment)["registrationId"] == \
         "ends-with-dash-"
     with pytest.raises(HttpResponseError) as refused:
-        dps.enrollment.create_or_update(id="ends-with-dot.", enrollment={**enrollment, "registrationId": "ends-with-dot."})
+        dps.enrollment.create_or_update(id="ends-with-dot.",
+                                        enrollment={**enrollment, "registrationId": "ends-with-dot."})
     assert refused.value.status_code == 400
     dps.enrollment.delete("ends-with-dash-")
 
@@ -222,7 +223,7 @@ def test_wrong_key_is_unauthorized(stack):
 
 def test_registration_state_after_a_device_registered(stack, dps, tmp_path):
     registration_id, group_id = _unique("device"), _unique("group")
-    chain = make_chain(device_id=registration_id, now=datetime.now(timezone.utc))
+    chain = make_chain(device_id=registration_id, now=datetime.now(UTC))
     dps.enrollment_group.create_or_update(id=group_id,
                                           enrollment_group=_group(group_id, cert_pem(chain.intermediate).decode()))
     stack.dps[0].trust(chain.root, f"test-{registration_id}")

@@ -227,14 +227,13 @@ def test_sign_refuses_what_key_vault_refuses(stack, keys, options, name, app):
     assert "Invalid length of 'value': 48 bytes. ES256 requires 32 bytes" in wrong_length.value.message
     assert wrong_curve.value.status_code == 400
     verify_only = keys.create_ec_key(f"{name}-v", curve="P-256", key_operations=["verify"])
-    with CryptographyClient(verify_only.id, app, **options) as crypto:
-        with pytest.raises(HttpResponseError) as forbidden:
-            crypto.sign("ES256", hashlib.sha256(b"x").digest())
+    with CryptographyClient(verify_only.id, app, **options) as crypto, \
+            pytest.raises(HttpResponseError) as forbidden:
+        crypto.sign("ES256", hashlib.sha256(b"x").digest())
     assert forbidden.value.status_code == 403
     disabled = keys.create_ec_key(f"{name}-d", curve="P-256", enabled=False)
-    with CryptographyClient(disabled.id, app, **options) as crypto:
-        with pytest.raises(HttpResponseError) as refused:
-            crypto.sign("ES256", hashlib.sha256(b"x").digest())
+    with CryptographyClient(disabled.id, app, **options) as crypto, pytest.raises(HttpResponseError) as refused:
+        crypto.sign("ES256", hashlib.sha256(b"x").digest())
     assert refused.value.status_code == 403
 
 

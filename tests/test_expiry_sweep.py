@@ -38,7 +38,7 @@ def world(tmp_path):
 
 
 def _at(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 def test_an_intermediate_within_the_window_is_renewed_once_per_day(world):
@@ -103,7 +103,7 @@ def test_concurrent_sweeps_renew_once_and_notify_once(world):
     expires = _at(world.customer()["intermediate"]["notAfter"])
     when = expires - dt.timedelta(days=30)
     created = world.keys.created
-    results, errors = run_concurrently(lambda: world.sweep(when), 3)
+    _, errors = run_concurrently(lambda: world.sweep(when), 3)
     assert not errors, errors
     assert world.keys.created == created + 2  # one per customer
     assert len(world.notices()) == 1 and len(world.notices()[0]["devices"]) == 20

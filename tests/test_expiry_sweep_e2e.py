@@ -10,8 +10,8 @@ import json
 import threading
 
 import pytest
-from cryptography import x509
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
+from cryptography import x509
 
 from clients.storage import queue_client
 from devhost.stack import person_settings
@@ -41,7 +41,7 @@ def env(storage, stack):
 
 
 def _at(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 def test_a_rehearsal_80_days_before_expiry_renews_and_both_generations_register(env, stack, tmp_path,
@@ -73,7 +73,7 @@ def test_a_rehearsal_80_days_before_expiry_renews_and_both_generations_register(
 def test_two_concurrent_sweeps_renew_once_and_notify_once(env, stack, tmp_path):
     fleet = Fleet(env, stack, tmp_path)
     services = fleet.services
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     customers = [fleet.acme, fleet.globex]
     for customer in customers:
         for i in range(30):

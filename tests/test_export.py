@@ -63,6 +63,7 @@ def test_key_pem_is_pkcs8_and_encrypted_when_asked(chain):
 
 
 def test_thumbprints_match_openssl(chain):
-    result = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha1"], input=export.cert_pem(chain.device).decode(),
+    result = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha1"],
+                            input=export.cert_pem(chain.device).decode(),
                             capture_output=True, check=True, text=True)
     assert result.stdout.strip().split("=", 1)[1].replace(":", "") == export.thumbprints(chain.device)["sha1"]

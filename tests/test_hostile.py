@@ -45,8 +45,8 @@ from .test_root_ca import CountingKeys
 
 CORPUS = json.loads((Path(__file__).parent / "hostile" / "corpus.json").read_text())
 POOL = (DpsInstance("dps1", "https://dps1.example", "0ne001", ("hub1.azure-devices.net",)),)
-HANDLERS = {"customer-onboarding": function_app._onboard, "pki-commands": function_app._command,
-            "batch-chunks": function_app._issue_chunk}
+HANDLERS = {"customer-onboarding": function_app.handle_onboarding, "pki-commands": function_app.handle_command,
+            "batch-chunks": function_app.handle_chunk}
 
 
 @dataclass
@@ -73,7 +73,8 @@ class Service:
 
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path
-        store, keys, audit = MemoryDocumentStore(), CountingKeys(tmp_path / "keys", b"test-passphrase-123"), ListAuditLog()
+        store, keys, audit = (MemoryDocumentStore(), CountingKeys(tmp_path / "keys", b"test-passphrase-123"),
+                              ListAuditLog())
         dps, self.files, self.queue = FakeDps(), MemoryFiles(), MemoryQueue()
         onboarding = OnboardingSettings(pool=POOL)
         self.wired = SimpleNamespace(
@@ -83,12 +84,12 @@ class Service:
                            settings=onboarding))
         self.messages = 0
         create_root(RootRequest("root", KeyType.EC_P384, 20, "Test Root"), store=store, keys=keys,
-                    now=dt.datetime.now(dt.timezone.utc))
+                    now=dt.datetime.now(dt.UTC))
 
     def deliver(self, queue: str, body: bytes) -> None:
         """One delivery; raises what the host would retry (and finally poison)."""
         self.messages += 1
-        message = Message(body, f"m{self.messages}", insertion_time=dt.datetime.now(dt.timezone.utc))
+        message = Message(body, f"m{self.messages}", insertion_time=dt.datetime.now(dt.UTC))
         run_queue_message(message, queue=queue, services=lambda: self.wired, handle=HANDLERS[queue])
 
     def upload(self, path: str, content: bytes, metadata: dict[str, str]) -> None:
@@ -96,7 +97,7 @@ class Service:
         name = f"device-batches/{path}"
         self.files.upload(name, content, metadata)
         run_blob(Blob(name, {"ETag": self.files.properties(name)[1]}), services=lambda: self.wired,
-                 handle=function_app._intake)
+                 handle=function_app.handle_batch)
         try:
             while self.queue.sent:
                 queue, message = self.queue.sent.pop(0)

@@ -80,9 +80,9 @@ def test_every_client_of_the_app_uses_the_user_assigned_identity_its_settings_na
     as_operator = build_services(operator)  # same code, the operator's identity: the services refuse by role
     with pytest.raises(NotPermitted, match=r"HTTP 403 Forbidden/ForbiddenByRbac.*keys/sign/action"):
         as_operator.keys.signer(key)("ES256", b"\0" * 32)
-    with pytest.raises(NotPermitted, match="HTTP 401.*not authorized for PUT on /enrollmentGroups"):
+    with pytest.raises(NotPermitted, match=r"HTTP 401.*not authorized for PUT on /enrollmentGroups"):
         as_operator.groups.create_group(stack.dps[0].name, {"enrollmentGroupId": "no-such-group"})
-    with pytest.raises(NotPermitted, match="HTTP 401.*IotHubUnauthorized"):
+    with pytest.raises(NotPermitted, match=r"HTTP 401.*IotHubUnauthorized"):
         as_operator.hubs.device(stack.iothub.hostname, "no-such-device")
     as_admin = build_services(load_settings(person_settings(app_settings(azurite, stack), stack.client_id(ADMIN))))
     with pytest.raises(NotPermitted, match="secrets/getSecret/action"):

@@ -69,7 +69,8 @@ def test_local_up_runs_the_production_configuration_end_to_end_then_down_leaves_
     assert "AzureWebJobsStorage" not in values and "DPS_CONNECTION_STRINGS" not in values
     assert "IOT_HUB_CONNECTION_STRINGS" not in values
     assert values["AzureWebJobsStorage__credential"] == "managedidentity"
-    assert values["AzureWebJobsStorage__clientId"] == values["AZURE_CLIENT_ID"] == info["principals"]["pki-app"]["clientId"]
+    assert (values["AzureWebJobsStorage__clientId"] == values["AZURE_CLIENT_ID"]
+            == info["principals"]["pki-app"]["clientId"])
     assert values["AzureWebJobsStorage__blobServiceUri"].startswith("https://127.0.0.1:")
     assert all("127.0.0.1" in u for u in (values["KEY_VAULT_URL"], values["ROOT_CA_KEY_VAULT_URL"],
                                          values["DPS_DEVICE_ENDPOINT"], values["IDENTITY_ENDPOINT"]))

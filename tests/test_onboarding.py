@@ -10,8 +10,13 @@ from cryptography import x509
 
 from handlers.dps_pool import DpsInstance
 from handlers.errors import CapacityExhausted, InvalidMessage, Rejected
-from handlers.onboarding import (OnboardingRequest, OnboardingSettings, customer_document, list_customers,
-                                 onboard_customer)
+from handlers.onboarding import (
+    OnboardingRequest,
+    OnboardingSettings,
+    customer_document,
+    list_customers,
+    onboard_customer,
+)
 from handlers.root_ca import RootRequest, create_root
 from pki.keys import KeyType
 
@@ -190,7 +195,7 @@ def test_plain_and_base64_messages_are_the_same_request():
 
 
 def test_the_same_message_delivered_twice_at_once_still_makes_one_key(world):
-    outcomes, errors = run_concurrently(lambda: world.onboard(MESSAGE, message_id="same-message").status, 3)
+    _, errors = run_concurrently(lambda: world.onboard(MESSAGE, message_id="same-message").status, 3)
     assert world.keys.created == 1 and world.groups.creates == 1
     assert all(type(e).__name__ == "TransientError" for e in errors)
 

@@ -108,7 +108,8 @@ def audit_events(env: dict, customer: str) -> list[dict]:
 def dps_client(stack, index: int = 0) -> DeviceProvisioningClient:
     from azure.identity import ManagedIdentityCredential
 
-    return DeviceProvisioningClient(stack.dps[index].endpoint, ManagedIdentityCredential(client_id=stack.client_id(APP)),
+    return DeviceProvisioningClient(stack.dps[index].endpoint,
+                                    ManagedIdentityCredential(client_id=stack.client_id(APP)),
                                     connection_verify=str(stack.ca_path))
 
 
@@ -128,7 +129,7 @@ def test_one_message_makes_an_active_customer_with_its_intermediate_in_the_group
     store = state_store(load_settings({k: v for k, v in env.items() if not k.startswith("_")}))
     root = x509.load_pem_x509_certificate(store.get("root-ca.json").data["certificatePem"].encode())
     assert_ca_cert(intermediate, issuer=root, path_length=0)
-    verified = openssl_verify(root, intermediate, at=dt.datetime.now(dt.timezone.utc), purpose=None)
+    verified = openssl_verify(root, intermediate, at=dt.datetime.now(dt.UTC), purpose=None)
     assert verified.returncode == 0, verified.stderr
     dps_index = [d.name for d in stack.dps].index(record["dps"]["name"])
     group = dps_client(stack, dps_index).enrollment_group.get(customer)
@@ -233,7 +234,7 @@ def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(stor
         from handlers.onboarding import OnboardingSettings
 
         onboarding = OnboardingSettings(pool=settings.dps_pool)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         create_root(RootRequest("root", KeyType.EC_P256, 20, "Pool Root"), store=store, keys=keys, now=now)
 
         def onboard(i: int):

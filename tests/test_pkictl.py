@@ -89,7 +89,8 @@ def test_doctor_json(files):
     (["doctor", "--cert", "{d}/absent.pem"], "error: --cert {d}/absent.pem: No such file or directory"),
     (["doctor", "--cert", "{d}/device.pem", "--registration-id", "Device-1"], "must be lowercase"),
     (["doctor", "--cert", "{d}/device.pem", "--now", "yesterday"], "--now: 'yesterday' is not an ISO date"),
-    (["csr", "check", "--csr", "{d}/broken.csr", "--device-id", "device-001"], "error: --csr: signature does not verify"),
+    (["csr", "check", "--csr", "{d}/broken.csr", "--device-id", "device-001"],
+     "error: --csr: signature does not verify"),
     (["csr", "check", "--csr", "{d}/good.csr", "--device-id", "device-002"], "does not match deviceId 'device-002'"),
     (["id", "check", "Device-1"], "error: id: 'Device-1' is not a valid DPS registration id: must be lowercase"),
     (["id", "check", "a" * 65], "must be at most 64 characters, got 65"),
@@ -240,7 +241,8 @@ def test_the_demo_runs_end_to_end_speaks_the_published_contracts_and_leaks_no_se
 
     assert run_demo(out, inspect=inspect, record_exchanges=True) == 0, out.getvalue()[-3000:]
     text = out.getvalue()
-    for expected in ("demo complete", "DPS dps2: verified (pki-root-", "errorCode 401005", "disable-device       changed",
+    for expected in ("demo complete", "DPS dps2: verified (pki-root-", "errorCode 401005",
+                     "disable-device       changed",
                      "notice ", "(secondary)"):
         assert expected in text
     leaks, scanned = scans[0]

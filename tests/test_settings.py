@@ -43,7 +43,8 @@ def test_identity_based_storage_builds_endpoints():
     ({**IDENTITY, "AzureWebJobsStorage__credential": "clientsecret"}, "AzureWebJobsStorage__credential"),
     ({**IDENTITY, "AzureWebJobsStorage__clientId": "not-a-guid"}, "AzureWebJobsStorage__clientId"),
     ({**IDENTITY, "AzureWebJobsStorage__managedIdentityResourceId": "/x"}, "AzureWebJobsStorage__clientId"),
-    ({**IDENTITY, "AzureWebJobsStorage__blobServiceUri": "http://127.0.0.1:1/a"}, "AzureWebJobsStorage__blobServiceUri"),
+    ({**IDENTITY, "AzureWebJobsStorage__blobServiceUri": "http://127.0.0.1:1/a"},
+     "AzureWebJobsStorage__blobServiceUri"),
     ({**IDENTITY, "AZURE_CLIENT_ID": "app"}, "AZURE_CLIENT_ID"),
 ])
 def test_malformed_settings_fail_with_their_name(env, name):

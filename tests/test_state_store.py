@@ -57,9 +57,12 @@ def test_concurrent_creates_have_exactly_one_winner(state_store):
 
 
 def test_index_tags_are_queried_server_side(state_store):
-    state_store.create("devices/acme/d1.json", {}, tags={"customer": "acme", "status": "issued", "notAfter": "20270101"})
-    state_store.create("devices/acme/d2.json", {}, tags={"customer": "acme", "status": "issued", "notAfter": "20280101"})
-    state_store.create("devices/beta/d3.json", {}, tags={"customer": "beta", "status": "issued", "notAfter": "20270101"})
+    state_store.create("devices/acme/d1.json", {},
+                       tags={"customer": "acme", "status": "issued", "notAfter": "20270101"})
+    state_store.create("devices/acme/d2.json", {},
+                       tags={"customer": "acme", "status": "issued", "notAfter": "20280101"})
+    state_store.create("devices/beta/d3.json", {},
+                       tags={"customer": "beta", "status": "issued", "notAfter": "20270101"})
     doc = state_store.get("devices/acme/d1.json")
     state_store.replace(doc, {"disabled": True},
                         tags={"customer": "acme", "status": "disabled", "notAfter": "20270101"})

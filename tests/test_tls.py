@@ -17,7 +17,7 @@ from .x509_helpers import make_chain, remote
 def pki_files(tmp_path_factory):
     import datetime as dt
 
-    now = dt.datetime.now(dt.timezone.utc)  # the TLS stack checks validity against the real clock
+    now = dt.datetime.now(dt.UTC)  # the TLS stack checks validity against the real clock
     chain = make_chain(now=now)
     d = tmp_path_factory.mktemp("tls")
     server_key = generate_key(KeyType.EC_P256)
@@ -62,9 +62,9 @@ def _handshake(d, client_cert: str) -> tuple[str | None, str | None]:
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with client_ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.recv(2)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                client_ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.recv(2)
     except (ssl.SSLError, OSError):
         pass
     thread.join(timeout=5)

@@ -15,7 +15,7 @@ from pki import export, profiles
 from pki.keys import KeyType, PrivateKey, generate_key
 from pki.signing import remote_key, software_signer
 
-NOW = dt.datetime(2026, 11, 29, 12, 0, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 29, 12, 0, 0, tzinfo=dt.UTC)
 
 
 def ext(cert: x509.Certificate, cls):
