@@ -35,7 +35,7 @@ from pki.signing import remote_key
 from . import batch_format
 from .batch_intake import BatchRef, BatchSettings, _csv_cell, csv_bytes
 from .errors import AlreadyExists, Conflict, InvalidMessage, TransientError
-from .leases import release, stamp
+from .leases import expired, lease_for, release, stamp, update
 from .onboarding import customer_document
 from .ports import (
     AuditLog,
@@ -265,11 +265,14 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self.stop.wait(self.lease_s / 3):
             try:
-                doc = self.store.get(self.name)
-                if doc is not None and (doc.data.get("lease") or {}).get("owner") == self.owner:
-                    self.store.replace(doc, {**doc.data, "lease": {"owner": self.owner, "until": self.until()}})
+                update(self.store, self.name, self._beat, attempts=1)
             except Exception:  # noqa: BLE001, S110 - a missed beat only shortens the lease
                 pass
+
+    def _beat(self, data: dict | None) -> dict | None:
+        if data is None or (data.get("lease") or {}).get("owner") != self.owner:
+            return None  # the chunk is done, or another run took it over: nothing of ours to renew
+        return {**data, "lease": {"owner": self.owner, "until": self.until()}}
 
     def __enter__(self) -> _Heartbeat:
         self.thread.start()
@@ -355,15 +358,14 @@ def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: d
     waited = 0.0
     while True:
         doc = store.get(ref.chunk_document(n))
-        lease = {"owner": owner, "until": stamp(now + dt.timedelta(seconds=lease_s + waited))}
-        current = stamp(now + dt.timedelta(seconds=waited))
+        lease = lease_for(owner, now + dt.timedelta(seconds=lease_s + waited))
         try:
             if doc is None:
                 return store.create(ref.chunk_document(n), {"status": "issuing", "lease": lease, "attempts": 1})
             if doc.data["status"] == "done":
                 return doc
             held = doc.data.get("lease") or {}
-            if held.get("owner") == owner or held.get("until", "") <= current:
+            if held.get("owner") == owner or expired(held, now + dt.timedelta(seconds=waited)):
                 return store.replace(doc, {**doc.data, "lease": lease, "attempts": doc.data.get("attempts", 1) + 1})
         except (AlreadyExists, Conflict):
             continue
@@ -376,25 +378,23 @@ def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: d
 def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStore, outputs: OutputFiles,
               settings: BatchSettings, now: dt.datetime) -> str:
     """Count chunk ``n`` once; whoever completes the last chunk assembles the report."""
-    for _ in range(50):
-        doc = store.get(ref.document)
-        data = doc.data
-        if n not in data["completedChunks"]:
-            counts = dict(data["counts"])
-            for result in results:
-                counts[result["status"]] = counts.get(result["status"], 0) + 1
-            data = {**data, "completedChunks": sorted([*data["completedChunks"], n]), "counts": counts,
-                    "updatedAt": stamp(now)}
-            if len(data["completedChunks"]) == len(data["chunks"]):
-                data["status"] = "assembling"
-            try:
-                doc = store.replace(doc, data, tags={"kind": "batch", "customer": ref.customer_id,
-                                                      "status": data["status"]})
-            except Conflict:
-                continue  # another chunk finished at the same moment: count again on fresh data
-        break
-    else:
-        raise TransientError(f"batch {ref.batch_name}: could not count chunk {n}; retry")
+
+    def count(data: dict) -> dict | None:
+        if n in data["completedChunks"]:
+            return None  # counted by an earlier delivery of this chunk
+        counts = dict(data["counts"])
+        for result in results:
+            counts[result["status"]] = counts.get(result["status"], 0) + 1
+        data = {**data, "completedChunks": sorted([*data["completedChunks"], n]), "counts": counts,
+                "updatedAt": stamp(now)}
+        if len(data["completedChunks"]) == len(data["chunks"]):
+            data["status"] = "assembling"
+        return data
+
+    # every chunk of a batch may finish at the same moment: more attempts than the policy's default
+    doc = update(store, ref.document, count, attempts=50,
+                 tags=lambda data: {"kind": "batch", "customer": ref.customer_id, "status": data["status"]})
+    data = doc.data
     if data["status"] != "assembling":
         return (f"batch {ref.customer_id}/{ref.batch_name}: chunk {n} done ({len(data['completedChunks'])}/"
                 f"{len(data['chunks'])})")

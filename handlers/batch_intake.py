@@ -24,7 +24,7 @@ from pki.keys import DEVICE_KEY_TYPES, KeyType
 
 from . import batch_format
 from .errors import AlreadyExists, Conflict, InvalidMessage, NotFound, Rejected, TransientError
-from .leases import release, stamp
+from .leases import held_by_other, lease_for, release, stamp, update
 from .messages import REQUEST_ID, REQUEST_ID_RULE
 from .onboarding import CUSTOMER_ID, customer_document
 from .ports import AuditLog, DocumentStore, InputFiles, MessageQueue, OutputFiles, Secrets
@@ -248,11 +248,11 @@ def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: D
                               "reason": f"already {data['status']}"})
                 return f"batch {ref.customer_id}/{ref.batch_name}: already {data['status']} (no-op)"
             lease = data.get("lease") or {}
-            if lease.get("owner") not in (None, owner) and lease.get("until", "") > stamp(now):
+            if held_by_other(lease, owner, now):
                 raise TransientError(f"batch {ref.batch_name}: intake in progress elsewhere; retry later")
         record = {"customerId": ref.customer_id, "batchName": ref.batch_name, "input": path, "upload": upload,
                   "size": size, "status": "validating", "createdAt": doc.data["createdAt"] if doc else stamp(now),
-                  "updatedAt": stamp(now), "lease": {"owner": owner, "until": stamp(now + LEASE)}}
+                  "updatedAt": stamp(now), "lease": lease_for(owner, now + LEASE)}
         try:
             doc = store.create(ref.document, record, tags=_tags(record)) if doc is None else \
                 store.replace(doc, {**doc.data, **record}, tags=_tags(record))
@@ -324,12 +324,5 @@ def _send_chunks(ref: BatchRef, chunks: list[dict], queue: MessageQueue) -> None
 
 def _mark_enqueued(ref: BatchRef, store: DocumentStore) -> None:
     """Set only ``chunksEnqueued`` (and drop the lease) on fresh data: chunks may be completing meanwhile."""
-    for _ in range(20):
-        doc = store.get(ref.document)
-        try:
-            store.replace(doc, {**doc.data, "chunksEnqueued": True, "lease": None}, tags=_tags(doc.data))
-            return
-        except Conflict:
-            continue
-    raise TransientError(f"batch {ref.batch_name}: could not record that its chunks were sent; retry")
+    update(store, ref.document, lambda data: {**data, "chunksEnqueued": True, "lease": None}, tags=_tags)
 

@@ -23,7 +23,7 @@ from pki.ids import registration_id_problem
 from .batch_chunk import device_tags, read_device
 from .errors import AlreadyExists, Conflict, InvalidMessage, Rejected, TransientError
 from .intermediates import renew_intermediate
-from .leases import stamp
+from .leases import stamp, update
 from .messages import REQUEST_ID, REQUEST_ID_RULE, Delivery, Fields, decode_json_message
 from .onboarding import (
     CUSTOMER_ID,
@@ -389,22 +389,14 @@ def hub_devices_document(customer_id: str) -> str:
 
 def _remember_hub_devices(ports: Ports, customer_id: str, by_hub: dict[str, list[str]]) -> dict[str, list[str]]:
     """Merge ``by_hub`` into the kept list; returns the union (what an enable must reach)."""
-    name = hub_devices_document(customer_id)
-    for _ in range(_ATTEMPTS):
-        doc = ports.store.get(name)
-        kept = (doc.data.get("hubs") if doc is not None else None) or {}
+    def merge(data: dict | None) -> dict | None:
+        kept = (data or {}).get("hubs") or {}
         merged = {hub: sorted(set(kept.get(hub, [])) | set(by_hub.get(hub, []))) for hub in set(kept) | set(by_hub)}
-        if doc is not None and merged == kept:
-            return merged
-        try:
-            if doc is None:
-                ports.store.create(name, {"customerId": customer_id, "hubs": merged})
-            else:
-                ports.store.replace(doc, {**doc.data, "hubs": merged})
-            return merged
-        except (AlreadyExists, Conflict):
-            continue
-    raise TransientError(f"{name} kept changing; retry")
+        if data is not None and merged == kept:
+            return None
+        return {**(data or {"customerId": customer_id}), "hubs": merged}
+
+    return update(ports.store, hub_devices_document(customer_id), merge).data["hubs"]
 
 
 def _hub_devices(run: _Run, customer: dict, wanted: str) -> tuple[list[str], list[str]]:

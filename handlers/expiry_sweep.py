@@ -27,7 +27,7 @@ from .batch_chunk import device_tags
 from .commands import Ports, sync_group
 from .errors import AlreadyExists, Conflict, TransientError
 from .intermediates import RenewalRefused, renew_intermediate
-from .leases import stamp
+from .leases import expired, lease_for, stamp, update
 from .onboarding import ONBOARDED, customer_document, customer_tags, list_customers
 from .ports import Document, MessageQueue
 from .root_ca import ROOT_DOCUMENT
@@ -173,28 +173,25 @@ class _Sweep:
         return {"found": len(found), "expiring": expiring, "expired": expired, "notices": notices}
 
     def _mark(self, doc: Document, **changes: Any) -> Document | None:
-        for _ in range(5):
-            data = {**doc.data, **changes}
-            try:
-                return self.ports.store.replace(doc, data, tags=device_tags(data))
-            except Conflict:  # a command changed the device meanwhile: apply on top of it
-                doc = self.ports.store.get(doc.name)
-                if doc is None:
-                    return None
-        return None
+        """Apply ``changes`` on top of the device as it is (a command may have changed it meanwhile)."""
+        try:
+            return update(self.ports.store, doc.name, lambda data: {**data, **changes} if data else None,
+                          tags=device_tags)
+        except TransientError:
+            return None  # tomorrow's sweep finds the device again
 
     def _notify(self, customer_id: str, devices: list[dict]) -> dict[str, Any]:
         name = notice_document(self.day, customer_id)
         notice_id = f"{self.day.isoformat()}/{customer_id}"
         listed = sorted(({k: v for k, v in d.items() if k != "_doc"} for d in devices), key=lambda d: d["notAfter"])
         record = {"noticeId": notice_id, "customerId": customer_id, "status": "sending", "devices": listed,
-                  "lease": {"owner": self.owner, "until": stamp(self.now + NOTICE_LEASE)}}
+                  "lease": lease_for(self.owner, self.now + NOTICE_LEASE)}
         try:
             doc = self.ports.store.create(name, record, tags=self.notice_tags)
         except AlreadyExists:
             doc = self.ports.store.get(name)
             lease = doc.data.get("lease") or {}
-            if doc.data["status"] == "sent" or lease.get("until", "") > stamp(self.now):
+            if doc.data["status"] == "sent" or not expired(lease, self.now):
                 return {"customerId": customer_id, "noticeId": notice_id, "devices": len(doc.data["devices"]),
                         "sent": doc.data["status"] == "sent", "by": "another sweep"}
             try:  # a sweep that crashed before sending: take its notice over
@@ -256,16 +253,8 @@ class SweepIncomplete(TransientError):
 
 def _write_report(ports: Ports, name: str, report: dict, run: dict, notices: Callable[[], list[dict]]) -> dict:
     """The day's report: the last run's findings, every run's counts, and every notice of the day."""
-    for _ in range(5):
-        doc = ports.store.get(name)
-        runs = (doc.data.get("runs", []) if doc else []) + [run]
-        full = {**report, "runs": runs, "notices": notices()}
-        try:
-            if doc is None:
-                ports.store.create(name, full, tags={"kind": "expiry-report"})
-            else:
-                ports.store.replace(doc, full, tags={"kind": "expiry-report"})
-            return full
-        except (AlreadyExists, Conflict):
-            continue
-    raise TransientError(f"{name}: kept changing while it was written; retry")
+
+    def add_run(data: dict | None) -> dict:
+        return {**report, "runs": [*(data or {}).get("runs", []), run], "notices": notices()}
+
+    return update(ports.store, name, add_run, tags=lambda _: {"kind": "expiry-report"}).data

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from .errors import Conflict, Rejected, TransientError
-from .leases import release, stamp
+from .leases import held_by_other, lease_for, release, stamp
 from .onboarding import ONBOARDED, OnboardingSettings, customer_document, customer_tags, issue_intermediate, key_name
 from .ports import AuditLog, DocumentStore, KeyStore
 
@@ -99,7 +99,7 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
             return f"intermediate already renewed by {renewal_id} (no-op)"
         renewal = data.get("renewal")
         lease = data.get("lease") or {}
-        if renewal and lease and lease.get("owner") != owner and lease.get("until", "") > stamp(now):
+        if renewal and held_by_other(lease, owner, now):
             if waited < wait_s:  # another run (a duplicate delivery, a second sweep) is renewing: let it finish
                 sleep(0.5)
                 waited += 0.5
@@ -116,7 +116,7 @@ def renew_intermediate(customer_id: str, *, renewal_id: str, reason: str, store:
         renewal = renewal or {"id": renewal_id, "status": "pending", "reason": reason, "startedAt": stamp(now),
                               "forced": force}
         try:
-            lease = {"owner": owner, "until": stamp(now + LEASE)}
+            lease = lease_for(owner, now + LEASE)
             doc = store.replace(doc, {**data, "renewal": renewal, "lease": lease}, tags=customer_tags(data))
             finished = _advance(doc, keys=keys, store=store, sync=sync, settings=settings, now=now)
         except Conflict:

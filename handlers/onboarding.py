@@ -23,7 +23,7 @@ from pki.keys import KeyType
 
 from .dps_pool import MAX_GROUPS_PER_DPS, DpsInstance, choose_instance
 from .errors import AlreadyExists, CapacityExhausted, Conflict, InvalidMessage, NotFound, Rejected, TransientError
-from .leases import release, stamp
+from .leases import held_by_other, lease_for, release, stamp
 from .messages import REQUEST_ID, REQUEST_ID_RULE, Fields, decode_json_message
 from .ports import AuditLog, Document, DocumentStore, KeyStore
 from .root_ca import load_root, root_signer
@@ -214,7 +214,7 @@ class _Run:
                                "requestId": self.request.request_id, "messageId": self.message_id, **extra})
 
     def lease(self) -> dict:
-        return {"owner": self.owner, "until": stamp(self.now + LEASE)}
+        return lease_for(self.owner, self.now + LEASE)
 
     def write(self, doc: Document, status: str, **changes: Any) -> Document:
         data = {**doc.data, **changes, "status": status, "updatedAt": stamp(self.now)}
@@ -304,7 +304,7 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             run.audit("no-op", status, status, reason=f"already onboarded ({status}) with the same parameters")
             return Outcome("already_active", doc.data)
         lease = (doc.data.get("lease") or {}) if doc else {}
-        if lease and lease.get("owner") != run.owner and lease.get("until", "") > stamp(now) and status != "rejected":
+        if held_by_other(lease, run.owner, now) and status != "rejected":
             if waited >= LEASE_WAIT_S:
                 run.audit("no-op", status, status, reason="another run holds the lease; the host will retry")
                 raise TransientError(f"customer {request.customer_id}: onboarding in progress elsewhere "

@@ -7,7 +7,8 @@ import datetime as dt
 import hashlib
 from typing import Any
 
-from .errors import AlreadyExists, Conflict
+from .errors import AlreadyExists, TransientError
+from .leases import update
 from .ports import DocumentStore
 
 MAX_PAYLOAD_CHARS = 64 * 1024
@@ -42,16 +43,14 @@ def record_failure(store: DocumentStore, *, queue: str, message_id: str | None, 
     """``failures/{queue}/{message}.json``: each failed attempt's reason, so a poisoned message says why."""
     name = f"failures/{queue}/{_message_key(message_id, body)}.json"
     attempt = {"at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "dequeueCount": dequeue_count, "reason": reason[:2000]}
-    for _ in range(3):
-        current = store.get(name)
-        try:
-            if current is None:
-                store.create(name, {"queue": queue, "messageId": message_id, "payload": _payload(body),
-                                    "attempts": [attempt]}, tags={"kind": "failure", "queue": queue})
-            else:
-                attempts = [*current.data.get("attempts", []), attempt][-MAX_FAILURES_KEPT:]
-                store.replace(current, {**current.data, "attempts": attempts}, tags={"kind": "failure", "queue": queue})
-            break
-        except (AlreadyExists, Conflict):
-            continue
+
+    def append(data: dict | None) -> dict:
+        if data is None:
+            return {"queue": queue, "messageId": message_id, "payload": _payload(body), "attempts": [attempt]}
+        return {**data, "attempts": [*data.get("attempts", []), attempt][-MAX_FAILURES_KEPT:]}
+
+    try:
+        update(store, name, append, tags=lambda _: {"kind": "failure", "queue": queue}, attempts=3)
+    except TransientError:
+        pass  # the failure being handled is what the host must see; its reason is in the log too
     return name

@@ -18,7 +18,7 @@ from pki.keys import KeyType, PrivateKey
 from pki.signing import remote_key
 
 from .errors import AlreadyExists, Conflict, NotFound, TransientError
-from .leases import release, stamp
+from .leases import held_by_other, lease_for, release, stamp
 from .ports import Document, DocumentStore, KeyRef, KeyStore
 
 ROOT_DOCUMENT = "root-ca.json"
@@ -50,7 +50,7 @@ class RootCa:
 
 
 def _lease(owner: str, now: dt.datetime) -> dict:
-    return {"owner": owner, "until": stamp(now + LEASE)}
+    return lease_for(owner, now + LEASE)
 
 
 def _pending(request: RootRequest, now: dt.datetime, owner: str, previous: list | None = None) -> dict:
@@ -120,7 +120,7 @@ def create_root(request: RootRequest, *, store: DocumentStore, keys: KeyStore, n
             raise Conflict("an interrupted root CA creation with other parameters is on record "
                            f"({doc.data.get('request')}); re-run it with those, or pass --force")
         lease = (doc.data.get("lease") or {}) if doc is not None and not active else {}
-        if lease and lease.get("owner") != owner and lease.get("until", "") > stamp(now):
+        if held_by_other(lease, owner, now):
             raise TransientError(f"another root CA creation is in progress (lease until {lease['until']}); "
                                  "try again after it")
         try:
