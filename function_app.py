@@ -10,7 +10,7 @@ import azure.functions as func
 
 from edge.queue import run_blob, run_queue_message, run_timer
 from edge.services import Services, services
-from handlers import batch_chunk, batch_intake, commands, expiry_sweep, onboarding
+from handlers import batch_chunk, batch_intake, command_message, commands, expiry_sweep, onboarding, records
 from handlers.messages import Delivery
 
 app = func.FunctionApp()
@@ -48,7 +48,7 @@ def device_batch(blob: func.InputStream) -> None:
 
 def handle_chunk(body: bytes, wired: Services, delivery: Delivery) -> str:
     return batch_chunk.process_chunk(
-        batch_chunk.ChunkMessage.parse(body), files=wired.files, outputs=wired.files, store=wired.store,
+        records.ChunkMessage.parse(body), files=wired.files, outputs=wired.files, store=wired.store,
         keys=wired.keys, secrets_store=wired.secrets, audit=wired.audit, settings=wired.batches, now=_now(),
         registrar=wired.registrar)
 
@@ -60,13 +60,13 @@ def batch_chunk_issue(msg: func.QueueMessage) -> None:
 
 
 def handle_command(body: bytes, wired: Services, delivery: Delivery) -> str:
-    return commands.run_command(commands.Command.parse(body), delivery, ports=wired.commands, now=_now())
+    return commands.run_command(command_message.Command.parse(body), delivery, ports=wired.commands, now=_now())
 
 
-@app.queue_trigger(arg_name="msg", queue_name=commands.QUEUE, connection="AzureWebJobsStorage")
+@app.queue_trigger(arg_name="msg", queue_name=command_message.QUEUE, connection="AzureWebJobsStorage")
 def operator_command(msg: func.QueueMessage) -> None:
     """Operator/ERP command -> device or customer disabled/enabled (IoT Hub + DPS), intermediate renewed."""
-    run_queue_message(msg, queue=commands.QUEUE, services=services, handle=handle_command)
+    run_queue_message(msg, queue=command_message.QUEUE, services=services, handle=handle_command)
 
 
 def handle_sweep(wired: Services) -> str:

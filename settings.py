@@ -22,7 +22,7 @@ _CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")  # blob cont
 _KEY_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")  # Key Vault object names
 _DPS_RESOURCE_ID = re.compile(r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Devices/"
                               r"provisioningServices/[^/]+", re.IGNORECASE)
-# Customers' intermediate keys: customer-{customerId} (handlers.onboarding.key_name), compared lower-case.
+# Customers' intermediate keys: customer-{customerId} (handlers.records.key_name), compared lower-case.
 CUSTOMER_KEY_PREFIX = "customer-"
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -235,7 +235,7 @@ def _vault_urls(env: Mapping[str, str]) -> tuple[str | None, str | None]:
 def _root_key_name(env: Mapping[str, str]) -> str:
     name = _match(env, "ROOT_CA_KEY_NAME", "pki-root-ca", _KEY_NAME,
                   "is not a Key Vault key name (1-127 of a-z, A-Z, 0-9, '-')")
-    # Customers' intermediate keys are named customer-{customerId} (handlers.onboarding.key_name); Key Vault compares
+    # Customers' intermediate keys are named customer-{customerId} (handlers.records.key_name); Key Vault compares
     # names case-insensitively, so Customer-X is customer-x's key too. A root key there would be a customer's.
     if name.lower().startswith(CUSTOMER_KEY_PREFIX):
         raise SettingsError("ROOT_CA_KEY_NAME", f"{name!r} is in the {CUSTOMER_KEY_PREFIX}* namespace of customers' "

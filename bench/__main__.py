@@ -173,8 +173,8 @@ def sweep(args: argparse.Namespace) -> dict:
 
     from devhost.stack import LocalStack
     from edge.services import build_services
-    from handlers.batch_chunk import device_document, device_tags
     from handlers.expiry_sweep import run_sweep
+    from handlers.records import device_document, device_tags
     from settings import load_settings
 
     now = dt.datetime.now(dt.UTC)

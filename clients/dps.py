@@ -16,7 +16,7 @@ from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
 from handlers.dps_pool import DpsInstance
 from handlers.errors import CapacityExhausted, NotFound, Rejected
-from handlers.onboarding import Group
+from handlers.ports import Enrollment
 
 from .errors import translated
 
@@ -71,15 +71,15 @@ class DpsEnrollmentGroups:
         client = self._client(dps)
         return client.enrollment_group if kind == "enrollment group" else client.enrollment
 
-    def _get(self, dps: str, kind: str, record_id: str) -> Group | None:
+    def _get(self, dps: str, kind: str, record_id: str) -> Enrollment | None:
         try:
             with translated(f"{kind} {record_id} on {dps}"):
                 data = self._operations(dps, kind).get(record_id)
         except NotFound:
             return None
-        return Group(data=data, etag=data.get("etag", ""))
+        return Enrollment(data=data, etag=data.get("etag", ""))
 
-    def _put(self, dps: str, kind: str, record_id: str, body: dict, etag: str | None) -> Group:
+    def _put(self, dps: str, kind: str, record_id: str, body: dict, etag: str | None) -> Enrollment:
         """Create (``etag`` None: ``AlreadyExists`` if present) or replace at ``etag`` (``Conflict`` if stale)."""
         try:
             with translated(f"{kind} {record_id} on {dps}"):
@@ -90,7 +90,7 @@ class DpsEnrollmentGroups:
             if exc.status_code == 400:  # DPS's verdict on the record (e.g. hubs not linked): retrying cannot help
                 raise Rejected(f"DPS {dps} refused {kind} {record_id}: {exc.message}") from exc
             raise
-        return Group(data=data, etag=data.get("etag", ""))
+        return Enrollment(data=data, etag=data.get("etag", ""))
 
     def _full(self, dps: str, exc: HttpResponseError) -> bool:
         if _says_full(exc):
@@ -104,22 +104,22 @@ class DpsEnrollmentGroups:
         with translated(f"enrollment groups of {dps}"):
             return list(self._client(dps).enrollment_group.query({"query": "*"}))
 
-    def get_group(self, dps: str, group_id: str) -> Group | None:
+    def get_group(self, dps: str, group_id: str) -> Enrollment | None:
         return self._get(dps, "enrollment group", group_id)
 
-    def create_group(self, dps: str, group: dict) -> Group:
+    def create_group(self, dps: str, group: dict) -> Enrollment:
         """Create only if absent: ``AlreadyExists`` if it exists, ``CapacityExhausted`` if DPS is full."""
         return self._put(dps, "enrollment group", group["enrollmentGroupId"], group, None)
 
-    def replace_group(self, dps: str, group: dict, etag: str) -> Group:
+    def replace_group(self, dps: str, group: dict, etag: str) -> Enrollment:
         """Replace a group only if unchanged since it was read at ``etag``; ``Conflict`` otherwise."""
         return self._put(dps, "enrollment group", group["enrollmentGroupId"], group, etag)
 
     # --- individual enrollments (blocking one device of a group) and registration states -------------
-    def get_enrollment(self, dps: str, registration_id: str) -> Group | None:
+    def get_enrollment(self, dps: str, registration_id: str) -> Enrollment | None:
         return self._get(dps, "individual enrollment", registration_id)
 
-    def put_enrollment(self, dps: str, enrollment: dict, etag: str | None) -> Group:
+    def put_enrollment(self, dps: str, enrollment: dict, etag: str | None) -> Enrollment:
         return self._put(dps, "individual enrollment", enrollment["registrationId"], enrollment, etag)
 
     def delete_enrollment(self, dps: str, registration_id: str, etag: str) -> None:

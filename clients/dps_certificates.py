@@ -15,7 +15,7 @@ import re
 from azure.core import MatchConditions
 
 from handlers.dps_pool import DpsInstance
-from handlers.root_registration import CaCertificate
+from handlers.ports import CaCertificate
 
 from .errors import translated
 

@@ -17,8 +17,8 @@ import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 
-from handlers.commands import BulkOutcome
 from handlers.errors import Conflict, NotFound, Rejected, TransientError
+from handlers.ports import BulkOutcome
 
 from .errors import not_permitted
 from .retry import TokenBucket

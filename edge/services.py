@@ -15,11 +15,10 @@ from clients.factory import DpsRegistrar, enrollment_groups, hub_registries, key
 from clients.iothub import IotHubRegistries
 from clients.keyvault import sign_rate
 from clients.storage import StorageQueues, blob_service, ca_path, state_store
-from handlers.batch_intake import BatchSettings
-from handlers.commands import Ports
+from handlers.dps_pool import OnboardingSettings
 from handlers.expiry_sweep import SweepSettings
-from handlers.onboarding import OnboardingSettings
-from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Secrets
+from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Ports, Secrets
+from handlers.records import BatchSettings
 from settings import HostLimits, Settings, SettingsError, host_json, load_settings
 
 APP_ROOT = Path(__file__).resolve().parent.parent  # the script root: function_app.py and host.json

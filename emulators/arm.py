@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 from pki.export import thumbprints
 
 from .core import HttpError, Request, Response, Route
-from .dps import MAX_CA_CERTIFICATES, CaCertificate, DpsInstance, _etag_matches
+from .dps import MAX_CA_CERTIFICATES, CaCertificate, DpsInstance, etag_matches
 from .identity import MANAGEMENT, TokenIssuer, TokenRejected
 from .iothub import utc_now
 
@@ -176,7 +176,7 @@ class ResourceManagerEmulator:
         if_match = request.header("if-match")
         if if_match is None and required:
             raise _rp_error(412, 412001, "The If-Match header with the certificate's etag is required.")
-        if if_match is not None and not _etag_matches(if_match, record.etag):
+        if if_match is not None and not etag_matches(if_match, record.etag):
             raise _rp_error(412, 412001, f"Precondition failed: the certificate's etag is {record.etag}.")
 
     def _list(self, request: Request, instance: DpsInstance) -> Response:

@@ -137,7 +137,7 @@ def dps_error(status: int, code: int, message: str) -> HttpError:
                               "timestampUtc": iso(utc_now())})
 
 
-def _etag_matches(if_match: str, etag: str) -> bool:
+def etag_matches(if_match: str, etag: str) -> bool:
     return if_match.strip() == "*" or if_match.strip().removeprefix("W/").strip('"') == etag.strip('"')
 
 
@@ -388,7 +388,7 @@ class DpsInstance:
             if existing is not None and if_match is None:
                 raise dps_error(409, ALREADY_EXISTS, f"{kind.name} {record_id!r} already exists; send its etag "
                                 "in If-Match to replace it")
-            if existing is not None and not _etag_matches(if_match, existing.body["etag"]):
+            if existing is not None and not etag_matches(if_match, existing.body["etag"]):
                 raise dps_error(412, PRECONDITION_FAILED, f"{kind.name} {record_id!r} has etag "
                                 f"{existing.body['etag']}, the request sent If-Match {if_match}")
             if existing is None and kind is _GROUP and len(store) >= self.max_groups:
@@ -457,7 +457,7 @@ class DpsInstance:
         if_match = request.header("if-match")
         with self._lock:
             record = self._find(kind, store, record_id)
-            if if_match is not None and not _etag_matches(if_match, record.body["etag"]):
+            if if_match is not None and not etag_matches(if_match, record.body["etag"]):
                 raise dps_error(412, PRECONDITION_FAILED, f"{kind.name} {record_id!r} has etag "
                                 f"{record.body['etag']}, the request sent If-Match {if_match}")
             del store[record_id.lower()]
@@ -481,7 +481,7 @@ class DpsInstance:
         if_match = request.header("if-match")
         with self._lock:
             registration = self._find_registration(registration_id)
-            if if_match is not None and not _etag_matches(if_match, registration.state["etag"]):
+            if if_match is not None and not etag_matches(if_match, registration.state["etag"]):
                 raise dps_error(412, PRECONDITION_FAILED, f"registration {registration_id!r} has etag "
                                 f"{registration.state['etag']}, the request sent If-Match {if_match}")
             del self._registrations[registration_id.lower()]

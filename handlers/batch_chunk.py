@@ -14,14 +14,11 @@ keeps two deliveries of one chunk from working at once, and completion is counte
 from __future__ import annotations
 
 import datetime as dt
-import json
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 
@@ -33,64 +30,21 @@ from pki.keys import KeyType, generate_key
 from pki.signing import remote_key
 
 from . import batch_format
-from .batch_intake import BatchRef, BatchSettings, _csv_cell, csv_bytes
+from .chunk_leases import Heartbeat, claim_chunk
 from .errors import AlreadyExists, Conflict, InvalidMessage, TransientError
-from .leases import expired, lease_for, release, stamp, update
-from .onboarding import customer_document
+from .leases import release, stamp, update
 from .ports import (
     AuditLog,
-    Document,
     DocumentStore,
     InputFiles,
     KeyStore,
     OutputFiles,
+    Registrar,
     Secrets,
 )
-from .root_ca import load_root
-
-REPORT_COLUMNS = ("row", "deviceId", "status", "serial", "thumbprintSha1", "thumbprintSha256", "notAfter",
-                  "certificate", "chain", "pfx", "key", "assignedHub", "notice", "error")
-
-
-class Registrar(Protocol):
-    """Test registration of a device with DPS over mutual TLS (the batch option ``register``)."""
-
-    def register(self, id_scope: str, device_id: str, chain_pem: bytes, key_pem: bytes) -> str:
-        """The assigned hub; raises with DPS's reason when refused."""
-
-
-@dataclass(frozen=True)
-class ChunkMessage:
-    customer_id: str
-    batch_name: str
-    chunk: int
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> ChunkMessage:
-        from .messages import Fields, decode_json_message
-
-        fields = Fields(decode_json_message(raw))
-        customer_id = fields.text("customerId", required=True, max_length=63)
-        batch_name = fields.text("batchName", required=True, max_length=200)
-        chunk = fields.integer("chunk", required=True, minimum=0)
-        fields.reject_unknown()
-        BatchRef.checked(customer_id, batch_name)  # a forged message names no path outside one customer's folder
-        return cls(customer_id, batch_name, chunk)
-
-
-def device_document(device_id: str) -> str:
-    """One record per device id, whatever the customer: DPS registration ids are shared by every group of an instance
-    and hub device ids by everyone on a hub, so an id is held by the first customer whose certificate for it is
-    recorded (a create-if-absent), and no other customer can be issued, or act on, that id."""
-    return f"devices/{device_id}.json"
-
-
-def read_device(store: DocumentStore, customer_id: str, device_id: str) -> Document | None:
-    """The device record if ``customer_id`` holds the device; ``None`` otherwise (another customer's device is
-    answered exactly like a device nobody holds, so no input learns who holds it)."""
-    doc = store.get(device_document(device_id))
-    return doc if doc is not None and doc.data.get("customerId") == customer_id else None
-
+from .records import BatchRef, BatchSettings, ChunkMessage, customer_document, device_document, device_tags
+from .reports import assemble_report
+from .root import load_root
 
 
 class _Issuer:
@@ -231,56 +185,12 @@ class _Issuer:
             return f"registration failed: {exc}"
 
 
-def device_tags(record: dict) -> dict[str, str]:
-    """Index tags the expiry sweep, renewals and the CLI query (notAfter as YYYYMMDD sorts as text)."""
-    tags = {"kind": "device", "customer": record["customerId"], "status": record["status"],
-            "notAfter": record["notAfter"][:10].replace("-", "")}
-    if record.get("intermediateSerial"):  # which devices a renewal would cut off (handlers/intermediates.py)
-        tags["issuer"] = record["intermediateSerial"]
-    return tags
-
-
 def _published(record: dict) -> dict[str, Any]:
     outputs = record.get("outputs", {})
     return {"serial": record.get("serial"), "thumbprintSha1": record.get("thumbprintSha1"),
             "thumbprintSha256": record.get("thumbprintSha256"), "notAfter": record.get("notAfter"),
             "certificate": outputs.get("certificate"), "chain": outputs.get("chain"), "pfx": outputs.get("pfx"),
             "key": outputs.get("key")}
-
-
-class _Heartbeat:
-    """Renews a chunk's lease while it is being issued, so a long chunk keeps it and a crashed worker's
-    chunk is free ``chunk_lease_s`` after its last beat."""
-
-    def __init__(self, store: DocumentStore, name: str, owner: str, lease_s: float, now: dt.datetime):
-        self.store, self.name, self.owner, self.lease_s = store, name, owner, lease_s
-        self.started, self.base = time.monotonic(), now
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="chunk-heartbeat")
-
-    def until(self) -> str:
-        elapsed = dt.timedelta(seconds=time.monotonic() - self.started + self.lease_s)
-        return stamp(self.base + elapsed)
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.lease_s / 3):
-            try:
-                update(self.store, self.name, self._beat, attempts=1)
-            except Exception:  # noqa: BLE001, S110 - a missed beat only shortens the lease
-                pass
-
-    def _beat(self, data: dict | None) -> dict | None:
-        if data is None or (data.get("lease") or {}).get("owner") != self.owner:
-            return None  # the chunk is done, or another run took it over: nothing of ours to renew
-        return {**data, "lease": {"owner": self.owner, "until": self.until()}}
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
 
 
 def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFiles, store: DocumentStore,
@@ -297,7 +207,7 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
     batch = batch_doc.data
     if message.chunk >= len(batch["chunks"]):
         raise InvalidMessage("chunk", f"batch {ref.batch_name} has {len(batch['chunks'])} chunks")
-    chunk_doc = _claim_chunk(ref, message.chunk, owner, store, now, settings.chunk_lease_s, sleep)
+    chunk_doc = claim_chunk(ref, message.chunk, owner, store, now, settings.chunk_lease_s, sleep)
     if chunk_doc.data["status"] != "done":
         try:
             chunk_doc = _issue_chunk(ref, message.chunk, batch, chunk_doc, owner, files=files, outputs=outputs,
@@ -333,7 +243,7 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
                          settings=settings, registrar=registrar, now=now,
                          first_attempt=chunk_doc.data.get("attempts", 1) == 1)
         rows = list(batch_format.rows_in_range(data, chunk["start"], header, batch["format"], chunk["firstRow"]))
-        with _Heartbeat(store, ref.chunk_document(n), owner, settings.chunk_lease_s, now), \
+        with Heartbeat(store, ref.chunk_document(n), owner, settings.chunk_lease_s, now), \
                 ThreadPoolExecutor(max_workers=settings.inflight, thread_name_prefix="issue") as pool:
             results = list(pool.map(lambda r: issuer.row(r, chunk["duplicates"].get(str(r.index)),
                                                          chunk.get("sameKey", {}).get(str(r.index))), rows))
@@ -350,29 +260,6 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
                   "customer": ref.customer_id, "batch": ref.batch_name, "chunk": n, "issued": issued,
                   "alreadyIssued": earlier, "requestId": batch["options"].get("requestId")})
     return done
-
-
-
-def _claim_chunk(ref: BatchRef, n: int, owner: str, store: DocumentStore, now: dt.datetime, lease_s: float,
-                 sleep) -> Any:
-    waited = 0.0
-    while True:
-        doc = store.get(ref.chunk_document(n))
-        lease = lease_for(owner, now + dt.timedelta(seconds=lease_s + waited))
-        try:
-            if doc is None:
-                return store.create(ref.chunk_document(n), {"status": "issuing", "lease": lease, "attempts": 1})
-            if doc.data["status"] == "done":
-                return doc
-            held = doc.data.get("lease") or {}
-            if held.get("owner") == owner or expired(held, now + dt.timedelta(seconds=waited)):
-                return store.replace(doc, {**doc.data, "lease": lease, "attempts": doc.data.get("attempts", 1) + 1})
-        except (AlreadyExists, Conflict):
-            continue
-        if waited >= 20:
-            raise TransientError(f"chunk {n} of {ref.batch_name} is being issued elsewhere; retry later")
-        sleep(0.5)
-        waited += 0.5
 
 
 def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStore, outputs: OutputFiles,
@@ -398,7 +285,7 @@ def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStor
     if data["status"] != "assembling":
         return (f"batch {ref.customer_id}/{ref.batch_name}: chunk {n} done ({len(data['completedChunks'])}/"
                 f"{len(data['chunks'])})")
-    _assemble(ref, data, store=store, outputs=outputs, settings=settings, now=now)
+    assemble_report(ref, data, store=store, outputs=outputs, settings=settings, now=now)
     final = {**data, "status": "complete", "completedAt": stamp(now),
              "report": {"json": ref.report_path(settings, "json"), "csv": ref.report_path(settings, "csv")}}
     try:
@@ -408,32 +295,3 @@ def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStor
     return f"batch {ref.customer_id}/{ref.batch_name}: complete ({data['counts']})"
 
 
-def _assemble(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs: OutputFiles, settings: BatchSettings,
-              now: dt.datetime) -> None:
-    """JSON and CSV reports from the chunk records, one staged block per chunk (bounded memory)."""
-    totals = {"rows": batch["rows"], **{k: batch["counts"].get(k, 0) for k in ("issued", "already_issued", "failed")}}
-
-    def chunk_results(n: int) -> list[dict]:
-        return store.get(ref.chunk_document(n)).data["results"]
-
-    def json_parts() -> Iterator[bytes]:
-        head = {"customerId": ref.customer_id, "batchName": ref.batch_name, "status": "complete",
-                "completedAt": stamp(now), "totals": totals, "pfxPasswordSecret": batch.get("pfxSecret"),
-                "options": batch["options"]}
-        yield json.dumps(head)[:-1].encode() + b', "rows": ['
-        separator = "\n"
-        for n in range(len(batch["chunks"])):
-            rows = ",\n".join(json.dumps(r) for r in chunk_results(n))
-            if rows:
-                yield (separator + rows).encode()
-                separator = ",\n"
-        yield b"\n]}\n"
-
-    def csv_parts() -> Iterator[bytes]:
-        yield csv_bytes(",".join(REPORT_COLUMNS) + "\r\n")
-        for n in range(len(batch["chunks"])):
-            yield csv_bytes("".join(",".join(_csv_cell(r.get(c)) for c in REPORT_COLUMNS) + "\r\n"
-                                    for r in chunk_results(n)))
-
-    outputs.assemble(ref.report_path(settings, "json"), json_parts(), "application/json")
-    outputs.assemble(ref.report_path(settings, "csv"), csv_parts(), "text/csv")

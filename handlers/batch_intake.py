@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from . import batch_format
 from .errors import AlreadyExists, Conflict, InvalidMessage, NotFound, Rejected, TransientError
 from .leases import held_by_other, lease_for, release, stamp, update
 from .messages import REQUEST_ID, REQUEST_ID_RULE
-from .onboarding import CUSTOMER_ID, customer_document
 from .ports import AuditLog, DocumentStore, InputFiles, MessageQueue, OutputFiles, Secrets
+from .records import BatchRef, BatchSettings, customer_document
+from .reports import write_rejection_report
 
 CHUNK_QUEUE = "batch-chunks"
 LEASE = dt.timedelta(minutes=5)
@@ -35,23 +35,6 @@ LEASE = dt.timedelta(minutes=5)
 _FOREIGN_METADATA = frozenset({"hdi_isfolder"})
 OPTION_KEYS = ("keytype", "validitydays", "output", "register", "reissue", "requestid")
 _WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only
-MAX_BATCH_NAME = 200
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    input_container: str = "device-batches"
-    results_container: str = "device-batches-results"
-    output_container: str = "device-certificates"
-    chunk_rows: int = 500
-    max_rows: int = 100_000
-    max_bytes: int = 64 * 1024 * 1024
-    default_key_type: KeyType = KeyType.EC_P256
-    default_validity_days: int = 365
-    inflight: int = 16
-    chunk_lease_s: float = 120.0  # renewed while a chunk runs; a crashed worker's chunk is free this long after
-
-
 @dataclass(frozen=True)
 class BatchOptions:
     key_type: KeyType
@@ -95,61 +78,11 @@ class BatchOptions:
                 "register": self.register, "reissue": self.reissue, "requestId": self.request_id}
 
 
-@dataclass(frozen=True)
-class BatchRef:
-    customer_id: str
-    batch_name: str
-
-    @classmethod
-    def from_path(cls, path: str, settings: BatchSettings) -> BatchRef:
-        """The batch a blob path names, checked before any storage call: the path decides where the batch's records,
-        outputs and reports go, so it must name exactly one customer's folder."""
-        container, _, rest = path.partition("/")
-        customer_id, _, batch_name = rest.partition("/")
-        if container != settings.input_container or not customer_id or not batch_name:
-            raise InvalidMessage("path", f"{path!r} must be {settings.input_container}/{{customerId}}/{{batchName}}")
-        return cls.checked(customer_id, batch_name)
-
-    @classmethod
-    def checked(cls, customer_id: str, batch_name: str) -> BatchRef:
-        """``InvalidMessage`` unless the customer id is one and the name is a plain relative name: no empty, ``.`` or
-        ``..`` segment (SDKs and proxies normalise those, and the result could land in another customer's folder),
-        no ``\\ ? #`` or control characters."""
-        if not CUSTOMER_ID.fullmatch(customer_id):
-            raise InvalidMessage("customerId", f"{customer_id!r} in the path is not a customer id (1-63 of a-z, 0-9 "
-                                 "and '-', starting and ending with a letter or digit)")
-        if len(batch_name) > MAX_BATCH_NAME or any(c in batch_name for c in "\\?#") or not batch_name.isprintable():
-            raise InvalidMessage("batchName", f"must be at most {MAX_BATCH_NAME} printable characters, without \\ ? #")
-        if any(segment in ("", ".", "..") for segment in batch_name.split("/")):
-            raise InvalidMessage("batchName", f"{batch_name!r} has an empty, '.' or '..' path segment")
-        batch_format.batch_format(batch_name)
-        return cls(customer_id, batch_name)
-
-    @property
-    def document(self) -> str:
-        return f"batches/{self.customer_id}/{self.batch_name}.json"
-
-    def input_path(self, settings: BatchSettings) -> str:
-        return f"{settings.input_container}/{self.customer_id}/{self.batch_name}"
-
-    def report_path(self, settings: BatchSettings, suffix: str) -> str:
-        return f"{settings.results_container}/{self.customer_id}/{self.batch_name}.{suffix}"
-
-    def chunk_document(self, n: int) -> str:
-        return f"batches/{self.customer_id}/{self.batch_name}/chunks/{n:06d}.json"
-
-    @property
-    def secret_name(self) -> str:
-        digest = hashlib.sha256(f"{self.customer_id}/{self.batch_name}".encode()).hexdigest()[:16]
-        return f"batch-{self.customer_id}-{digest}"[:127]
-
-
 @dataclass
 class _Scan:
     chunks: list[dict] = field(default_factory=list)
     rows: int = 0
     generated_keys: int = 0
-
 
 
 def _tags(data: dict) -> dict[str, str]:
@@ -192,31 +125,6 @@ def _scan(files: InputFiles, path: str, upload: str, kind: str,
     if not scan.rows:
         raise InvalidMessage("file", "has a header but no device rows")
     return header, scan
-
-
-def write_rejection_report(ref: BatchRef, reason: str, field_name: str | None, outputs: OutputFiles,
-                           settings: BatchSettings, now: dt.datetime) -> None:
-    report = {"customerId": ref.customer_id, "batchName": ref.batch_name, "status": "rejected",
-              "reason": reason, "field": field_name, "at": stamp(now),
-              "totals": {"rows": 0, "issued": 0, "already_issued": 0, "failed": 0}, "rows": []}
-    outputs.put(ref.report_path(settings, "json"), json.dumps(report, indent=2).encode(), "application/json")
-    outputs.put(ref.report_path(settings, "csv"), csv_bytes(f"status,reason\r\nrejected,{_csv_cell(reason)}\r\n"),
-                "text/csv")
-
-
-def csv_bytes(text: str) -> bytes:
-    """UTF-8 of report text, whatever it holds: a reason quoting bad input still writes (as a backslash escape)."""
-    return text.encode("utf-8", "backslashreplace")
-
-
-def _csv_cell(value: object) -> str:
-    """One CSV cell; text that a spreadsheet would run as a formula is prefixed with ' (OWASP CSV injection)."""
-    text = "" if value is None else str(value)
-    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        text = "'" + text
-    if any(c in text for c in ',"\r\n'):
-        text = '"' + text.replace('"', '""') + '"'
-    return text
 
 
 def intake_batch(path: str, *, files: InputFiles, outputs: OutputFiles, store: DocumentStore, queue: MessageQueue,

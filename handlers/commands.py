@@ -14,140 +14,20 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from pki.ids import registration_id_problem
-
-from .batch_chunk import device_tags, read_device
-from .errors import AlreadyExists, Conflict, InvalidMessage, Rejected, TransientError
+from .command_message import DEVICE_COMMANDS, Command, command_id, order_key
+from .enrollments import sync_group
+from .errors import AlreadyExists, Conflict, Rejected, TransientError
+from .hubs import assigned, hub_placement, registered_through, remember_hub_devices
 from .intermediates import renew_intermediate
-from .leases import stamp, update
-from .messages import REQUEST_ID, REQUEST_ID_RULE, Delivery, Fields, decode_json_message
-from .onboarding import (
-    CUSTOMER_ID,
-    ONBOARDED,
-    Group,
-    OnboardingSettings,
-    customer_document,
-    customer_tags,
-    group_body,
-    placed_instance,
-)
-from .ports import AuditLog, DocumentStore, KeyStore, OutputFiles
+from .leases import stamp
+from .messages import Delivery
+from .ports import Ports
+from .records import ONBOARDED, customer_document, customer_tags, device_tags, read_device
 
-QUEUE = "pki-commands"
-COMMANDS = ("disable-device", "enable-device", "disable-customer", "enable-customer", "renew-intermediate")
-_DEVICE_COMMANDS = ("disable-device", "enable-device")
 _ATTEMPTS = 8
 SAME_COMMAND_WAIT_S = 20.0  # how long a second delivery waits for the first to finish before taking over
-
-
-@dataclass(frozen=True)
-class Command:
-    command: str
-    customer_id: str
-    reason: str
-    device_id: str | None = None
-    request_id: str | None = None
-    disable_devices: bool = False
-    force: bool = False
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> Command:
-        """Check a message against the contract; ``InvalidMessage`` names the first bad field."""
-        fields = Fields(decode_json_message(raw))
-        command = fields.text("command", required=True, max_length=32)
-        if command not in COMMANDS:
-            raise InvalidMessage("command", f"{command!r} must be one of {', '.join(COMMANDS)}")
-        customer_id = fields.text("customerId", required=True, max_length=63, pattern=CUSTOMER_ID,
-                                  rule="is not a customer id (lowercase a-z, 0-9 and '-')")
-        device_id = fields.text("deviceId", max_length=128)
-        if command in _DEVICE_COMMANDS:
-            if device_id is None:
-                raise InvalidMessage("deviceId", f"is required for {command}")
-            problem = registration_id_problem(device_id)
-            if problem:
-                raise InvalidMessage("deviceId", f"{device_id!r} {problem}")
-        elif device_id is not None:
-            raise InvalidMessage("deviceId", f"is not allowed for {command}")
-        reason = fields.text("reason", required=True, max_length=512)
-        if not reason.isprintable():
-            raise InvalidMessage("reason", "must be printable text on one line")
-        disable_devices = fields.boolean("disableDevices")
-        if disable_devices and command != "disable-customer":
-            raise InvalidMessage("disableDevices", "is only for disable-customer")
-        force = fields.boolean("force")
-        if force and command != "renew-intermediate":
-            raise InvalidMessage("force", "is only for renew-intermediate")
-        request_id = fields.text("requestId", max_length=128, pattern=REQUEST_ID, rule=REQUEST_ID_RULE)
-        fields.reject_unknown()
-        return cls(command=command, customer_id=customer_id, reason=reason, device_id=device_id,
-                   request_id=request_id, disable_devices=disable_devices, force=force)
-
-
-class Provisioning(Protocol):
-    """What the commands need of the DPS pool (``dps`` names the instance)."""
-
-    def get_group(self, dps: str, group_id: str) -> Group | None: ...
-
-    def replace_group(self, dps: str, group: dict, etag: str) -> Group: ...
-
-    def get_enrollment(self, dps: str, registration_id: str) -> Group | None: ...
-
-    def put_enrollment(self, dps: str, enrollment: dict, etag: str | None) -> Group: ...
-
-    def delete_enrollment(self, dps: str, registration_id: str, etag: str) -> None: ...
-
-    def registration(self, dps: str, registration_id: str) -> dict | None: ...
-
-    def registrations(self, dps: str, group_id: str) -> Iterator[dict]: ...
-
-
-class HubRegistry(Protocol):
-    """The IoT hubs' device registries, by host name (throttled: see clients/iothub.py)."""
-
-    def device(self, hub: str, device_id: str) -> dict | None:
-        """``{"deviceId", "status", "etag", "iotEdge"}`` or None if the hub does not know the device."""
-
-    def set_status(self, hub: str, device: dict, status: str, reason: str) -> None:
-        """At the device's etag; ``Conflict`` if it changed since it was read."""
-
-    def set_statuses(self, hub: str, device_ids: list[str], status: str, reason: str, *,
-                     iot_edge: bool = False) -> BulkOutcome:
-        """Bulk update of existing devices (a missing one is not created)."""
-
-
-@dataclass(frozen=True)
-class BulkOutcome:
-    """What a bulk status change did: devices the hub refused (with its reasons), devices it no longer has."""
-
-    problems: tuple[str, ...] = ()
-    absent: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Ports:
-    store: DocumentStore
-    keys: KeyStore
-    dps: Provisioning
-    hubs: HubRegistry
-    files: OutputFiles
-    audit: AuditLog
-    settings: OnboardingSettings
-
-
-def order_key(command: Command, delivery: Delivery) -> str:
-    """Later commands sort later: enqueue time (microseconds), then requestId, then message id."""
-    at = delivery.enqueued_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") \
-        if delivery.enqueued_at else ""
-    return f"{at}|{command.request_id or ''}|{delivery.message_id or ''}"
-
-
-def command_id(command: Command, delivery: Delivery) -> str:
-    """What makes two deliveries "the same command": its requestId, else its queue message id."""
-    return command.request_id or f"message:{delivery.message_id}"
 
 
 class _Run:
@@ -209,7 +89,7 @@ class _Run:
         raise TransientError(f"{name}: the record kept changing; retry")
 
     def tags(self, data: dict) -> dict[str, str]:
-        return device_tags(data) if self.command.command in _DEVICE_COMMANDS else customer_tags(data)
+        return device_tags(data) if self.command.command in DEVICE_COMMANDS else customer_tags(data)
 
     def settle(self, read, apply) -> Any:
         """Bring DPS/IoT Hub to the record's desired state until no newer command has landed meanwhile, then
@@ -255,7 +135,7 @@ def _device_apply(run: _Run, customer: dict, certificate_pem: str):
         else:
             raise TransientError(f"individual enrollment {device_id} on {dps} kept changing; retry")
         registration = ports.dps.registration(dps, device_id)
-        if _assigned(registration) and not registered_through(ports.dps, dps, customer["customerId"], device_id):
+        if assigned(registration) and not registered_through(ports.dps, dps, customer["customerId"], device_id):
             # Not this customer's device in the hub, whatever our record says: leave it alone.
             return {"hub": {**(device.get("hub") or {}), "status": "not-touched",
                             "why": f"registration {device_id} on {dps} is assigned through another enrollment, not "
@@ -278,31 +158,6 @@ def _device_apply(run: _Run, customer: dict, certificate_pem: str):
         raise TransientError(f"device {hub_device} on {hub} kept changing; retry")
 
     return apply
-
-
-def _assigned(registration: dict | None) -> bool:
-    return bool(registration) and registration.get("status", "assigned") == "assigned" \
-        and bool(registration.get("assignedHub"))
-
-
-def registered_through(dps: Provisioning, instance: str, group_id: str, registration_id: str) -> bool:
-    """Whether the device's registration went through enrollment group ``group_id``. DPS's registration state does not
-    name its enrollment (DeviceRegistrationState in the service API spec, 2021-10-01: no group field); the query of
-    one group's registrations (DeviceRegistrationState_Query) is the only place that says, so it is read, paged,
-    until the device turns up."""
-    wanted = registration_id.lower()  # DPS registration ids compare case-insensitively
-    return any((state.get("registrationId") or "").lower() == wanted for state in dps.registrations(instance, group_id))
-
-
-def hub_placement(registration: dict | None, record: dict) -> dict | None:
-    """Where a device lives in IoT Hub: DPS's registration state when its latest attempt was assigned, otherwise what
-    the device record learned when it last was. A refused attempt (``disabled``, ``failed``) names no hub, and the
-    device is still where it was assigned before it (DPS does not remove it from the hub)."""
-    if _assigned(registration):
-        return {"name": registration["assignedHub"],
-                "deviceId": registration.get("deviceId") or registration.get("registrationId")}
-    known = record.get("hub") or {}
-    return {"name": known["name"], "deviceId": known["deviceId"]} if known.get("name") else None
 
 
 def _device_command(run: _Run) -> str:
@@ -342,63 +197,6 @@ def _device_command(run: _Run) -> str:
     return f"device {command.customer_id}/{command.device_id}: {before} -> {wanted}"
 
 
-# --- customers -----------------------------------------------------------------------------------------------
-def sync_group(ports: Ports, customer: dict, now: dt.datetime) -> None:
-    """Make the customer's enrollment group match its record: status, primary and (unexpired) secondary."""
-    dps = customer["dps"]["name"]
-    wanted = group_body(customer, placed_instance(ports.settings.pool, customer), now=now)
-    for _ in range(_ATTEMPTS):
-        group = ports.dps.get_group(dps, customer["customerId"])
-        if group is None:
-            raise Rejected(f"enrollment group {customer['customerId']} is missing on {dps}: it was deleted by hand")
-        if _same_group(group.data, wanted):
-            return
-        try:
-            ports.dps.replace_group(dps, wanted, group.etag)
-            return
-        except Conflict:
-            continue
-    raise TransientError(f"enrollment group {customer['customerId']} on {dps} kept changing; retry")
-
-
-def _same_group(found: dict, wanted: dict) -> bool:
-    """Status and certificates (DPS returns thumbprints, not PEM) already as wanted."""
-    from cryptography import x509
-
-    from pki.export import thumbprints
-
-    if found.get("provisioningStatus", "enabled") != wanted["provisioningStatus"]:
-        return False
-    found_slots = ((found.get("attestation") or {}).get("x509") or {}).get("signingCertificates") or {}
-    wanted_slots = wanted["attestation"]["x509"]["signingCertificates"]
-    for slot in ("primary", "secondary"):
-        have = ((found_slots.get(slot) or {}).get("info") or {}).get("sha1Thumbprint", "").upper()
-        pem = (wanted_slots.get(slot) or {}).get("certificate")
-        want = thumbprints(x509.load_pem_x509_certificate(pem.encode()))["sha1"].upper() if pem else ""
-        if have != want:
-            return False
-    return True
-
-
-def hub_devices_document(customer_id: str) -> str:
-    """Where the hub devices that ``disable-customer`` disabled are kept, by hub: DPS forgets a device's hub once its
-    latest attempt was refused (a disabled group refuses every device that tries again), so the enable that
-    follows must find them here."""
-    return f"customers/{customer_id}/hub-devices.json"
-
-
-def _remember_hub_devices(ports: Ports, customer_id: str, by_hub: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Merge ``by_hub`` into the kept list; returns the union (what an enable must reach)."""
-    def merge(data: dict | None) -> dict | None:
-        kept = (data or {}).get("hubs") or {}
-        merged = {hub: sorted(set(kept.get(hub, [])) | set(by_hub.get(hub, []))) for hub in set(kept) | set(by_hub)}
-        if data is not None and merged == kept:
-            return None
-        return {**(data or {"customerId": customer_id}), "hubs": merged}
-
-    return update(ports.store, hub_devices_document(customer_id), merge).data["hubs"]
-
-
 def _hub_devices(run: _Run, customer: dict, wanted: str) -> tuple[list[str], list[str]]:
     """Set the status of every hub device registered through the customer's group, in bulk. Devices disabled
     one by one (``disable-device``) stay disabled when a customer is enabled again."""
@@ -418,7 +216,7 @@ def _hub_devices(run: _Run, customer: dict, wanted: str) -> tuple[list[str], lis
         placement = hub_placement(state, record)
         if placement is not None:
             by_hub.setdefault(placement["name"], []).append(placement["deviceId"])
-    kept = _remember_hub_devices(ports, customer["customerId"], by_hub)
+    kept = remember_hub_devices(ports, customer["customerId"], by_hub)
     if wanted == "enabled":  # the devices disabled before, wherever DPS lost track of them meanwhile
         by_hub = {hub: [d for d in devices if d not in keep_disabled] for hub, devices in kept.items()}
     problems, absent = [], []
@@ -469,7 +267,7 @@ def _customer_command(run: _Run) -> str:
 def run_command(command: Command, delivery: Delivery, *, ports: Ports, now: dt.datetime,
                 sleep=time.sleep) -> str:
     run = _Run(command, delivery, ports, now, sleep)
-    if command.command in _DEVICE_COMMANDS:
+    if command.command in DEVICE_COMMANDS:
         return _device_command(run)
     if command.command == "renew-intermediate":
         run.customer()

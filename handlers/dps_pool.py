@@ -8,8 +8,11 @@ placement is recorded in the customer's record and never changes by itself.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from pki.keys import KeyType
 
 from .errors import CapacityExhausted, InvalidMessage
 
@@ -44,3 +47,12 @@ def choose_instance(pool: Sequence[DpsInstance], groups: Mapping[str, int], *, h
         raise CapacityExhausted(f"every eligible DPS instance holds {limit} enrollment groups, DPS's limit ({counts}); "
                                 "add a DPS instance to DPS_INSTANCES")
     return min(with_room, key=lambda i: (groups.get(i.name, 0), pool.index(i)))
+
+
+@dataclass(frozen=True)
+class OnboardingSettings:
+    pool: tuple[DpsInstance, ...]
+    intermediate_key_type: KeyType = KeyType.EC_P256
+    intermediate_validity_days: int = 5 * 365
+    renewal_min_interval: dt.timedelta = dt.timedelta(hours=24)  # renewals of one customer, unless forced
+    max_groups_per_dps: int = MAX_GROUPS_PER_DPS  # DPS's limit; lower it to keep headroom for hand-made groups

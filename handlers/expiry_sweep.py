@@ -23,14 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .batch_chunk import device_tags
-from .commands import Ports, sync_group
+from .enrollments import sync_group
 from .errors import AlreadyExists, Conflict, TransientError
 from .intermediates import RenewalRefused, renew_intermediate
 from .leases import expired, lease_for, stamp, update
-from .onboarding import ONBOARDED, customer_document, customer_tags, list_customers
-from .ports import Document, MessageQueue
-from .root_ca import ROOT_DOCUMENT
+from .ports import Document, MessageQueue, Ports
+from .records import ONBOARDED, customer_document, customer_tags, device_tags, list_customers
+from .root import ROOT_DOCUMENT
 
 NOTICE_QUEUE = "certificate-expiry-notices"
 NOTICE_LEASE = dt.timedelta(minutes=5)

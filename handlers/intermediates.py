@@ -19,10 +19,12 @@ import secrets
 import time
 from collections.abc import Callable
 
+from .dps_pool import OnboardingSettings
+from .enrollments import issue_intermediate
 from .errors import Conflict, Rejected, TransientError
 from .leases import held_by_other, lease_for, release, stamp
-from .onboarding import ONBOARDED, OnboardingSettings, customer_document, customer_tags, issue_intermediate, key_name
 from .ports import AuditLog, DocumentStore, KeyStore
+from .records import ONBOARDED, customer_document, customer_tags, key_name
 
 LEASE = dt.timedelta(minutes=10)
 HISTORY = 50  # renewal ids remembered per customer

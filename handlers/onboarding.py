@@ -10,28 +10,23 @@ step; every transition and every duplicate is audit-logged.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from pki import export, profiles
 from pki.countries import ISO_3166_ALPHA2
-from pki.keys import KeyType
 
-from .dps_pool import MAX_GROUPS_PER_DPS, DpsInstance, choose_instance
+from .dps_pool import OnboardingSettings, choose_instance
+from .enrollments import group_body, issue_intermediate, placed_instance
 from .errors import AlreadyExists, CapacityExhausted, Conflict, InvalidMessage, NotFound, Rejected, TransientError
 from .leases import held_by_other, lease_for, release, stamp
 from .messages import REQUEST_ID, REQUEST_ID_RULE, Fields, decode_json_message
-from .ports import AuditLog, Document, DocumentStore, KeyStore
-from .root_ca import load_root, root_signer
+from .ports import AuditLog, Document, DocumentStore, Enrollment, EnrollmentGroups, KeyStore
+from .records import CUSTOMER_ID, ONBOARDED, customer_document, customer_tags, key_name
 
 QUEUE = "customer-onboarding"
-# Lowercase letters, digits and '-', not at either end: it is the group id, the Key Vault key name
-# suffix and the intermediate's CN (X.520 ub-common-name 64).
-CUSTOMER_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 ALLOCATION_POLICIES = ("hashed", "geoLatency", "static")  # "custom" needs an Azure Function webhook: not offered
 # At least the function timeout (host.json: 10 min): a run throttled for minutes in Key Vault or DPS must not
 # lose its lease to a duplicate message, which would repeat its step. A failed run releases it at once.
@@ -39,9 +34,6 @@ LEASE = dt.timedelta(minutes=10)
 LEASE_WAIT_S = 20.0  # wait this long for a concurrent run to finish before asking the host to retry
 _ATTEMPTS = 8
 STATES = ("pending", "key_created", "certificate_issued", "group_created", "active")
-ONBOARDED = ("active", "disabled")  # disabled by an operator command: onboarded all the same
-
-
 @dataclass(frozen=True)
 class OnboardingRequest:
     customer_id: str
@@ -101,99 +93,14 @@ class OnboardingRequest:
 
 
 @dataclass(frozen=True)
-class Group:
-    data: dict
-    etag: str
-
-
-class EnrollmentGroups(Protocol):
-    """Enrollment groups across the DPS pool (``dps`` names the instance)."""
-
-    def get_group(self, dps: str, group_id: str) -> Group | None: ...
-
-    def create_group(self, dps: str, group: dict) -> Group:
-        """Create only if absent: ``AlreadyExists`` if it exists, ``CapacityExhausted`` if DPS is full."""
-
-
-
-@dataclass(frozen=True)
-class OnboardingSettings:
-    pool: tuple[DpsInstance, ...]
-    intermediate_key_type: KeyType = KeyType.EC_P256
-    intermediate_validity_days: int = 5 * 365
-    renewal_min_interval: dt.timedelta = dt.timedelta(hours=24)  # renewals of one customer, unless forced
-    max_groups_per_dps: int = MAX_GROUPS_PER_DPS  # DPS's limit; lower it to keep headroom for hand-made groups
-
-
-@dataclass(frozen=True)
 class Outcome:
     status: str  # "onboarded" | "already_active"
     record: dict
 
 
-def customer_document(customer_id: str) -> str:
-    return f"customers/{customer_id}.json"
-
-
-def key_name(customer_id: str) -> str:
-    return f"customer-{customer_id}"
-
-
-
-def placed_instance(pool: Sequence[DpsInstance], record: dict) -> DpsInstance:
-    """The DPS instance a customer record is placed on; ``Rejected`` if it left the pool."""
-    for instance in pool:
-        if instance.name == record["dps"]["name"]:
-            return instance
-    raise Rejected(f"customer {record['customerId']} is placed on DPS instance {record['dps']['name']!r}, which is "
-                   "no longer in DPS_INSTANCES; restore it there")
-
-
-def issue_intermediate(record: dict, public_key, *, store: DocumentStore, keys: KeyStore,
-                       settings: OnboardingSettings, now: dt.datetime) -> dict:
-    """A new intermediate for the customer ``record`` (signed by the root), as the record keeps it."""
-    root = load_root(store, keys)
-    parameters = record["parameters"]
-    issued = profiles.issue_intermediate(
-        issuer=root.certificate, issuer_key=root_signer(root, keys), public_key=public_key,
-        customer_id=record["customerId"], organization=parameters.get("displayName"),
-        country=parameters.get("country"), now=now, validity_days=settings.intermediate_validity_days)
-    # The issuer travels with the intermediate: devices get their chain up to and including the root that signed
-    # it, which stays right after a root is replaced (`root create --force`).
-    return {"certificatePem": export.cert_pem(issued.certificate).decode(), **export.summary(issued.certificate),
-            "notice": issued.notice, "issuerCertificatePem": export.cert_pem(root.certificate).decode()}
-
-
-def customer_tags(data: dict) -> dict[str, str]:
-    return {"kind": "customer", "customer": data["customerId"], "status": data["status"],
-            "dps": data.get("dps", {}).get("name", "")}
-
-
 def _differences(recorded: dict, asked: dict) -> str:
     return "; ".join(f"{k}: recorded {recorded.get(k)!r}, message {asked.get(k)!r}"
                      for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k))
-
-
-def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = None) -> dict:
-    """The DPS enrollment group for a customer (camelCase, as the DPS REST API takes it): its intermediate as
-    primary, the one it replaced as secondary until that expires (DPS rolling), disabled with the customer."""
-    parameters = record["parameters"]
-    slots = {"primary": {"certificate": record["intermediate"]["certificatePem"]}}
-    previous = (record.get("previousIntermediates") or [None])[0]
-    if previous and (now is None or previous["notAfter"] > stamp(now)):
-        slots["secondary"] = {"certificate": previous["certificatePem"]}
-    body: dict[str, Any] = {
-        "enrollmentGroupId": record["customerId"],
-        "attestation": {"type": "x509", "x509": {"signingCertificates": slots}},
-        "provisioningStatus": "disabled" if record.get("status") == "disabled" else "enabled",
-        "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": True},
-        "capabilities": {"iotEdge": bool(parameters.get("iotEdge"))},
-        "allocationPolicy": parameters.get("allocationPolicy") or "hashed",
-        "iotHubs": parameters.get("iotHubs") or list(instance.iot_hubs),
-    }
-    if parameters.get("initialTwin"):
-        body["initialTwin"] = parameters["initialTwin"]
-    return body
 
 
 class _Run:
@@ -271,7 +178,7 @@ class _Run:
                 continue
             return self.write(doc, "group_created", groupId=body["enrollmentGroupId"], groupEtag=group.etag)
 
-    def check_ours(self, group: Group, thumbprint: str, dps: str) -> None:
+    def check_ours(self, group: Enrollment, thumbprint: str, dps: str) -> None:
         primary = group.data.get("attestation", {}).get("x509", {}).get("signingCertificates", {}).get("primary", {})
         found = (primary.get("info") or {}).get("sha1Thumbprint", "")
         if found.upper() != thumbprint.upper():
@@ -355,6 +262,3 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
     raise TransientError(f"customer {request.customer_id}: the record kept changing under this run; retry")
 
 
-def list_customers(store: DocumentStore) -> Sequence[str]:
-    return sorted(name.removeprefix("customers/").removesuffix(".json")
-                  for name in store.find("\"kind\" = 'customer'"))

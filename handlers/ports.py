@@ -9,6 +9,8 @@ from typing import Any, Protocol
 from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
 
+from .dps_pool import OnboardingSettings
+
 
 @dataclass(frozen=True)
 class Document:
@@ -104,3 +106,89 @@ class Secrets(Protocol):
         """Store a new version; returns the version."""
 
     def get_secret(self, name: str, version: str | None = None) -> str: ...
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """An enrollment group or an individual enrollment as DPS returns it, and its ETag."""
+
+    data: dict
+    etag: str
+
+
+class EnrollmentGroups(Protocol):
+    """Enrollment groups across the DPS pool (``dps`` names the instance)."""
+
+    def get_group(self, dps: str, group_id: str) -> Enrollment | None: ...
+
+    def create_group(self, dps: str, group: dict) -> Enrollment:
+        """Create only if absent: ``AlreadyExists`` if it exists, ``CapacityExhausted`` if DPS is full."""
+
+
+@dataclass(frozen=True)
+class CaCertificate:
+    """A CA certificate as a DPS instance holds it (its management resource)."""
+
+    name: str
+    thumbprint: str  # SHA-1, upper-case hex, as DPS reports it
+    verified: bool
+    etag: str
+    pem: bytes | None = None  # the certificate as uploaded (PEM or DER), where DPS returns it
+
+
+class Provisioning(Protocol):
+    """What the commands need of the DPS pool (``dps`` names the instance)."""
+
+    def get_group(self, dps: str, group_id: str) -> Enrollment | None: ...
+
+    def replace_group(self, dps: str, group: dict, etag: str) -> Enrollment: ...
+
+    def get_enrollment(self, dps: str, registration_id: str) -> Enrollment | None: ...
+
+    def put_enrollment(self, dps: str, enrollment: dict, etag: str | None) -> Enrollment: ...
+
+    def delete_enrollment(self, dps: str, registration_id: str, etag: str) -> None: ...
+
+    def registration(self, dps: str, registration_id: str) -> dict | None: ...
+
+    def registrations(self, dps: str, group_id: str) -> Iterator[dict]: ...
+
+
+class HubRegistry(Protocol):
+    """The IoT hubs' device registries, by host name (throttled: see clients/iothub.py)."""
+
+    def device(self, hub: str, device_id: str) -> dict | None:
+        """``{"deviceId", "status", "etag", "iotEdge"}`` or None if the hub does not know the device."""
+
+    def set_status(self, hub: str, device: dict, status: str, reason: str) -> None:
+        """At the device's etag; ``Conflict`` if it changed since it was read."""
+
+    def set_statuses(self, hub: str, device_ids: list[str], status: str, reason: str, *,
+                     iot_edge: bool = False) -> BulkOutcome:
+        """Bulk update of existing devices (a missing one is not created)."""
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    """What a bulk status change did: devices the hub refused (with its reasons), devices it no longer has."""
+
+    problems: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ports:
+    store: DocumentStore
+    keys: KeyStore
+    dps: Provisioning
+    hubs: HubRegistry
+    files: OutputFiles
+    audit: AuditLog
+    settings: OnboardingSettings
+
+
+class Registrar(Protocol):
+    """Test registration of a device with DPS over mutual TLS (the batch option ``register``)."""
+
+    def register(self, id_scope: str, device_id: str, chain_pem: bytes, key_pem: bytes) -> str:
+        """The assigned hub; raises with DPS's reason when refused."""

@@ -11,17 +11,15 @@ import datetime as dt
 import secrets
 from dataclasses import asdict, dataclass
 
-from cryptography import x509
-
 from pki import export, profiles
-from pki.keys import KeyType, PrivateKey
+from pki.keys import KeyType
 from pki.signing import remote_key
 
 from .errors import AlreadyExists, Conflict, NotFound, TransientError
 from .leases import held_by_other, lease_for, release, stamp
 from .ports import Document, DocumentStore, KeyRef, KeyStore
+from .root import ROOT_DOCUMENT, RootCa, load_root
 
-ROOT_DOCUMENT = "root-ca.json"
 _ATTEMPTS = 5
 # Whoever writes the pending record holds a lease on the slow steps (key creation, signing), so a
 # concurrent run waits instead of making a second key version; a crashed run's lease runs out.
@@ -41,14 +39,6 @@ class RootRequest:
         return {**asdict(self), "key_type": self.key_type.value}
 
 
-@dataclass(frozen=True)
-class RootCa:
-    certificate: x509.Certificate
-    key: KeyRef
-    record: dict
-
-
-
 def _lease(owner: str, now: dt.datetime) -> dict:
     return lease_for(owner, now + LEASE)
 
@@ -56,20 +46,6 @@ def _lease(owner: str, now: dt.datetime) -> dict:
 def _pending(request: RootRequest, now: dt.datetime, owner: str, previous: list | None = None) -> dict:
     return {"status": "pending", "request": request.as_dict(), "createdAt": stamp(now), "updatedAt": stamp(now),
             "previous": previous or [], "lease": _lease(owner, now)}
-
-
-def load_root(store: DocumentStore, keys: KeyStore) -> RootCa:
-    """The active root CA; ``NotFound`` telling how to make one."""
-    doc = store.get(ROOT_DOCUMENT)
-    if doc is None or doc.data.get("status") != "active":
-        raise NotFound("no root CA yet: run `pkictl root create`")
-    key = keys.get_key(doc.data["key"]["name"], doc.data["key"]["version"])
-    return RootCa(x509.load_pem_x509_certificate(doc.data["certificatePem"].encode()), key, doc.data)
-
-
-def root_signer(root: RootCa, keys: KeyStore) -> PrivateKey:
-    """A stand-in private key that signs with the root's key in the key store."""
-    return remote_key(root.key.public_key, keys.signer(root.key))
 
 
 def _unused_latest_key(request: RootRequest, data: dict, keys: KeyStore) -> KeyRef | None:

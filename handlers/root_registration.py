@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from pki import export, profiles
@@ -20,19 +19,8 @@ from pki.keys import KeyType, generate_key
 
 from .dps_pool import DpsInstance
 from .errors import InvalidMessage
-from .ports import KeyStore
-from .root_ca import RootCa, root_signer
-
-
-@dataclass(frozen=True)
-class CaCertificate:
-    """A CA certificate as a DPS instance holds it (its management resource)."""
-
-    name: str
-    thumbprint: str  # SHA-1, upper-case hex, as DPS reports it
-    verified: bool
-    etag: str
-    pem: bytes | None = None  # the certificate as uploaded (PEM or DER), where DPS returns it
+from .ports import CaCertificate, KeyStore
+from .root import RootCa, root_signer
 
 
 class CaCertificates(Protocol):

@@ -14,7 +14,7 @@ from pki import profiles
 from pki.keys import KeyType, generate_key
 
 from .ports import DocumentStore, KeyStore
-from .root_ca import load_root, root_signer
+from .root import load_root, root_signer
 
 
 def root_verification_certificate(code: str, *, store: DocumentStore, keys: KeyStore,

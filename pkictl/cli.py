@@ -96,7 +96,7 @@ class Cli:
         return OK
 
     def root_show(self, args: argparse.Namespace) -> int:
-        from handlers.root_ca import load_root
+        from handlers.root import load_root
 
         root = load_root(self.wiring.store, self.wiring.keys)
         if args.pem:
@@ -129,7 +129,7 @@ class Cli:
 
     def root_register(self, args: argparse.Namespace) -> int:
         from clients.factory import ca_certificates
-        from handlers.root_ca import load_root
+        from handlers.root import load_root
         from handlers.root_registration import register_root
 
         w = self.wiring
@@ -240,7 +240,7 @@ class Cli:
         return OK
 
     def customer_show(self, args: argparse.Namespace) -> int:
-        from handlers.onboarding import customer_document
+        from handlers.records import customer_document
 
         doc = self.wiring.store.get(customer_document(args.id))
         if doc is None:
@@ -256,7 +256,7 @@ class Cli:
         return OK
 
     def customer_list(self, args: argparse.Namespace) -> int:
-        from handlers.onboarding import customer_document, list_customers
+        from handlers.records import customer_document, list_customers
 
         for customer_id in list_customers(self.wiring.store):
             doc = self.wiring.store.get(customer_document(customer_id))
@@ -287,7 +287,7 @@ class Cli:
         import uuid
 
         from clients.storage import send_queue_message
-        from handlers.commands import QUEUE, Command
+        from handlers.command_message import QUEUE, Command
 
         message = {"command": args.kind, "customerId": args.customer, "deviceId": args.device,
                    "reason": args.reason, "requestId": args.request_id or f"cli-{uuid.uuid4()}",
@@ -303,7 +303,7 @@ class Cli:
         return OK
 
     def device_show(self, args: argparse.Namespace) -> int:
-        from handlers.batch_chunk import read_device
+        from handlers.records import read_device
 
         doc = read_device(self.wiring.store, args.customer, args.device)
         if doc is None:
@@ -377,7 +377,7 @@ class Cli:
         return OK
 
     def batch_show(self, args: argparse.Namespace) -> int:
-        from handlers.batch_intake import BatchRef
+        from handlers.records import BatchRef
 
         doc = self.wiring.store.get(BatchRef(args.customer, args.batch).document)
         if doc is None:
@@ -400,7 +400,7 @@ class Cli:
         from azure.storage.blob import BlobServiceClient
 
         from clients.storage import blob_service
-        from handlers.batch_intake import BatchRef
+        from handlers.records import BatchRef
 
         path = Path(args.file)
         if not path.is_file():
@@ -413,7 +413,7 @@ class Cli:
                                             ("requestid", args.request_id)) if v is not None}
         from azure.core.exceptions import ResourceExistsError
 
-        from handlers.batch_intake import BatchSettings
+        from handlers.records import BatchSettings
 
         BatchRef.from_path(f"device-batches/{args.customer}/{name}", BatchSettings())  # what intake would refuse
         service: BlobServiceClient = blob_service(self.wiring.settings)
@@ -473,8 +473,8 @@ class Cli:
 
         from clients.factory import secrets_store
         from clients.storage import blob_service
-        from handlers.batch_chunk import read_device
-        from handlers.root_ca import load_root
+        from handlers.records import read_device
+        from handlers.root import load_root
 
         doc = read_device(self.wiring.store, args.customer, args.device)
         if doc is None:
@@ -532,7 +532,7 @@ class Cli:
     def demo(self, args: argparse.Namespace) -> int:
         from .demo import run_demo
 
-        return run_demo(self.out)
+        return run_demo(self.out, main)
 
 
 def report_path(day: str) -> str:

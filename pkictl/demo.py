@@ -34,11 +34,11 @@ def _wait(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
     return False
 
 
-def run_demo(out: TextIO, inspect: Callable[[LocalStack, dict], None] | None = None, *,
+def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStack, dict], None] | None = None, *,
              record_exchanges: bool = False) -> int:
-    """``inspect(stack, settings)`` runs after the last step, before the stack stops (tests scan it); with
+    """``main`` is pkictl's entry point (passed in: the CLI imports this module, not the other way round);
+    ``inspect(stack, settings)`` runs after the last step, before the stack stops (tests scan it); with
     ``record_exchanges`` the emulators keep every request and answer (``stack.emulators.exchanges``)."""
-    from .cli import main
     from .wiring import wire
 
     def step(title: str) -> None:

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from clients.storage import queue_client
 from devhost.stack import app_settings
 from edge.services import build_services
-from handlers import batch_chunk, batch_intake
+from handlers import batch_chunk, batch_intake, records
 from handlers.onboarding import OnboardingRequest, onboard_customer
 from handlers.root_ca import RootRequest, create_root
 from pki.keys import KeyType, generate_key
@@ -78,7 +78,7 @@ def drain_chunks(services, env: dict[str, str], registrar=None) -> list[str]:
             return outcomes
         for message in messages:
             outcomes.append(batch_chunk.process_chunk(
-                batch_chunk.ChunkMessage.parse(message.content), files=services.files, outputs=services.files,
+                records.ChunkMessage.parse(message.content), files=services.files, outputs=services.files,
                 store=services.store, keys=services.keys, secrets_store=services.secrets, audit=services.audit,
                 settings=services.batches, now=dt.datetime.now(dt.UTC), registrar=registrar))
             queue.delete_message(message)

@@ -92,14 +92,14 @@ class FakeEnrollmentGroups:
     def _view(self, body: dict):
         from cryptography import x509
 
-        from handlers.onboarding import Group
+        from handlers.ports import Enrollment
         from pki.export import thumbprints
 
         view = copy.deepcopy(body)
         for slot in view["attestation"]["x509"]["signingCertificates"].values():
             cert = x509.load_pem_x509_certificate(slot.pop("certificate").encode())
             slot["info"] = {"sha1Thumbprint": thumbprints(cert)["sha1"], "subjectName": cert.subject.rfc4514_string()}
-        return Group(view, view["etag"])
+        return Enrollment(view, view["etag"])
 
     def get_group(self, dps: str, group_id: str):
         with self._lock:
@@ -140,14 +140,14 @@ class FakeDps(FakeEnrollmentGroups):
         self.registered: dict[str, dict] = {}  # registrationId -> state (assignedHub, deviceId, group)
 
     def get_enrollment(self, dps: str, registration_id: str):
-        from handlers.onboarding import Group
+        from handlers.ports import Enrollment
 
         with self._lock:
             body = self.enrollments.get(registration_id)
-            return Group(copy.deepcopy(body), body["etag"]) if body else None
+            return Enrollment(copy.deepcopy(body), body["etag"]) if body else None
 
     def put_enrollment(self, dps: str, enrollment: dict, etag):
-        from handlers.onboarding import Group
+        from handlers.ports import Enrollment
 
         with self._lock:
             current = self.enrollments.get(enrollment["registrationId"])
@@ -157,7 +157,7 @@ class FakeDps(FakeEnrollmentGroups):
                 raise Conflict("enrollment etag mismatch")
             body = {**copy.deepcopy(enrollment), "etag": f'"{next(self._etags)}"'}
             self.enrollments[enrollment["registrationId"]] = body
-            return Group(copy.deepcopy(body), body["etag"])
+            return Enrollment(copy.deepcopy(body), body["etag"])
 
     def delete_enrollment(self, dps: str, registration_id: str, etag: str) -> None:
         with self._lock:
@@ -201,7 +201,7 @@ class FakeHubs:
             current.update(status=status, etag=str(next(self._etags)))
 
     def set_statuses(self, hub: str, device_ids, status: str, reason: str, *, iot_edge: bool = False):
-        from handlers.commands import BulkOutcome
+        from handlers.ports import BulkOutcome
 
         absent = []
         with self._lock:

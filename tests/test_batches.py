@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from clients.factory import DpsRegistrar
-from handlers.batch_chunk import device_document
+from handlers.records import device_document
 from pki.keys import KeyType, generate_key
 
 from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, report, upload, wired_env
@@ -143,7 +143,7 @@ def test_a_crash_mid_chunk_then_resume_leaves_one_certificate_per_device(env):
     import datetime as dt
 
     from handlers import batch_chunk
-    from handlers.batch_chunk import ChunkMessage
+    from handlers.records import ChunkMessage
 
     services = onboarded(env, "acme")
     path = upload(services, "acme", "crash.csv", ("deviceId\n" + "".join(f"c-{i}\n" for i in range(250))).encode())

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from devhost.azurite import free_port
 from devhost.stack import launch_devhost, person_settings
 from emulators.stack import OPERATOR
-from handlers.batch_chunk import device_document
+from handlers.records import device_document
 from pkictl.cli import main
 
 from .batch_helpers import onboarded, report, wired_env

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
-import threading
 
 import pytest
 from cryptography import x509
 
-from handlers.batch_chunk import device_document, device_tags
-from handlers.commands import Command, Ports, run_command
+from handlers.command_message import Command
+from handlers.commands import run_command
 from handlers.errors import InvalidMessage, Rejected, TransientError
 from handlers.intermediates import RenewalRefused
 from handlers.messages import Delivery
-from handlers.onboarding import customer_document
+from handlers.ports import Ports
+from handlers.records import customer_document, device_document, device_tags
 from pki.export import thumbprints
 
 from .fakes import FakeDps, FakeHubs, run_concurrently
@@ -309,7 +310,8 @@ def test_a_renewal_storm_renews_once_and_refuses_the_rest_naming_the_limit(world
 
 def test_concurrent_renewals_with_different_ids_make_one(world):
     world.keys.created = 0
-    results, errors = run_concurrently(lambda: world.send(renew(f"c-{threading.get_ident()}")), 5,
+    ids = itertools.count()  # (thread idents can repeat: a finished thread's is reused; count() is atomic)
+    results, errors = run_concurrently(lambda: world.send(renew(f"c-{next(ids)}")), 5,
                                        expected=(RenewalRefused, TransientError))
     assert world.keys.created == 1 and len(results) == 1
     assert all(isinstance(e, RenewalRefused) or "in progress" in str(e) for e in errors)

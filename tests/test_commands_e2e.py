@@ -16,8 +16,8 @@ from clients.audit import StoreAuditLog
 from clients.device_registration import RegistrationRefused, register
 from devhost.stack import person_settings
 from emulators.stack import OPERATOR
-from handlers.batch_chunk import device_document
-from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
+from handlers.onboarding import OnboardingRequest, onboard_customer
+from handlers.records import customer_document, device_document
 from pki import export
 from pki.keys import KeyType, generate_key
 from pkictl.cli import main as pkictl

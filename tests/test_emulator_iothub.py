@@ -15,8 +15,8 @@ from msrest.exceptions import HttpOperationError
 from clients.iothub import IotHubRegistries
 from emulators.identity import IOT_HUB, VAULT
 from emulators.stack import APP, OPERATOR
-from handlers.commands import BulkOutcome
 from handlers.errors import TransientError
+from handlers.ports import BulkOutcome
 
 pytestmark = pytest.mark.integration
 

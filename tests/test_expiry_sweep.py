@@ -6,9 +6,8 @@ import datetime as dt
 
 import pytest
 
-from handlers.batch_chunk import device_document, device_tags
 from handlers.expiry_sweep import NOTICE_QUEUE, SweepSettings, report_document, run_sweep
-from handlers.onboarding import customer_document
+from handlers.records import customer_document, device_document, device_tags
 
 from .fakes import MemoryQueue, run_concurrently
 from .test_commands import CommandWorld

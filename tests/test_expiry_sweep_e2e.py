@@ -16,9 +16,8 @@ from cryptography import x509
 from clients.storage import queue_client
 from devhost.stack import person_settings
 from emulators.stack import ADMIN, APP
-from handlers.batch_chunk import device_document, device_tags
 from handlers.expiry_sweep import NOTICE_QUEUE, run_sweep
-from handlers.onboarding import customer_document
+from handlers.records import customer_document, device_document, device_tags
 from pki.export import thumbprints
 from pkictl.cli import main as pkictl
 

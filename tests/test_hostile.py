@@ -25,10 +25,9 @@ from cryptography.x509.oid import NameOID
 
 import function_app
 from edge.queue import run_blob, run_queue_message
-from handlers.batch_intake import BatchSettings
-from handlers.commands import Ports
-from handlers.dps_pool import DpsInstance
-from handlers.onboarding import OnboardingSettings
+from handlers.dps_pool import DpsInstance, OnboardingSettings
+from handlers.ports import Ports
+from handlers.records import BatchSettings
 from handlers.root_ca import RootRequest, create_root
 from pki.keys import KeyType
 

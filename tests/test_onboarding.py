@@ -8,15 +8,10 @@ import json
 import pytest
 from cryptography import x509
 
-from handlers.dps_pool import DpsInstance
+from handlers.dps_pool import DpsInstance, OnboardingSettings
 from handlers.errors import CapacityExhausted, InvalidMessage, Rejected
-from handlers.onboarding import (
-    OnboardingRequest,
-    OnboardingSettings,
-    customer_document,
-    list_customers,
-    onboard_customer,
-)
+from handlers.onboarding import OnboardingRequest, onboard_customer
+from handlers.records import customer_document, list_customers
 from handlers.root_ca import RootRequest, create_root
 from pki.keys import KeyType
 

@@ -24,7 +24,8 @@ from clients.storage import queue_client, state_store
 from devhost.stack import person_settings, sas_settings
 from emulators.stack import ADMIN, APP
 from handlers.errors import CapacityExhausted
-from handlers.onboarding import OnboardingRequest, customer_document, onboard_customer
+from handlers.onboarding import OnboardingRequest, onboard_customer
+from handlers.records import customer_document
 from handlers.root_ca import RootRequest, create_root
 from pki.export import thumbprints
 from pki.keys import KeyType
@@ -231,7 +232,7 @@ def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(stor
         assert settings.storage.connection_string and settings.dps_connection_strings
         store, keys = state_store(settings), key_store(settings)
         groups = enrollment_groups(settings)
-        from handlers.onboarding import OnboardingSettings
+        from handlers.dps_pool import OnboardingSettings
 
         onboarding = OnboardingSettings(pool=settings.dps_pool)
         now = dt.datetime.now(dt.UTC)

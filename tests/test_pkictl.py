@@ -239,7 +239,7 @@ def test_the_demo_runs_end_to_end_speaks_the_published_contracts_and_leaks_no_se
         planted.upload_blob("probe-token.txt", f"Authorization: Bearer {token}".encode())
         scans.append(find_leaks(stack))
 
-    assert run_demo(out, inspect=inspect, record_exchanges=True) == 0, out.getvalue()[-3000:]
+    assert run_demo(out, main, inspect=inspect, record_exchanges=True) == 0, out.getvalue()[-3000:]
     text = out.getvalue()
     for expected in ("demo complete", "DPS dps2: verified (pki-root-", "errorCode 401005",
                      "disable-device       changed",

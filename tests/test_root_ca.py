@@ -5,7 +5,8 @@ import pytest
 
 from clients.local_keystore import LocalKeyStore
 from handlers.errors import AlreadyExists, Conflict, NotFound, TransientError
-from handlers.root_ca import LEASE, ROOT_DOCUMENT, RootRequest, create_root, load_root
+from handlers.root import ROOT_DOCUMENT, load_root
+from handlers.root_ca import LEASE, RootRequest, create_root
 from handlers.verification_cert import root_verification_certificate
 from pki.keys import KeyType
 
