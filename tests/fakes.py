@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import itertools
 import re
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from handlers.errors import AlreadyExists, Conflict
@@ -310,3 +312,22 @@ class MemorySecrets:
 
     def get_secret(self, name: str, version: str | None = None) -> str:
         return self.values[(name, version or self.latest[name])]
+
+
+@dataclass
+class Message:
+    """What the Functions host hands a queue trigger (azure.functions.QueueMessage's reading side)."""
+
+    body: bytes
+    id: str
+    dequeue_count: int = 1
+    insertion_time: dt.datetime | None = None
+
+    def get_body(self) -> bytes:
+        return self.body
+
+
+@dataclass
+class Blob:
+    name: str
+    blob_properties: dict | None = None

@@ -217,7 +217,7 @@ def test_bad_rows_fail_by_row_and_the_rest_are_issued(env):
 
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from .test_csr import break_signature, make_csr
+    from .x509_helpers import break_signature, make_csr
 
     weak = make_csr("weak-rsa", key=rsa.generate_private_key(65537, 1024)).decode()
     broken = base64.b64encode(break_signature(make_csr("broken-csr"))).decode()

@@ -15,60 +15,12 @@ from handlers.commands import run_command
 from handlers.errors import InvalidMessage, Rejected, TransientError
 from handlers.intermediates import RenewalRefused
 from handlers.messages import Delivery
-from handlers.ports import Ports
-from handlers.records import customer_document, device_document, device_tags
+from handlers.records import device_document
 from pki.export import thumbprints
 
-from .fakes import FakeDps, FakeHubs, run_concurrently
-from .test_onboarding import World
+from .fakes import run_concurrently
+from .worlds import HUB, CommandWorld
 from .x509_helpers import NOW
-
-HUB = "hub1.azure-devices.net"
-
-
-class Files:
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def get(self, path: str) -> bytes:
-        return self.data[path]
-
-
-class CommandWorld(World):
-    def __init__(self, tmp_path):
-        super().__init__(tmp_path)
-        self.groups = FakeDps()
-        self.hubs = FakeHubs()
-        self.files = Files()
-        self.onboard({"customerId": "contoso"})
-        self.onboard({"customerId": "fabrikam"})
-        self.ports = Ports(store=self.store, keys=self.keys, dps=self.groups, hubs=self.hubs, files=self.files,
-                           audit=self.audit, settings=self.settings)
-        self.sequence = 0
-
-    def device(self, device_id: str, customer: str = "contoso", registered: bool = True, status: str = "issued",
-               issuer: str | None = None, not_after: str = "2027-11-29T00:00:00Z") -> None:
-        record = {"customerId": customer, "deviceId": device_id, "status": status, "serial": "01",
-                  "notAfter": not_after, "outputs": {"certificate": f"out/{device_id}/cert.pem"},
-                  "intermediateSerial": issuer or self.customer(customer)["intermediate"]["serial"]}
-        self.files.data[record["outputs"]["certificate"]] = self.customer(customer)["intermediate"][
-            "certificatePem"].encode()
-        self.store.create(device_document(device_id), record, tags=device_tags(record))
-        if registered:
-            self.groups.registered[device_id] = {"registrationId": device_id, "deviceId": device_id,
-                                                 "assignedHub": HUB, "group": customer}
-            self.hubs.add(HUB, device_id)
-
-    def customer(self, customer: str = "contoso") -> dict:
-        return self.store.get(customer_document(customer)).data
-
-    def send(self, message: dict, *, message_id: str | None = None, at: dt.datetime | None = None) -> str:
-        self.sequence += 1
-        delivery = Delivery(message_id or f"m{self.sequence}", at or NOW + dt.timedelta(seconds=self.sequence))
-        return run_command(Command.parse(json.dumps(message)), delivery, ports=self.ports, now=NOW)
-
-    def effects(self, action: str) -> list[str]:
-        return [e["effect"] for e in self.audit.events if e["action"] == action]
 
 
 @pytest.fixture

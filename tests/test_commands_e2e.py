@@ -12,18 +12,11 @@ import time
 import pytest
 from cryptography import x509
 
-from clients.audit import StoreAuditLog
-from clients.device_registration import RegistrationRefused, register
-from devhost.stack import person_settings
-from emulators.stack import OPERATOR
-from handlers.onboarding import OnboardingRequest, onboard_customer
 from handlers.records import customer_document, device_document
-from pki import export
-from pki.keys import KeyType, generate_key
 from pkictl.cli import main as pkictl
 
-from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, upload, wired_env, with_host_json
-from .test_onboarding_e2e import Devhost
+from .batch_helpers import onboarded, wired_env, with_host_json
+from .worlds import Devhost, Fleet
 
 pytestmark = pytest.mark.integration
 QUEUE = "pki-commands"
@@ -38,69 +31,6 @@ def storage(own_azurite):
 def env(storage, stack, tmp_path):
     values = wired_env(storage, stack, IOT_HUB_REGISTRY_OPS_PER_MIN="6000")
     return with_host_json(values, tmp_path, QUEUE, max_dequeue_count=3)
-
-
-class Fleet:
-    """Customers with devices whose keys the test holds (issued from CSR batches), registered over mTLS."""
-
-    def __init__(self, env, stack, tmp_path):
-        self.env, self.stack, self.tmp = env, stack, tmp_path
-        self.settings_env = {k: v for k, v in env.items() if not k.startswith("_")}
-        self.operator_env = person_settings(self.settings_env, stack.client_id(OPERATOR))  # who runs pkictl
-        self.acme, self.globex = f"acme-{secrets.token_hex(3)}", f"globex-{secrets.token_hex(3)}"
-        self.services = onboarded(self.settings_env, self.acme, stack)
-        onboard_customer(OnboardingRequest(customer_id=self.globex), store=self.services.store,
-                         keys=self.services.keys, groups=self.services.groups, audit=self.services.audit,
-                         settings=self.services.onboarding, now=_now())
-        self.keys: dict[str, object] = {}
-
-    def issue(self, customer: str, devices: list[str], batch: str) -> None:
-        lines = ""
-        for device in devices:
-            self.keys[device] = generate_key(KeyType.EC_P256)
-            lines += json.dumps({"deviceId": device, "csr": csr_pem(device, self.keys[device])}) + "\n"
-        intake(self.services, upload(self.services, customer, batch, lines.encode()))
-        drain_chunks(self.services, self.settings_env)
-
-    def register(self, customer: str, device: str) -> str:
-        record = self.services.store.get(device_document(device)).data
-        chain = self.services.files.get(record["outputs"]["chain"])
-        folder = self.tmp / device
-        folder.mkdir(exist_ok=True)
-        (folder / "chain.pem").write_bytes(chain)
-        (folder / "key.pem").write_bytes(export.key_pem(self.keys[device]))
-        scope = self.services.store.get(customer_document(customer)).data["dps"]["idScope"]
-        return register(self.stack.device_endpoint_url, scope, device, folder / "chain.pem", folder / "key.pem",
-                        ca_path=self.stack.ca_path).assigned_hub
-
-    def refused(self, customer: str, device: str) -> str:
-        with pytest.raises(RegistrationRefused) as refused:
-            self.register(customer, device)
-        return str(refused.value)
-
-    def send(self, *args: str) -> None:
-        out = io.StringIO()
-        assert pkictl(["send", "command", *args], env=self.operator_env, out=out, err=out) == 0, out.getvalue()
-
-    def events(self, customer: str, action: str) -> list[dict]:
-        return [e for e in StoreAuditLog(self.services.store).query(customer=customer) if e["action"] == action]
-
-    def wait(self, customer: str, action: str, count: int, timeout: float = 60) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            events = self.events(customer, action)
-            if len(events) >= count:
-                return events
-            time.sleep(0.3)
-        failures = [self.services.store.get(n).data for n in self.services.store.find("\"kind\" = 'failure'")]
-        raise AssertionError(f"{action} on {customer}: {len(self.events(customer, action))} events, wanted {count}; "
-                             f"failures: {json.dumps(failures)[:2000]}")
-
-
-def _now():
-    import datetime as dt
-
-    return dt.datetime.now(dt.UTC)
 
 
 def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, stack, tmp_path):

@@ -1,6 +1,5 @@
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
@@ -8,22 +7,7 @@ from pki import InvalidCsr, profiles
 from pki.csr import accept_csr
 from pki.keys import KeyType, generate_key
 
-from .x509_helpers import NOW, assert_device_cert, make_chain, remote
-
-
-def make_csr(device_id="device-001", key=None, extensions=(), names=None) -> bytes:
-    key = key or generate_key(KeyType.EC_P256)
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name(names if names is not None else [x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-    for extension, critical in extensions:
-        builder = builder.add_extension(extension, critical=critical)
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def break_signature(pem: bytes) -> bytes:
-    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
-    der[-5] ^= 0x01  # inside the signature BIT STRING
-    return bytes(der)
+from .x509_helpers import NOW, assert_device_cert, break_signature, make_chain, make_csr, remote
 
 
 @pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048, KeyType.RSA_3072])

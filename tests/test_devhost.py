@@ -20,6 +20,8 @@ from devhost.host import HostConfig, HostError, read_functions
 from devhost.schedule import Schedule, ScheduleError
 from devhost.stack import app_settings, launch_devhost
 
+from .worlds import wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 APP = Path(__file__).resolve().parent / "devhost_app"
 
@@ -118,16 +120,6 @@ def results(env: dict, kind: str) -> list[dict]:
     if not container.exists():
         return []
     return [json.loads(container.download_blob(b.name).readall()) for b in container.list_blobs(f"{kind}/")]
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def queue(env: dict, name: str) -> QueueClient:

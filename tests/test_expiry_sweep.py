@@ -10,7 +10,7 @@ from handlers.expiry_sweep import NOTICE_QUEUE, SweepSettings, report_document, 
 from handlers.records import customer_document, device_document, device_tags
 
 from .fakes import MemoryQueue, run_concurrently
-from .test_commands import CommandWorld
+from .worlds import CommandWorld
 from .x509_helpers import NOW
 
 

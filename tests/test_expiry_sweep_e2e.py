@@ -21,7 +21,7 @@ from handlers.records import customer_document, device_document, device_tags
 from pki.export import thumbprints
 from pkictl.cli import main as pkictl
 
-from .test_commands_e2e import Fleet
+from .worlds import Fleet
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +31,7 @@ from handlers.root_ca import RootRequest, create_root
 from pki.keys import KeyType
 
 from .fakes import (
+    Blob,
     FakeDps,
     FakeHubs,
     ListAuditLog,
@@ -39,32 +39,14 @@ from .fakes import (
     MemoryFiles,
     MemoryQueue,
     MemorySecrets,
+    Message,
 )
-from .test_root_ca import CountingKeys
+from .worlds import CountingKeys
 
 CORPUS = json.loads((Path(__file__).parent / "hostile" / "corpus.json").read_text())
 POOL = (DpsInstance("dps1", "https://dps1.example", "0ne001", ("hub1.azure-devices.net",)),)
 HANDLERS = {"customer-onboarding": function_app.handle_onboarding, "pki-commands": function_app.handle_command,
             "batch-chunks": function_app.handle_chunk}
-
-
-@dataclass
-class Message:
-    """What the Functions host hands a queue trigger (azure.functions.QueueMessage's reading side)."""
-
-    body: bytes
-    id: str
-    dequeue_count: int = 1
-    insertion_time: dt.datetime | None = None
-
-    def get_body(self) -> bytes:
-        return self.body
-
-
-@dataclass
-class Blob:
-    name: str
-    blob_properties: dict | None = None
 
 
 class Service:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .core_tools import core_tools_problems
-from .test_devhost import wait_for
+from .worlds import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration

@@ -8,35 +8,15 @@ import json
 import pytest
 from cryptography import x509
 
-from handlers.dps_pool import DpsInstance, OnboardingSettings
+from handlers.dps_pool import OnboardingSettings
 from handlers.errors import CapacityExhausted, InvalidMessage, Rejected
-from handlers.onboarding import OnboardingRequest, onboard_customer
+from handlers.onboarding import OnboardingRequest
 from handlers.records import customer_document, list_customers
-from handlers.root_ca import RootRequest, create_root
 from pki.keys import KeyType
 
-from .fakes import FakeEnrollmentGroups, ListAuditLog, MemoryDocumentStore, run_concurrently
-from .test_root_ca import CountingKeys
-from .x509_helpers import NOW, assert_ca_cert, openssl_verify
-
-POOL = (DpsInstance("dps1", "https://dps1.example", "0ne001", ("hub1.azure-devices.net",)),
-        DpsInstance("dps2", "https://dps2.example", "0ne002", ("hub2.azure-devices.net", "hub1.azure-devices.net")))
-
-
-class World:
-    def __init__(self, tmp_path, capacity=100, pool=POOL):
-        self.store = MemoryDocumentStore()
-        self.keys = CountingKeys(tmp_path / "keys", b"test-passphrase-123")
-        self.groups = FakeEnrollmentGroups(capacity)
-        self.audit = ListAuditLog()
-        self.settings = OnboardingSettings(pool=pool)
-        create_root(RootRequest("root", KeyType.EC_P384, 20, "Test Root"), store=self.store, keys=self.keys, now=NOW)
-        self.keys.created = 0
-
-    def onboard(self, message: dict | str, **kwargs):
-        raw = message if isinstance(message, str) else json.dumps(message)
-        return onboard_customer(OnboardingRequest.parse(raw), store=self.store, keys=self.keys, groups=self.groups,
-                                audit=self.audit, settings=self.settings, now=NOW, sleep=lambda s: None, **kwargs)
+from .fakes import run_concurrently
+from .worlds import POOL, World
+from .x509_helpers import assert_ca_cert, openssl_verify
 
 
 @pytest.fixture

@@ -6,11 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +28,7 @@ from pki.keys import KeyType
 from settings import load_settings
 
 from .batch_helpers import wired_env, with_host_json
+from .worlds import Devhost
 from .x509_helpers import assert_ca_cert, openssl_verify
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,20 +57,6 @@ def env(storage, stack, tmp_path):
     assert stack.rootvault.key_versions(settings.root_key_name) and not stack.keyvault.key_versions(
         settings.root_key_name)
     return with_host_json(values, tmp_path, QUEUE)
-
-
-class Devhost:
-    def __init__(self, env: dict, concurrency: int = 2):
-        settings = {k: v for k, v in env.items() if not k.startswith("_")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "devhost", "--script-root", str(REPO), "--host-json", env["_HOST_JSON"],
-             "--concurrency", str(concurrency), "--log-level", "WARNING", "--message-lease", "20"],
-            cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **settings},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def stop(self) -> str:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.communicate(timeout=60)[0]
 
 
 def _queue(env: dict):

@@ -15,8 +15,7 @@ from pki import export
 from pki.keys import KeyType, generate_key
 from pkictl.cli import build_parser, main
 
-from .test_csr import break_signature, make_csr
-from .x509_helpers import NOW, make_chain, write_pem
+from .x509_helpers import NOW, break_signature, make_chain, make_csr, write_pem
 
 REPO = Path(__file__).resolve().parent.parent
 

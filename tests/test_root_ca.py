@@ -3,7 +3,6 @@
 
 import pytest
 
-from clients.local_keystore import LocalKeyStore
 from handlers.errors import AlreadyExists, Conflict, NotFound, TransientError
 from handlers.root import ROOT_DOCUMENT, load_root
 from handlers.root_ca import LEASE, RootRequest, create_root
@@ -11,31 +10,11 @@ from handlers.verification_cert import root_verification_certificate
 from pki.keys import KeyType
 
 from .fakes import MemoryDocumentStore, run_concurrently
+from .worlds import CountingKeys
 from .x509_helpers import NOW, assert_ca_cert, cn
 
 REQUEST = RootRequest(key_name="root", key_type=KeyType.EC_P384, validity_years=20, common_name="Contoso Root",
                       organization="Contoso", country="DE")
-
-
-class CountingKeys(LocalKeyStore):
-    def __init__(self, *args, fail_signing: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.created = 0
-        self.fail_signing = fail_signing
-
-    def create_key(self, name, key_type):
-        self.created += 1
-        return super().create_key(name, key_type)
-
-    def signer(self, key):
-        sign = super().signer(key)
-
-        def maybe_failing(algorithm, digest):
-            if self.fail_signing:
-                self.fail_signing -= 1
-                raise ConnectionError("key store unreachable")
-            return sign(algorithm, digest)
-        return maybe_failing
 
 
 @pytest.fixture

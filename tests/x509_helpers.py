@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki import export, profiles
@@ -123,3 +124,18 @@ def openssl_verify(root: x509.Certificate, leaf: x509.Certificate, *untrusted: x
             args += ["-untrusted", str(write_pem(d, "untrusted.pem", *untrusted))]
         args.append(str(write_pem(d, "leaf.pem", leaf)))
         return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def make_csr(device_id="device-001", key=None, extensions=(), names=None) -> bytes:
+    key = key or generate_key(KeyType.EC_P256)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name(names if names is not None else [x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def break_signature(pem: bytes) -> bytes:
+    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0x01  # inside the signature BIT STRING
+    return bytes(der)
