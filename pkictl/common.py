@@ -1,0 +1,76 @@
+"""What pkictl's command modules share: exit codes, the two errors, the ``Cli`` context and small helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TextIO
+
+OK, PROBLEM, USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input given on the command line (a file that cannot be read, a bad date)."""
+
+
+class Problem(Exception):
+    """The command could not do what was asked, for a reason outside the command line (the message says which)."""
+
+
+class Cli:
+    """What a command runs with; ``env`` is the settings source and ``wire`` builds clients only when a command
+    needs them."""
+
+    def __init__(self, env: Mapping[str, str], out: TextIO, wire: Callable | None = None):
+        self.env = env
+        self.out = out
+        self._wire = wire
+        self._wiring = None
+
+    @property
+    def wiring(self):
+        if self._wiring is None:
+            if self._wire is None:
+                from .wiring import wire
+                self._wire = wire
+            self._wiring = self._wire(self.env)
+        return self._wiring
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+
+def now(value: str | None) -> dt.datetime:
+    """The date or time given on the command line (ISO 8601, UTC unless it says otherwise), else now."""
+    if not value:
+        return dt.datetime.now(dt.UTC)
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--now: {value!r} is not an ISO date such as 2027-01-31 or 2027-01-31T12:00:00Z") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def read(path: str, option: str) -> bytes:
+    """The bytes of the file ``path`` given with ``option``."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror or exc}") from None
+
+
+def batch_line(data: dict, bar: bool = False) -> str:
+    """One line on a batch record: its status and progress (with a progress bar when ``bar``)."""
+    status, rows = data.get("status", "?"), data.get("rows") or 0
+    counts = data.get("counts") or {}
+    done = sum(counts.values())
+    if status == "rejected":
+        return f"batch {data['batchName']}: rejected: {data.get('field') or ''} {data.get('reason', '')}".strip()
+    progress = f"{done}/{rows}" if rows else "validating"
+    meter = ""
+    if bar and rows:
+        filled = int(30 * done / rows)
+        meter = "[" + "#" * filled + "." * (30 - filled) + "] "
+    return (f"{meter}batch {data['batchName']}: {status} {progress} (issued {counts.get('issued', 0)}, already "
+            f"{counts.get('already_issued', 0)}, failed {counts.get('failed', 0)})")
