@@ -207,10 +207,14 @@ def _more_commands(env: dict, store) -> None:
         assert main(["send", "command", *args, "--reason", "contract run"], env=env, out=out, err=out) == 0, \
             out.getvalue()
         record = "devices/sensor-0003.json" if "--device" in args else "customers/contoso-gmbh.json"
-        deadline = time.monotonic() + 60
+        # a failed attempt comes back after host.json's visibilityTimeout (30 s): room for a few of them
+        deadline = time.monotonic() + 150
         while (store.get(record).data.get("lastCommand") or {}).get("command") != args[0] or \
                 not store.get(record).data["lastCommand"].get("applied"):
-            assert time.monotonic() < deadline, f"{args[0]} did not apply"
+            if time.monotonic() > deadline:
+                failures = [store.get(n).data for n in store.find("\"kind\" = 'failure'")]
+                raise AssertionError(f"{args[0]} did not apply: lastCommand "
+                                     f"{store.get(record).data.get('lastCommand')}; failures {failures}")
             time.sleep(0.3)
 
 
