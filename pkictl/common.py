@@ -74,3 +74,9 @@ def batch_line(data: dict, bar: bool = False) -> str:
         meter = "[" + "#" * filled + "." * (30 - filled) + "] "
     return (f"{meter}batch {data['batchName']}: {status} {progress} (issued {counts.get('issued', 0)}, already "
             f"{counts.get('already_issued', 0)}, failed {counts.get('failed', 0)})")
+
+
+def command_group(commands, name: str, summary: str):
+    """A command group (``pkictl NAME SUBCOMMAND``): its subcommands' parsers are added to what this returns."""
+    return commands.add_parser(name, help=summary).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+

@@ -7,12 +7,11 @@ import json
 
 from handlers.errors import NotFound
 
-from ..common import OK, Cli, batch_line
+from ..common import OK, Cli, batch_line, command_group
 
 
 def register(commands) -> None:
-    batches = commands.add_parser("batch", help="device batches").add_subparsers(dest="sub", required=True,
-                                                                                 metavar="SUBCOMMAND")
+    batches = command_group(commands, "batch", "device batches")
     show = batches.add_parser("show", help="a batch's status and progress")
     show.add_argument("customer")
     show.add_argument("batch")

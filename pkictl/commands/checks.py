@@ -10,7 +10,7 @@ from pki.doctor import diagnose
 from pki.ids import check_registration_id
 from pki.pem import load_certificate, load_certificates, load_csr
 
-from ..common import OK, PROBLEM, Cli, UsageError, now, read
+from ..common import OK, PROBLEM, Cli, UsageError, command_group, now, read
 
 
 def register(commands) -> None:
@@ -28,14 +28,13 @@ def register(commands) -> None:
     parser.add_argument("--json", action="store_true", help="findings as JSON")
     parser.set_defaults(run=doctor)
 
-    csr = commands.add_parser("csr", help="device CSRs").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    csr = command_group(commands, "csr", "device CSRs")
     check = csr.add_parser("check", help="check a device CSR as a batch would")
     check.add_argument("--csr", required=True, metavar="FILE", help="PEM or DER certificate request")
     check.add_argument("--device-id", required=True, metavar="ID", help="the device's registration id")
     check.set_defaults(run=csr_check)
 
-    ident = commands.add_parser("id", help="registration ids").add_subparsers(dest="sub", required=True,
-                                                                               metavar="SUBCOMMAND")
+    ident = command_group(commands, "id", "registration ids")
     ident_check = ident.add_parser("check", help="check a registration id against DPS's rules")
     ident_check.add_argument("id")
     ident_check.set_defaults(run=id_check)

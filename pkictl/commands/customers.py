@@ -7,12 +7,11 @@ import json
 
 from handlers.errors import NotFound
 
-from ..common import OK, PROBLEM, Cli
+from ..common import OK, PROBLEM, Cli, command_group
 
 
 def register(commands) -> None:
-    customer = commands.add_parser("customer", help="customers").add_subparsers(dest="sub", required=True,
-                                                                                metavar="SUBCOMMAND")
+    customer = command_group(commands, "customer", "customers")
     show = customer.add_parser("show", help="a customer's record (status, DPS placement, intermediate)")
     show.add_argument("id")
     shown = show.add_mutually_exclusive_group()

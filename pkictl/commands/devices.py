@@ -15,12 +15,11 @@ from pki import export
 from pki.ids import check_registration_id
 from pki.pem import load_certificates
 
-from ..common import OK, PROBLEM, Cli, UsageError, read
+from ..common import OK, PROBLEM, Cli, UsageError, command_group, read
 
 
 def register(commands) -> None:
-    device = commands.add_parser("device", help="devices").add_subparsers(dest="sub", required=True,
-                                                                            metavar="SUBCOMMAND")
+    device = command_group(commands, "device", "devices")
     export_parser = device.add_parser("export", help="what a factory line needs for one device")
     export_parser.add_argument("customer")
     export_parser.add_argument("device")

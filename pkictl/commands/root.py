@@ -9,12 +9,11 @@ from pathlib import Path
 from pki import export
 from pki.keys import CA_ROOT_KEY_TYPES, KeyType
 
-from ..common import OK, PROBLEM, Cli, now
+from ..common import OK, PROBLEM, Cli, command_group, now
 
 
 def register(commands) -> None:
-    root = commands.add_parser("root", help="the company root CA").add_subparsers(dest="sub", required=True,
-                                                                                   metavar="SUBCOMMAND")
+    root = command_group(commands, "root", "the company root CA")
     create = root.add_parser("create", help="create the root key (in the key store) and its self-signed certificate")
     create.add_argument("--key-type", choices=[k.value for k in CA_ROOT_KEY_TYPES],
                         help="key algorithm (default: setting ROOT_CA_KEY_TYPE, else ec-p384)")

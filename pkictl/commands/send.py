@@ -9,13 +9,12 @@ from pathlib import Path
 from handlers.command_message import COMMANDS
 from handlers.onboarding import ALLOCATION_POLICIES
 
-from ..common import OK, PROBLEM, Cli, Problem, UsageError, batch_line
+from ..common import OK, PROBLEM, Cli, Problem, UsageError, batch_line, command_group
 from .batches import batch_show
 
 
 def register(commands) -> None:
-    send = commands.add_parser("send", help="enqueue a message for the service").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+    send = command_group(commands, "send", "enqueue a message for the service")
     onboarding = send.add_parser("onboarding", help="a 'new customer' message on customer-onboarding")
     onboarding.add_argument("--customer", required=True, metavar="ID", help="customerId (a-z, 0-9, '-')")
     onboarding.add_argument("--display-name", help="organization name for the intermediate's O")

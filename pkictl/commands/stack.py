@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..common import Cli
+from ..common import Cli, command_group
 
 
 def register(commands) -> None:
-    local = commands.add_parser("local", help="the local stack: Azurite, Key Vault/DPS/IoT Hub emulators, devhost"
-                                ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    local = command_group(commands, "local", "the local stack: Azurite, Key Vault/DPS/IoT Hub emulators, devhost")
     up = local.add_parser("up", help="start the stack and write local.settings.json (Ctrl-C stops it)")
     up.add_argument("--detach", action="store_true", help="return once everything is ready")
     up.add_argument("--dps-instances", type=int, default=2, choices=range(1, 11), metavar="N",

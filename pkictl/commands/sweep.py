@@ -8,12 +8,11 @@ import json
 
 from handlers.errors import NotFound
 
-from ..common import OK, Cli, now
+from ..common import OK, Cli, command_group, now
 
 
 def register(commands) -> None:
-    sweep = commands.add_parser("sweep", help="the expiry sweep (the daily timer)").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+    sweep = command_group(commands, "sweep", "the expiry sweep (the daily timer)")
     run = sweep.add_parser("run", help="run the sweep now, here (idempotent per day)")
     run.add_argument("--now", metavar="DATE", help="pretend it is DATE (ISO) - for rehearsals")
     run.set_defaults(run=sweep_run)
