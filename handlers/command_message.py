@@ -73,3 +73,12 @@ def order_key(command: Command, delivery: Delivery) -> str:
 def command_id(command: Command, delivery: Delivery) -> str:
     """What makes two deliveries "the same command": its requestId, else its queue message id."""
     return command.request_id or f"message:{delivery.message_id}"
+
+
+def enqueued_before(order: str, other: str) -> bool:
+    """Whether the command of ``order`` was enqueued strictly before that of ``other``. Queue insertion times have
+    one-second resolution (Azure Storage's InsertionTime; Azurite's too), so two commands of the same second cannot
+    be told apart by it, and the requestId after it is random: neither supersedes the other, the later delivery
+    is applied on top (the record and DPS/IoT Hub then end in its state)."""
+    return order.split("|", 1)[0] < other.split("|", 1)[0]
+

@@ -3,11 +3,12 @@ and DPS, intermediates renewed.
 
 Each target record (device or customer) keeps the last command applied to it (``lastCommand``: its id,
 its order key and whether its side effects are done). A command is ordered by its enqueue time, then its
-``requestId``, then its message id: one older than the recorded command is ``superseded`` (a no-op,
-audited), so a disable and an enable of one device racing on two instances end in the state of the
-later one. The record is written first (the desired state), then DPS and IoT Hub are brought to it; a
-run that finds a newer desired state after its side effects applies that one too, so the last writer's
-state is what DPS and the hub end with. A redelivered command finds its state applied: a no-op.
+``requestId``, then its message id: one enqueued before the recorded command is ``superseded`` (a no-op,
+audited; one of the same second, which insertion times cannot order, is applied on top), so a disable and an
+enable of one device racing on two instances end in the state of the later one. The record is written first (the
+desired state), then DPS and IoT Hub are brought to it; a run that finds a newer desired state after its side
+effects applies that one too, so the last writer's state is what DPS and the hub end with. A redelivered command
+finds its state applied: a no-op.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import datetime as dt
 import time
 from typing import Any
 
-from .command_message import DEVICE_COMMANDS, Command, command_id, order_key
+from .command_message import DEVICE_COMMANDS, Command, command_id, enqueued_before, order_key
 from .enrollments import sync_group
 from .errors import AlreadyExists, Conflict, Rejected, TransientError
 from .hubs import assigned, hub_placement, registered_through, remember_hub_devices
@@ -70,7 +71,7 @@ class _Run:
                     waited += 0.5
                     continue
                 return doc, None  # that run is gone: finish its work
-            if last.get("order", "") > self.order:
+            if enqueued_before(self.order, last.get("order", "")):
                 return doc, f"superseded by the later {last.get('command')} ({last.get('id')})"
             if doc.data["status"] == wanted and last.get("applied", True):
                 if last.get("order", "") < self.order:  # remember it: an older, opposite command is superseded

@@ -304,3 +304,25 @@ def test_the_sweep_holds_a_renewal_that_would_strand_devices_and_reports_it(worl
     held = {h["customerId"]: h["reason"] for h in report["intermediates"]["held"]}
     assert "old-1" in held["contoso"] and report["counts"]["renewalsHeld"] == 1
     assert "fabrikam" in {r["customerId"] for r in report["intermediates"]["renewed"]}
+
+
+def test_a_command_of_the_same_enqueue_second_as_the_recorded_one_is_applied_not_superseded(world):
+    # Queue insertion times have one-second resolution: a disable-customer applied, then an enable-customer enqueued
+    # in the same second. Its random requestId may sort before the disable's; it must still be applied (CI caught
+    # the old ordering calling it "superseded").
+    world.device("d1")
+    at = NOW + dt.timedelta(minutes=5)
+    customer = {"customerId": "contoso", "reason": "contract run"}
+    world.send({**customer, "command": "disable-customer", "requestId": "cli-ffff"}, at=at)
+    outcome = world.send({**customer, "command": "enable-customer", "requestId": "cli-0000"}, at=at)
+    assert "superseded" not in outcome and world.customer()["status"] == "active"
+    assert world.customer()["lastCommand"]["command"] == "enable-customer"
+
+
+def test_a_command_enqueued_a_second_before_the_recorded_one_is_superseded(world):
+    at = NOW + dt.timedelta(minutes=5)
+    customer = {"customerId": "contoso", "reason": "r"}
+    world.send({**customer, "command": "disable-customer", "requestId": "cli-0000"}, at=at)
+    outcome = world.send({**customer, "command": "enable-customer", "requestId": "cli-ffff"},
+                         at=at - dt.timedelta(seconds=1))
+    assert "superseded" in outcome and world.customer()["status"] == "disabled"
