@@ -353,7 +353,9 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
         return Response(404, {"error": "unknown admin path"})
 
     def start(self) -> EmulatorServer:
-        self._thread = threading.Thread(target=self.serve_forever, name=f"emulator-{self.name}", daemon=True)
+        # a short poll: shutdown() waits up to one interval, and a stack stops several servers in turn
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"emulator-{self.name}", daemon=True)
         self._thread.start()
         return self
 

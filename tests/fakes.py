@@ -249,6 +249,12 @@ class MemoryFiles:
             self.blobs[path] = (bytes(data), f"upload-{next(self._uploads)}",
                                 {k.lower(): v for k, v in (metadata or {}).items()})
 
+    def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
+        """As Set Blob Metadata does: new metadata on the same upload (its creation time stays)."""
+        with self._lock:
+            data, upload, _ = self.blobs[path]
+            self.blobs[path] = (data, upload, {k.lower(): v for k, v in metadata.items()})
+
     def _current(self, path: str, upload: str | None) -> bytes:
         from handlers.errors import NotFound
 

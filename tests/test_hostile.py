@@ -9,12 +9,10 @@ sender of most inputs) and ``beta``, which holds device ``shared-001`` and renew
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
@@ -22,73 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-import function_app
-from edge.queue import run_blob, run_queue_message
-from handlers.dps_pool import DpsInstance, OnboardingSettings
-from handlers.ports import Ports
-from handlers.records import BatchSettings
-from handlers.root_ca import RootRequest, create_root
-from pki.keys import KeyType
-
-from .fakes import (
-    Blob,
-    FakeDps,
-    FakeHubs,
-    ListAuditLog,
-    MemoryDocumentStore,
-    MemoryFiles,
-    MemoryQueue,
-    MemorySecrets,
-    Message,
-)
-from .worlds import CountingKeys
+from .worlds import FakeApp
 
 CORPUS = json.loads((Path(__file__).parent / "hostile" / "corpus.json").read_text())
-POOL = (DpsInstance("dps1", "https://dps1.example", "0ne001", ("hub1.azure-devices.net",)),)
-HANDLERS = {"customer-onboarding": function_app.handle_onboarding, "pki-commands": function_app.handle_command,
-            "batch-chunks": function_app.handle_chunk}
-
-
-class Service:
-    """The app on fakes, driven like the host drives it."""
-
-    def __init__(self, tmp_path: Path):
-        self.tmp_path = tmp_path
-        store, keys, audit = (MemoryDocumentStore(), CountingKeys(tmp_path / "keys", b"test-passphrase-123"),
-                              ListAuditLog())
-        dps, self.files, self.queue = FakeDps(), MemoryFiles(), MemoryQueue()
-        onboarding = OnboardingSettings(pool=POOL)
-        self.wired = SimpleNamespace(
-            store=store, keys=keys, groups=dps, audit=audit, onboarding=onboarding, files=self.files,
-            queue=self.queue, secrets=MemorySecrets(), batches=BatchSettings(), registrar=None,
-            commands=Ports(store=store, keys=keys, dps=dps, hubs=FakeHubs(), files=self.files, audit=audit,
-                           settings=onboarding))
-        self.messages = 0
-        create_root(RootRequest("root", KeyType.EC_P384, 20, "Test Root"), store=store, keys=keys,
-                    now=dt.datetime.now(dt.UTC))
-
-    def deliver(self, queue: str, body: bytes) -> None:
-        """One delivery; raises what the host would retry (and finally poison)."""
-        self.messages += 1
-        message = Message(body, f"m{self.messages}", insertion_time=dt.datetime.now(dt.UTC))
-        run_queue_message(message, queue=queue, services=lambda: self.wired, handle=HANDLERS[queue])
-
-    def upload(self, path: str, content: bytes, metadata: dict[str, str]) -> None:
-        """Upload a batch, fire the blob trigger, then run every chunk message it sent."""
-        name = f"device-batches/{path}"
-        self.files.upload(name, content, metadata)
-        run_blob(Blob(name, {"ETag": self.files.properties(name)[1]}), services=lambda: self.wired,
-                 handle=function_app.handle_batch)
-        try:
-            while self.queue.sent:
-                queue, message = self.queue.sent.pop(0)
-                self.deliver(queue, json.dumps(message).encode())
-        finally:
-            self.queue.sent.clear()  # a failed chunk leaves nothing behind for the next input
-
-    def documents(self, kind: str) -> list[dict]:
-        store = self.wired.store
-        return [store.get(name).data for name in store.find(f"\"kind\" = '{kind}'")]
 
 
 class Csrs:
@@ -131,9 +65,9 @@ def body_of(spec, csrs: Csrs) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory) -> Service:
+def service(tmp_path_factory) -> FakeApp:
     """acme and beta onboarded; beta issued ``shared-001`` and renewed its intermediate once, today."""
-    service = Service(tmp_path_factory.mktemp("hostile"))
+    service = FakeApp(tmp_path_factory.mktemp("hostile"))
     for customer in ("acme", "beta"):
         service.deliver("customer-onboarding", json.dumps({"customerId": customer}).encode())
     service.upload("beta/setup.csv", b"deviceId\nshared-001\nbeta-002\n", {})
@@ -144,20 +78,20 @@ def service(tmp_path_factory) -> Service:
     return service
 
 
-def _failures(service: Service) -> set[str]:
+def _failures(service: FakeApp) -> set[str]:
     return set(service.wired.store.find("\"kind\" = 'failure'"))
 
 
-def _check_nothing_poisoned(service: Service, before: set[str]) -> None:
+def _check_nothing_poisoned(service: FakeApp, before: set[str]) -> None:
     failed = [service.wired.store.get(n).data["attempts"][-1]["reason"] for n in _failures(service) - before]
     assert not failed, f"an attempt failed, which the host retries and then poisons: {failed}"
 
 
-def _rejections(service: Service) -> set[str]:
+def _rejections(service: FakeApp) -> set[str]:
     return set(service.wired.store.find("\"kind\" = 'rejection'"))
 
 
-def _check_rejection(service: Service, before: set[str], expected: dict, payload: str) -> None:
+def _check_rejection(service: FakeApp, before: set[str], expected: dict, payload: str) -> None:
     """Exactly one new rejection, with the reason and field expected, and the input kept as its payload."""
     new = _rejections(service) - before
     assert len(new) == 1, f"{len(new)} rejections recorded, expected 1"

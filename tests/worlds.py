@@ -1,6 +1,8 @@
 """Shared test worlds, one home each (test modules import these, never each other).
 
 - ``World``: a root and the onboarding ports on fakes; ``CommandWorld``: two customers and the command ports;
+- ``FakeApp``: the whole function app on in-memory fakes, driven through its edge as the host drives it, with the
+  batch handlers also callable one step at a time;
 - ``Devhost``: the deployed function app under devhost, as a subprocess; ``Fleet``: customers with devices whose
   keys the test holds, on Azurite and the emulators;
 - ``CountingKeys``: the local key store, counting key creations and failing signs on demand; ``wait_for``.
@@ -16,8 +18,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,14 +36,25 @@ from handlers.dps_pool import DpsInstance, OnboardingSettings
 from handlers.messages import Delivery
 from handlers.onboarding import OnboardingRequest, onboard_customer
 from handlers.ports import Ports
-from handlers.records import customer_document, device_document, device_tags
+from handlers.records import BatchSettings, customer_document, device_document, device_tags
 from handlers.root_ca import RootRequest, create_root
 from pki import export
 from pki.keys import KeyType, generate_key
 from pkictl.cli import main as pkictl
 
 from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, upload
-from .fakes import FakeDps, FakeEnrollmentGroups, FakeHubs, ListAuditLog, MemoryDocumentStore
+from .fakes import (
+    Blob,
+    FakeDps,
+    FakeEnrollmentGroups,
+    FakeHubs,
+    ListAuditLog,
+    MemoryDocumentStore,
+    MemoryFiles,
+    MemoryQueue,
+    MemorySecrets,
+    Message,
+)
 from .x509_helpers import NOW
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,6 +156,102 @@ class CommandWorld(World):
 
     def effects(self, action: str) -> list[str]:
         return [e["effect"] for e in self.audit.events if e["action"] == action]
+
+
+class FakeApp:
+    """The function app on in-memory fakes (one DPS instance), driven as the host drives it: ``deliver`` and
+    ``upload`` go through ``edge.queue`` with the handlers ``function_app`` wires, so a handler that raises anything
+    but ``Rejected`` (what the host retries, then poisons) raises here. ``intake`` and ``run_chunks`` call the batch
+    handlers directly, one step at a time, with any port swapped."""
+
+    def __init__(self, tmp_path: Path, batches: BatchSettings | None = None, now: dt.datetime | None = None):
+        store, keys, audit = (MemoryDocumentStore(), CountingKeys(tmp_path / "keys", b"test-passphrase-123"),
+                              ListAuditLog())
+        dps, self.files, self.queue = FakeDps(), MemoryFiles(), MemoryQueue()
+        onboarding = OnboardingSettings(pool=POOL[:1])
+        self.wired = SimpleNamespace(
+            store=store, keys=keys, groups=dps, audit=audit, onboarding=onboarding, files=self.files,
+            queue=self.queue, secrets=MemorySecrets(), batches=batches or BatchSettings(), registrar=None,
+            commands=Ports(store=store, keys=keys, dps=dps, hubs=FakeHubs(), files=self.files, audit=audit,
+                           settings=onboarding))
+        self.now = now or dt.datetime.now(dt.UTC)
+        self.messages = 0
+        self._pop = threading.Lock()
+        create_root(RootRequest("root", KeyType.EC_P384, 20, "Test Root"), store=store, keys=keys, now=self.now)
+
+    @property
+    def store(self) -> MemoryDocumentStore:
+        return self.wired.store
+
+    def deliver(self, queue: str, body: bytes) -> None:
+        """One delivery; raises what the host would retry (and finally poison)."""
+        import function_app
+        from edge.queue import run_queue_message
+
+        handlers = {"customer-onboarding": function_app.handle_onboarding, "pki-commands": function_app.handle_command,
+                    "batch-chunks": function_app.handle_chunk}
+        self.messages += 1
+        message = Message(body, f"m{self.messages}", insertion_time=dt.datetime.now(dt.UTC))
+        run_queue_message(message, queue=queue, services=lambda: self.wired, handle=handlers[queue])
+
+    def onboard(self, customer_id: str) -> dict:
+        self.deliver("customer-onboarding", json.dumps({"customerId": customer_id}).encode())
+        return self.store.get(customer_document(customer_id)).data
+
+    def upload(self, path: str, content: bytes, metadata: dict[str, str] | None = None) -> None:
+        """Upload ``customer/name``, fire the blob trigger, then run every chunk message it sent."""
+        import function_app
+        from edge.queue import run_blob
+
+        name = self.put(path, content, metadata)
+        run_blob(Blob(name, {"ETag": self.files.properties(name)[1]}), services=lambda: self.wired,
+                 handle=function_app.handle_batch)
+        try:
+            while self.queue.sent:
+                queue, message = self.queue.sent.pop(0)
+                self.deliver(queue, json.dumps(message).encode())
+        finally:
+            self.queue.sent.clear()  # a failed chunk leaves nothing behind for the next input
+
+    def put(self, path: str, content: bytes, metadata: dict[str, str] | None = None) -> str:
+        """Upload ``customer/name`` without firing anything; returns the blob's path."""
+        name = f"{self.wired.batches.input_container}/{path}"
+        self.files.upload(name, content, metadata)
+        return name
+
+    def intake(self, path: str, **ports) -> str:
+        from handlers.batch_intake import intake_batch
+
+        w = self.wired
+        return intake_batch(path, **{"files": w.files, "outputs": w.files, "store": w.store, "queue": w.queue,
+                                     "secrets_store": w.secrets, "audit": w.audit, "settings": w.batches,
+                                     "now": self.now, **ports})
+
+    def chunk(self, customer_id: str, batch_name: str, n: int, **ports) -> str:
+        from handlers.batch_chunk import process_chunk
+        from handlers.records import ChunkMessage
+
+        w = self.wired
+        return process_chunk(ChunkMessage(customer_id, batch_name, n), **{
+            "files": w.files, "outputs": w.files, "store": w.store, "keys": w.keys, "secrets_store": w.secrets,
+            "audit": w.audit, "settings": w.batches, "now": self.now, "registrar": w.registrar, **ports})
+
+    def run_chunks(self, **ports) -> list[str]:
+        """Run every queued chunk message in turn (safe to call from several threads at once)."""
+        outcomes = []
+        while True:
+            with self._pop:
+                if not self.queue.sent:
+                    return outcomes
+                _, message = self.queue.sent.pop(0)
+            outcomes.append(self.chunk(message["customerId"], message["batchName"], message["chunk"], **ports))
+
+    def report(self, path: str, suffix: str = "json"):
+        data = self.files.get(f"{self.wired.batches.results_container}/{path}.{suffix}")
+        return json.loads(data) if suffix == "json" else data.decode()
+
+    def documents(self, kind: str) -> list[dict]:
+        return [self.store.get(name).data for name in self.store.find(f"\"kind\" = '{kind}'")]
 
 
 class Devhost:
