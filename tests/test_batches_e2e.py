@@ -43,7 +43,8 @@ def env(storage, tmp_path, stack):
     values = wired_env(storage, stack, BATCH_CHUNK_ROWS="20", BATCH_CHUNK_LEASE_SECONDS="5", BATCH_INFLIGHT="4")
     host_json = tmp_path / "host.json"
     host_json.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {
-        "messageEncoding": "none", "maxDequeueCount": 5, "visibilityTimeout": "00:00:01"}}}))
+        "messageEncoding": "none", "maxDequeueCount": 5, "visibilityTimeout": "00:00:01",
+        "maxPollingInterval": "00:00:00.200"}}}))
     return {**values, "_HOST_JSON": str(host_json), "_CA": str(stack.ca_path), "_OPERATOR": stack.client_id(OPERATOR)}
 
 

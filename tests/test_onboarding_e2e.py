@@ -8,11 +8,13 @@ import datetime as dt
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from clients.audit import StoreAuditLog
 from clients.factory import enrollment_groups, key_store
@@ -206,7 +208,26 @@ def test_malformed_messages_are_recorded_with_their_field_and_nothing_else_happe
     assert "Traceback" not in output
 
 
-def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(storage, fresh_stack):
+def _filler_group(group_id: str) -> dict:
+    """An enrollment group of someone else's, with a CA certificate of its own (DPS takes a certificate in one
+    enrollment entry only)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    from pki.keys import generate_key
+
+    key = generate_key(KeyType.EC_P256)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, group_id)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    return {"enrollmentGroupId": group_id, "attestation": {"type": "x509", "x509": {"signingCertificates": {
+        "primary": {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}}}}}
+
+
+def test_customers_fill_a_pool_of_two_to_100_groups_each_and_the_next_is_rejected(storage, fresh_stack):
     # Keys instead of an identity for storage and DPS (a storage connection string, DPS_CONNECTION_STRINGS):
     # supported for those who run that way, so exercised here.
     with fresh_stack("pool", dps_instances=2) as pool:
@@ -220,18 +241,24 @@ def test_two_hundred_customers_fill_a_pool_of_two_and_the_201st_is_rejected(stor
         onboarding = OnboardingSettings(pool=settings.dps_pool)
         now = dt.datetime.now(dt.UTC)
         create_root(RootRequest("root", KeyType.EC_P256, 20, "Pool Root"), store=store, keys=keys, now=now)
+        # 98 groups of others on each instance (DPS holds at most 100 per instance), made through DPS's API
+        fillers = [(d.name, f"other-{d.name}-{i:03d}") for d in settings.dps_pool for i in range(98)]
+        with ThreadPoolExecutor(8) as workers:
+            list(workers.map(lambda f: groups.create_group(f[0], _filler_group(f[1])), fillers))
 
         def onboard(i: int):
             return onboard_customer(OnboardingRequest(customer_id=f"c{i:03d}"), store=store, keys=keys, groups=groups,
                                     audit=StoreAuditLog(store), settings=onboarding, now=now)
 
-        for i in range(120):
+        for i in range(2):
             onboard(i)
-        counts = [len(d.group_ids()) for d in pool.dps]
-        assert counts == [60, 60]  # placement fills both
-        for i in range(120, 200):
+        assert [len(d.group_ids()) for d in pool.dps] == [99, 99]  # placement fills both
+        for i in range(2, 4):
             onboard(i)
         assert [len(d.group_ids()) for d in pool.dps] == [100, 100]
-        with pytest.raises(CapacityExhausted, match="holds 100 enrollment groups"):
-            onboard(200)
-        assert store.get(customer_document("c200")) is None
+        # the groups of others are not in the service's count: DPS's refusal, recognised by its words, says full
+        with pytest.raises(CapacityExhausted, match=r"refused a new enrollment group as full \(dps1, dps2\)"):
+            onboard(4)
+        rejected = store.get(customer_document("c004")).data  # kept, with its intermediate, for a retry later
+        assert rejected["status"] == "rejected" and rejected["dps"] == {}
+        assert [len(d.group_ids()) for d in pool.dps] == [100, 100]
