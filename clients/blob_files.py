@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings
@@ -58,6 +59,23 @@ class BlobFiles:
             downloader = self._blob(path).download_blob(offset=start, length=end - start)
             _check_upload(path, downloader.properties, upload)
             return downloader.readall()
+
+    def create(self, path: str, stream: BinaryIO, metadata: dict[str, str]) -> None:
+        """Upload ``stream`` (streamed, never whole in memory) as a new blob; ``AlreadyExists`` if ``path`` exists."""
+        self._ensure(path)
+        with translated(f"blob {path}"):
+            self._blob(path).upload_blob(stream, overwrite=False, metadata=metadata)
+
+    def created_event(self, path: str) -> dict:
+        """The ``Microsoft.Storage.BlobCreated`` event Event Grid raises for the blob at ``path``, as it is now."""
+        from .event_grid import blob_created_event
+
+        blob = self._blob(path)
+        with translated(f"blob {path}"):
+            props = blob.get_blob_properties()
+        return blob_created_event(container=blob.container_name, blob=blob.blob_name, url=blob.url, etag=props.etag,
+                                  length=props.size, account=blob.account_name,
+                                  content_type=props.content_settings.content_type or "")
 
     def put(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._ensure(path)

@@ -100,7 +100,11 @@ class StorageQueues:
     def send(self, queue: str, message) -> None:
         import json
 
+        self.send_text(queue, json.dumps(message, separators=(",", ":")))
+
+    def send_text(self, queue: str, text: str) -> str:
+        """Enqueue ``text`` as is (pkictl sends what the user would, base64 included); returns the message id."""
         from .errors import translated
 
         with translated(f"queue {queue}"):
-            send_queue_message(self._settings, queue, json.dumps(message, separators=(",", ":")))
+            return send_queue_message(self._settings, queue, text)

@@ -1,41 +1,68 @@
-"""Concrete clients for the function app, built once per worker process from app settings."""
+"""The one composition root: concrete clients from settings, for the function app, pkictl, bench and tests."""
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from clients.audit import StoreAuditLog
 from clients.blob_files import BlobFiles
 from clients.dps import DpsEnrollmentGroups
-from clients.factory import DpsRegistrar, enrollment_groups, hub_registries, key_store, secrets_store
+from clients.dps_certificates import DpsCaCertificates
+from clients.factory import DpsRegistrar, ca_certificates, enrollment_groups, hub_registries, key_store, secrets_store
 from clients.iothub import IotHubRegistries
 from clients.keyvault import sign_rate
 from clients.storage import StorageQueues, blob_service, ca_path, state_store
 from handlers.dps_pool import OnboardingSettings
 from handlers.expiry_sweep import SweepSettings
-from handlers.ports import AuditLog, DocumentStore, KeyStore, MessageQueue, Ports, Secrets
+from handlers.ports import AuditLog, DocumentStore, KeyStore, Ports, Secrets
 from handlers.records import BatchSettings
 from settings import HostLimits, Settings, SettingsError, host_json, load_settings
 
 APP_ROOT = Path(__file__).resolve().parent.parent  # the script root: function_app.py and host.json
 
 
-@dataclass(frozen=True)
+class _Built:
+    """A client built from the settings on first use, once, under a lock (the host runs invocations on threads)."""
+
+    def __init__(self, build: Callable[[Services], object]):
+        self._build = build
+
+    def __set_name__(self, owner, name: str) -> None:
+        self._name = name
+
+    def __get__(self, services: Services | None, owner=None):
+        if services is None:
+            return self
+        with services._lock:  # noqa: SLF001 - the descriptor is part of Services
+            if self._name not in services.__dict__:
+                services.__dict__[self._name] = self._build(services)
+            return services.__dict__[self._name]
+
+
 class Services:
-    settings: Settings
-    store: DocumentStore
-    keys: KeyStore
-    groups: DpsEnrollmentGroups
-    audit: AuditLog
-    files: BlobFiles
-    queue: MessageQueue
-    secrets: Secrets
-    registrar: DpsRegistrar
-    hubs: IotHubRegistries
+    """The one composition root: the concrete client behind each port, built from ``settings`` on first use. The
+    function app (``services()``), pkictl (``Cli.services``), the benchmarks and the tests all take their clients
+    from here, so a command needing only storage builds no Key Vault or DPS client."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.RLock()
+
+    store: DocumentStore = _Built(lambda s: state_store(s.settings))
+    keys: KeyStore = _Built(lambda s: key_store(s.settings))
+    groups: DpsEnrollmentGroups = _Built(lambda s: enrollment_groups(s.settings))
+    audit: AuditLog = _Built(lambda s: StoreAuditLog(s.store))
+    files: BlobFiles = _Built(lambda s: BlobFiles(blob_service(s.settings)))
+    queue: StorageQueues = _Built(lambda s: StorageQueues(s.settings))
+    secrets: Secrets = _Built(lambda s: secrets_store(s.settings, s.keys))
+    registrar: DpsRegistrar = _Built(lambda s: DpsRegistrar(s.settings.dps_device_endpoint, ca_path(s.settings)))
+    hubs: IotHubRegistries = _Built(lambda s: hub_registries(s.settings))
+    ca_certificates: DpsCaCertificates = _Built(lambda s: ca_certificates(s.settings))
 
     @property
     def batches(self) -> BatchSettings:
@@ -69,13 +96,7 @@ def build_services(settings: Settings) -> Services:
     if os.environ.get("WEBSITE_INSTANCE_ID") and not settings.key_vault_url:
         # On Azure a local key store would live on one instance's disk: CA keys must be in Key Vault.
         raise SettingsError("KEY_VAULT_URL", "is required when running on Azure Functions")
-    store = state_store(settings)
-    keys = key_store(settings)
-    return Services(settings=settings, store=store, keys=keys, groups=enrollment_groups(settings),
-                    audit=StoreAuditLog(store), files=BlobFiles(blob_service(settings)), queue=StorageQueues(settings),
-                    secrets=secrets_store(settings, keys),
-                    registrar=DpsRegistrar(settings.dps_device_endpoint, ca_path(settings)),
-                    hubs=hub_registries(settings))
+    return Services(settings)
 
 
 def check_chunk_time(settings: Settings, limits: HostLimits) -> None:

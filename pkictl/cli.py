@@ -14,7 +14,7 @@ from pki import PkiError
 from settings import SettingsError
 
 from .commands import audit, batches, checks, customers, devices, root, send, stack, sweep
-from .common import OK, PROBLEM, USAGE, Cli, Problem, UsageError
+from .common import OK, PROBLEM, USAGE, Cli, Problem, UsageError, default_env
 
 __all__ = ["OK", "PROBLEM", "USAGE", "Cli", "Problem", "UsageError", "build_parser", "main"]
 
@@ -37,7 +37,7 @@ def demo(cli: Cli, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
-         out: TextIO | None = None, err: TextIO | None = None, wire: Callable | None = None) -> int:
+         out: TextIO | None = None, err: TextIO | None = None, connect: Callable | None = None) -> int:
     """Run one command; errors are printed as one line each, never as a traceback."""
     out = out or sys.stdout
     err = err or sys.stderr
@@ -47,13 +47,12 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except SystemExit as exc:  # argparse has printed usage already
         return int(exc.code or 0)
     if env is None:
-        from .wiring import default_env
         try:
             env = default_env()
         except SettingsError as exc:
             print(f"error: {exc}", file=err)
             return USAGE
-    cli = Cli(env, out, wire)
+    cli = Cli(env, out, connect)
     try:
         return args.run(cli, args)
     except (UsageError, SettingsError, PkiError, InvalidMessage, ValueError) as exc:

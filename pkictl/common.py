@@ -19,26 +19,44 @@ class Problem(Exception):
 
 
 class Cli:
-    """What a command runs with; ``env`` is the settings source and ``wire`` builds clients only when a command
-    needs them."""
+    """What a command runs with: ``env`` is the settings source; ``services`` the clients, from the composition root
+    the function app uses too (``edge.services``), built when a command first needs them."""
 
-    def __init__(self, env: Mapping[str, str], out: TextIO, wire: Callable | None = None):
+    def __init__(self, env: Mapping[str, str], out: TextIO, connect: Callable | None = None):
         self.env = env
         self.out = out
-        self._wire = wire
-        self._wiring = None
+        self._connect = connect or connect_to
+        self._services = None
 
     @property
-    def wiring(self):
-        if self._wiring is None:
-            if self._wire is None:
-                from .wiring import wire
-                self._wire = wire
-            self._wiring = self._wire(self.env)
-        return self._wiring
+    def services(self):
+        if self._services is None:
+            self._services = self._connect(self.env)
+        return self._services
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out)
+
+
+def connect_to(env: Mapping[str, str]):
+    """The services for the settings in ``env``."""
+    from edge.services import build_services
+    from settings import load_settings
+
+    return build_services(load_settings(env))
+
+
+def default_env() -> dict[str, str]:
+    """The environment over local.settings.json Values; the Values are exported into this process's environment,
+    as Core Tools does for the worker, so that azure-identity finds the local stack's identity endpoint."""
+    import os
+
+    from settings import environment
+
+    values = environment(environ=os.environ)
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+    return values
 
 
 def now(value: str | None) -> dt.datetime:

@@ -39,7 +39,7 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
     """``main`` is pkictl's entry point (passed in: the CLI imports this module, not the other way round);
     ``inspect(stack, settings)`` runs after the last step, before the stack stops (tests scan it); with
     ``record_exchanges`` the emulators keep every request and answer (``stack.emulators.exchanges``)."""
-    from .wiring import wire
+    from .common import connect_to
 
     def step(title: str) -> None:
         print(f"\n== {title}", file=out)
@@ -89,16 +89,14 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
         for customer, extra in customers.items():
             if not ok(["send", "onboarding", "--customer", customer, *extra], env):
                 return 1
-        from clients.storage import send_queue_message
-
-        wiring = wire(env)
-        send_queue_message(wiring.settings, "customer-onboarding", '{"customerId": "Tailspin", "colour": "red"}')
+        services = connect_to(env)
+        services.queue.send_text("customer-onboarding", '{"customerId": "Tailspin", "colour": "red"}')
         deadline = time.monotonic() + WAIT_S
         records: dict[str, dict] = {}
         while time.monotonic() < deadline:
-            docs = {c: wiring.store.get(f"customers/{c}.json") for c in customers}
+            docs = {c: services.store.get(f"customers/{c}.json") for c in customers}
             records = {c: doc.data if doc else {} for c, doc in docs.items()}
-            rejections = list(wiring.store.find("\"kind\" = 'rejection'"))
+            rejections = list(services.store.find("\"kind\" = 'rejection'"))
             if all(r.get("status") == "active" for r in records.values()) and rejections:
                 break
             time.sleep(0.5)
@@ -117,7 +115,7 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
                   f"{'present' if in_dps else 'MISSING'}", file=out)
             if not in_dps:
                 return 1
-        rejection = wiring.store.get(rejections[0]).data
+        rejection = services.store.get(rejections[0]).data
         print(f"the broken message was rejected and recorded ({rejections[0]}): {rejection['field']}: "
               f"{rejection['reason']}", file=out)
 
@@ -158,7 +156,7 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
             return 1
 
         def disabled() -> bool:
-            record = wiring.store.get("devices/sensor-0003.json").data
+            record = services.store.get("devices/sensor-0003.json").data
             return record["status"] == "disabled" and (record.get("lastCommand") or {}).get("applied") is True
 
         if not _wait(disabled):
@@ -179,10 +177,10 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
         if not ok(["send", "command", "renew-intermediate", "--customer", "fabrikam", "--reason", "demo: yearly roll"],
                   env):
             return 1
-        if not _wait(lambda: len(wiring.store.get("customers/fabrikam.json").data.get("renewals", [])) == 1):
+        if not _wait(lambda: len(services.store.get("customers/fabrikam.json").data.get("renewals", [])) == 1):
             print(f"FAILED: the renewal did not finish; see {stack.state_dir / 'devhost.log'}", file=out)
             return 1
-        renewed = wiring.store.get("customers/fabrikam.json").data
+        renewed = services.store.get("customers/fabrikam.json").data
         print(f"fabrikam: intermediate serial {renewed['intermediate']['serial'][:16]}... (primary), previous "
               f"{renewed['previousIntermediates'][0]['serial'][:16]}... (secondary); Key Vault holds "
               f"{len(stack.emulators.keyvault.key_versions('customer-fabrikam'))} versions of its key", file=out)
@@ -194,7 +192,7 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
             return 1
         from clients.storage import queue_client
 
-        notices = queue_client(wiring.settings, "certificate-expiry-notices")
+        notices = queue_client(services.settings, "certificate-expiry-notices")
         messages = [json.loads(m.content) for m in notices.peek_messages(max_messages=32)]
         for message in messages:
             print(f"notice {message['noticeId']}: {message['count']} device(s), first "

@@ -222,8 +222,8 @@ def _more_commands(env: dict, store) -> None:
 @pytest.mark.contract
 def test_the_demo_runs_end_to_end_speaks_the_published_contracts_and_leaks_no_secret():
     from devhost.leaks import find_leaks
+    from pkictl.common import connect_to
     from pkictl.demo import run_demo
-    from pkictl.wiring import wire
 
     from .contract_check import check_exchange, contracts_for
 
@@ -232,7 +232,7 @@ def test_the_demo_runs_end_to_end_speaks_the_published_contracts_and_leaks_no_se
     exchanges: list = []
 
     def inspect(stack, env):
-        _more_commands(env, wire(env).store)
+        _more_commands(env, connect_to(env).store)
         exchanges.extend(stack.emulators.exchanges)
         scans.append(find_leaks(stack, [("demo output", out.getvalue())]))
         # the scanner can fail: a PFX password and an access token planted in a blob are found

@@ -19,13 +19,11 @@ def register(commands) -> None:
 
 
 def audit(cli: Cli, args: argparse.Namespace) -> int:
-    from clients.audit import StoreAuditLog
-
     since = None
     if args.since:
         since = dt.datetime.now(dt.UTC).date() if args.since == "today" else now(args.since).date()
     count = 0
-    for event in StoreAuditLog(cli.wiring.store).query(customer=args.customer, device=args.device, since=since):
+    for event in cli.services.audit.query(customer=args.customer, device=args.device, since=since):
         count += 1
         if args.json:
             cli.say(json.dumps(event))

@@ -22,7 +22,7 @@ def register(commands) -> None:
 def batch_show(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.records import BatchRef
 
-    doc = cli.wiring.store.get(BatchRef(args.customer, args.batch).document)
+    doc = cli.services.store.get(BatchRef(args.customer, args.batch).document)
     if doc is None:
         raise NotFound(f"no batch {args.batch!r} for customer {args.customer!r}")
     data = doc.data

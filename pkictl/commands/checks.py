@@ -68,17 +68,16 @@ def doctor(cli: Cli, args: argparse.Namespace) -> int:
 
 def _dps_view(cli: Cli, name: str):
     """What DPS instance ``name`` holds: its verified CA certificates (management API) and enrollment groups."""
-    from clients.factory import ca_certificates, enrollment_groups
     from pki.doctor import DpsView
 
-    settings = cli.wiring.settings
+    settings = cli.services.settings
     instance = next((i for i in settings.dps_pool if i.name == name), None)
     if instance is None:
         raise UsageError(f"--dps {name}: not in DPS_INSTANCES ({', '.join(i.name for i in settings.dps_pool)})")
     verified = tuple(load_certificate(c.pem, field=f"DPS {name} certificate {c.name}")
-                     for c in ca_certificates(settings).list(instance) if c.verified and c.pem)
+                     for c in cli.services.ca_certificates.list(instance) if c.verified and c.pem)
     groups = []
-    for group in enrollment_groups(settings).groups(name):
+    for group in cli.services.groups.groups(name):
         slots = ((group.get("attestation") or {}).get("x509") or {}).get("signingCertificates") or {}
         groups.append((group["enrollmentGroupId"], tuple(((slot or {}).get("info") or {}).get(
             "sha1Thumbprint", "").upper() for slot in slots.values() if slot)))

@@ -25,7 +25,7 @@ def register(commands) -> None:
 def customer_show(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.records import customer_document
 
-    doc = cli.wiring.store.get(customer_document(args.id))
+    doc = cli.services.store.get(customer_document(args.id))
     if doc is None:
         raise NotFound(f"no customer {args.id!r}; `pkictl customer list` shows them")
     record = {k: v for k, v in doc.data.items() if k != "lease"}
@@ -42,8 +42,8 @@ def customer_show(cli: Cli, args: argparse.Namespace) -> int:
 def customer_list(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.records import customer_document, list_customers
 
-    for customer_id in list_customers(cli.wiring.store):
-        doc = cli.wiring.store.get(customer_document(customer_id))
+    for customer_id in list_customers(cli.services.store):
+        doc = cli.services.store.get(customer_document(customer_id))
         data = doc.data if doc else {}
         cli.say(f"{customer_id:<40} {data.get('status', '?'):<20} {data.get('dps', {}).get('name', '-'):<10} "
                 f"{data.get('intermediate', {}).get('notAfter', '-')}")

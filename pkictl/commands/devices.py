@@ -48,31 +48,24 @@ def register(commands) -> None:
 def device_export(cli: Cli, args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import pkcs12
 
-    from clients.factory import secrets_store
-    from clients.storage import blob_service
     from handlers.records import read_device
     from handlers.root import load_root
 
-    doc = read_device(cli.wiring.store, args.customer, args.device)
+    doc = read_device(cli.services.store, args.customer, args.device)
     if doc is None:
         raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
     record = doc.data
-    service = blob_service(cli.wiring.settings)
-
-    def fetch(path: str) -> bytes:
-        container, _, name = path.partition("/")
-        return service.get_blob_client(container, name).download_blob().readall()
+    fetch = cli.services.files.get
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = {"cert.pem": fetch(record["outputs"]["certificate"]), "chain.pem": fetch(record["outputs"]["chain"]),
-               "root.pem": export.cert_pem(load_root(cli.wiring.store, cli.wiring.keys).certificate)}
+               "root.pem": export.cert_pem(load_root(cli.services.store, cli.services.keys).certificate)}
     if args.include_key:
         if record.get("keySource") != "generated":
             raise UsageError(f"--include-key: the key of {args.device} never left the device (it sent a CSR)")
         secret = record["pfxSecret"]
-        password = secrets_store(cli.wiring.settings, cli.wiring.keys).get_secret(secret["name"],
-                                                                                  secret["version"]).encode()
+        password = cli.services.secrets.get_secret(secret["name"], secret["version"]).encode()
         if record["outputs"].get("pfx"):
             pfx = fetch(record["outputs"]["pfx"])
             key = pkcs12.load_key_and_certificates(pfx, password)[0]
@@ -98,7 +91,7 @@ def device_export(cli: Cli, args: argparse.Namespace) -> int:
 def device_show(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.records import read_device
 
-    doc = read_device(cli.wiring.store, args.customer, args.device)
+    doc = read_device(cli.services.store, args.customer, args.device)
     if doc is None:
         raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
     cli.say(json.dumps(doc.data, indent=2))

@@ -45,7 +45,7 @@ def register(commands) -> None:
 def root_create(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.root_ca import RootRequest, create_root
 
-    w = cli.wiring
+    w = cli.services
     request = RootRequest(
         key_name=w.settings.root_key_name,
         key_type=KeyType.parse(args.key_type or w.settings.root_key_type.value, field="--key-type",
@@ -69,7 +69,7 @@ def root_create(cli: Cli, args: argparse.Namespace) -> int:
 def root_show(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.root import load_root
 
-    root = load_root(cli.wiring.store, cli.wiring.keys)
+    root = load_root(cli.services.store, cli.services.keys)
     if args.pem:
         cli.out.write(export.cert_pem(root.certificate).decode())
         return OK
@@ -89,26 +89,24 @@ def root_show(cli: Cli, args: argparse.Namespace) -> int:
 
 def _root_status(cli: Cli, root) -> dict[str, str]:
     """Where the root stands in each DPS instance, read from DPS itself (a failure to read is reported)."""
-    from clients.factory import ca_certificates
     from handlers.errors import HandlerError
     from handlers.root_registration import root_status
 
-    settings = cli.wiring.settings
+    settings = cli.services.settings
     try:
-        return root_status(root, settings.dps_pool, certificates=ca_certificates(settings))
+        return root_status(root, settings.dps_pool, certificates=cli.services.ca_certificates)
     except HandlerError as exc:
         return {i.name: f"cannot read: {exc}" for i in settings.dps_pool}
 
 
 def root_register(cli: Cli, args: argparse.Namespace) -> int:
-    from clients.factory import ca_certificates
     from handlers.root import load_root
     from handlers.root_registration import register_root
 
-    w = cli.wiring
+    w = cli.services
     root = load_root(w.store, w.keys)
     outcomes = register_root(root, w.settings.dps_pool, names=None if args.all else args.dps,
-                             certificates=ca_certificates(w.settings), keys=w.keys, now=now(None))
+                             certificates=w.ca_certificates, keys=w.keys, now=now(None))
     for name, outcome in outcomes.items():
         cli.say(f"DPS {name}: {outcome}")
     return OK if all(o.startswith("verified") for o in outcomes.values()) else PROBLEM
@@ -117,7 +115,7 @@ def root_register(cli: Cli, args: argparse.Namespace) -> int:
 def verification_cert(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.verification_cert import root_verification_certificate
 
-    cert = root_verification_certificate(args.code, store=cli.wiring.store, keys=cli.wiring.keys, now=now(None))
+    cert = root_verification_certificate(args.code, store=cli.services.store, keys=cli.services.keys, now=now(None))
     pem = export.cert_pem(cert).decode()
     if args.out:
         Path(args.out).write_text(pem)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from handlers.command_message import COMMANDS
+from handlers.errors import AlreadyExists
 from handlers.onboarding import ALLOCATION_POLICIES
 
 from ..common import OK, PROBLEM, Cli, Problem, UsageError, batch_line, command_group
@@ -58,7 +59,6 @@ def register(commands) -> None:
 def send_onboarding(cli: Cli, args: argparse.Namespace) -> int:
     import base64
 
-    from clients.storage import send_queue_message
     from handlers.onboarding import QUEUE, OnboardingRequest
 
     message = {"customerId": args.customer, "displayName": args.display_name, "country": args.country,
@@ -68,7 +68,7 @@ def send_onboarding(cli: Cli, args: argparse.Namespace) -> int:
     OnboardingRequest.parse(text)  # refuse here what the service would reject
     if args.base64:
         text = base64.b64encode(text.encode()).decode()
-    message_id = send_queue_message(cli.wiring.settings, QUEUE, text)
+    message_id = cli.services.queue.send_text(QUEUE, text)
     cli.say(f"sent to {QUEUE} (message {message_id}); follow it with `pkictl customer show {args.customer}`")
     return OK
 
@@ -77,7 +77,6 @@ def send_command(cli: Cli, args: argparse.Namespace) -> int:
     import base64
     import uuid
 
-    from clients.storage import send_queue_message
     from handlers.command_message import QUEUE, Command
 
     message = {"command": args.kind, "customerId": args.customer, "deviceId": args.device,
@@ -87,7 +86,7 @@ def send_command(cli: Cli, args: argparse.Namespace) -> int:
     Command.parse(text)  # refuse here what the service would reject
     if args.base64:
         text = base64.b64encode(text.encode()).decode()
-    message_id = send_queue_message(cli.wiring.settings, QUEUE, text)
+    message_id = cli.services.queue.send_text(QUEUE, text)
     follow = f"--device {args.device} " if args.device else ""
     cli.say(f"sent {args.kind} to {QUEUE} (message {message_id}, requestId {message['requestId']}); follow it "
             f"with `pkictl audit --customer {args.customer} {follow}--since today`")
@@ -97,11 +96,7 @@ def send_command(cli: Cli, args: argparse.Namespace) -> int:
 def send_batch(cli: Cli, args: argparse.Namespace) -> int:
     import time
 
-    from azure.core.exceptions import ResourceExistsError
-    from azure.storage.blob import BlobServiceClient
-
-    from clients.storage import blob_service
-    from handlers.records import BatchRef, BatchSettings
+    from handlers.records import BatchRef
 
     path = Path(args.file)
     if not path.is_file():
@@ -112,24 +107,21 @@ def send_batch(cli: Cli, args: argparse.Namespace) -> int:
                                         ("output", args.output), ("register", args.register),
                                         ("reissue", "true" if args.reissue else None),
                                         ("requestid", args.request_id)) if v is not None}
-    BatchRef.from_path(f"device-batches/{args.customer}/{name}", BatchSettings())  # what intake would refuse
-    service: BlobServiceClient = blob_service(cli.wiring.settings)
-    container = service.get_container_client("device-batches")
-    if not container.exists():
-        container.create_container()
+    settings = cli.services.batches
+    ref = BatchRef.checked(args.customer, name)  # what intake would refuse
     try:
         with open(path, "rb") as stream:  # streamed, not read into memory
-            container.upload_blob(f"{args.customer}/{name}", stream, overwrite=False, metadata=metadata)
-    except ResourceExistsError:
+            cli.services.files.create(ref.input_path(settings), stream, metadata)
+    except AlreadyExists:
         raise UsageError(f"batch name {name!r} is used already for {args.customer}; pass --name NEW") from None
-    cli.say(f"uploaded device-batches/{args.customer}/{name} ({size} bytes)")
+    cli.say(f"uploaded {ref.input_path(settings)} ({size} bytes)")
     if args.functions_host:
-        _announce_upload(cli, container.get_blob_client(f"{args.customer}/{name}"), args.functions_host)
+        _announce_upload(cli, ref.input_path(settings), args.functions_host)
     if args.no_wait:
         return OK
-    ref, deadline, last = BatchRef(args.customer, name), time.monotonic() + args.timeout, ""
+    deadline, last = time.monotonic() + args.timeout, ""
     while time.monotonic() < deadline:
-        doc = cli.wiring.store.get(ref.document)
+        doc = cli.services.store.get(ref.document)
         if doc is not None:
             line = batch_line(doc.data, bar=True)
             if line != last:
@@ -146,17 +138,14 @@ def send_batch(cli: Cli, args: argparse.Namespace) -> int:
     return PROBLEM
 
 
-def _announce_upload(cli: Cli, blob, functions_host: str) -> None:
+def _announce_upload(cli: Cli, path: str, functions_host: str) -> None:
     """Be Event Grid for a local Functions host: POST the upload's BlobCreated event to its blob webhook."""
-    from clients.event_grid import DeliveryFailed, blob_created_event, deliver
+    from clients.event_grid import DeliveryFailed, deliver
     from clients.storage import ca_path
 
-    props = blob.get_blob_properties()
-    event = blob_created_event(container=blob.container_name, blob=blob.blob_name, url=blob.url,
-                               etag=props.etag, length=props.size, account=blob.account_name,
-                               content_type=props.content_settings.content_type or "")
+    event = cli.services.files.created_event(path)
     try:
-        url = deliver(functions_host, "device_batch", [event], connection_verify=ca_path(cli.wiring.settings)
+        url = deliver(functions_host, "device_batch", [event], connection_verify=ca_path(cli.services.settings)
                       or True)
     except ValueError as exc:
         raise UsageError(f"--functions-host: {exc}") from None

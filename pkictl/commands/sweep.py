@@ -22,10 +22,9 @@ def register(commands) -> None:
 
 
 def sweep_run(cli: Cli, args: argparse.Namespace) -> int:
-    from edge.services import build_services
     from handlers.expiry_sweep import SweepIncomplete, run_sweep
 
-    services = build_services(cli.wiring.settings)
+    services = cli.services
     try:
         report = run_sweep(ports=services.commands, queue=services.queue, settings=services.sweep,
                            now=now(args.now))
@@ -65,7 +64,7 @@ def sweep_show(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.expiry_sweep import report_document
 
     day = now(args.date).date() if args.date else dt.datetime.now(dt.UTC).date()
-    doc = cli.wiring.store.get(report_document(day))
+    doc = cli.services.store.get(report_document(day))
     if doc is None:
         raise NotFound(f"no expiry sweep report for {day}; `pkictl sweep run` makes one")
     cli.say(json.dumps(doc.data, indent=2))
