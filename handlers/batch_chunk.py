@@ -42,7 +42,16 @@ from .ports import (
     Registrar,
     Secrets,
 )
-from .records import BatchRef, BatchSettings, ChunkMessage, customer_document, device_document, device_tags
+from .records import (
+    BatchRef,
+    BatchSettings,
+    ChunkMessage,
+    DeviceRecord,
+    DeviceStatus,
+    KeySource,
+    customer_document,
+    device_document,
+)
 from .reports import assemble_report
 from .root import load_root
 
@@ -89,7 +98,7 @@ class _Issuer:
         # intake), so the read is skipped and the conditional create decides; a resumed chunk reads first.
         existing = None if self.first_attempt else self.store.get(name)
         if existing is not None:
-            verdict = self._recorded(row, existing.data, result)
+            verdict = self._recorded(row, DeviceRecord.from_json(existing.data), result)
             if verdict is not None:
                 return verdict
         try:
@@ -100,16 +109,17 @@ class _Issuer:
         for _ in range(2):
             try:
                 if existing is None:
-                    self.store.create(name, record, tags=device_tags(record))
+                    self.store.create(name, record.to_json(), tags=record.tags)
                 else:
-                    self.store.replace(existing, record, tags=device_tags(record))
+                    self.store.replace(existing, record.to_json(), tags=record.tags)
                 break
             except (AlreadyExists, Conflict):
                 existing = self.store.get(name)
-                verdict = self._recorded(row, existing.data, result) if existing is not None else None
-                if verdict is not None or existing is None:
-                    if existing is not None and not self._ours(existing.data):
-                        for path in record["outputs"].values():
+                recorded = DeviceRecord.from_json(existing.data) if existing is not None else None
+                verdict = self._recorded(row, recorded, result) if recorded is not None else None
+                if verdict is not None or recorded is None:
+                    if recorded is not None and not self._ours(recorded):
+                        for path in record.outputs.values():
                             self.outputs.delete(path)  # ours, under this batch's prefix, and never recorded
                     return verdict or {**result, "status": "failed", "error": f"row {row.index}: changed meanwhile"}
         else:
@@ -121,9 +131,9 @@ class _Issuer:
             published["assignedHub"] = self._register(row.device_id, issued.certificate, private_key)
         return published
 
-    def _recorded(self, row: batch_format.Row, recorded: dict, result: dict) -> dict[str, Any] | None:
+    def _recorded(self, row: batch_format.Row, recorded: DeviceRecord, result: dict) -> dict[str, Any] | None:
         """The row's verdict when the device is already recorded; ``None`` when it may be (re-)issued."""
-        if recorded.get("customerId") != self.ref.customer_id:  # names no customer: that is the other's business
+        if recorded.customer_id != self.ref.customer_id:  # names no customer: that is the other's business
             return {**result, "status": "failed", "error": f"row {row.index}: deviceId {row.device_id!r} is already "
                     "provisioned for another customer; device ids are shared by every customer of the DPS instances "
                     "and hubs, so choose another id"}
@@ -131,13 +141,13 @@ class _Issuer:
             return {**result, **_published(recorded), "status": "already_issued"}
         if not self.reissue:
             return {**result, "status": "failed",
-                    "error": f"row {row.index}: already provisioned by batch {recorded.get('batch')!r} "
-                             f"(serial {recorded.get('serial')}); set metadata reissue=true to re-issue"}
+                    "error": f"row {row.index}: already provisioned by batch {recorded.batch!r} "
+                             f"(serial {recorded.serial}); set metadata reissue=true to re-issue"}
         return None
 
-    def _ours(self, recorded: dict) -> bool:
+    def _ours(self, recorded: DeviceRecord) -> bool:
         """Recorded by this very batch (an earlier attempt of it)."""
-        return recorded.get("batch") == self.ref.batch_name and recorded.get("customerId") == self.ref.customer_id
+        return recorded.batch == self.ref.batch_name and recorded.customer_id == self.ref.customer_id
 
     def _issue(self, row: batch_format.Row):
         if row.csr:
@@ -159,18 +169,19 @@ class _Issuer:
             self.outputs.put(f"{base}/device.key", export.key_pem(private_key, self.password), "application/x-pem-file")
         return issued, private_key
 
-    def _record(self, row: batch_format.Row, issued: profiles.Issued, private_key) -> dict[str, Any]:
-        certificate = issued.certificate
+    def _record(self, row: batch_format.Row, issued: profiles.Issued, private_key) -> DeviceRecord:
         base = f"{self.prefix}/{row.device_id}"
         outputs = {"certificate": f"{base}/cert.pem", "chain": f"{base}/chain.pem"}
         if private_key is not None:
             outputs["pfx" if self.output == "pfx" else "key"] = (
                 f"{base}/device.{'pfx' if self.output == 'pfx' else 'key'}")
-        return {"customerId": self.ref.customer_id, "deviceId": row.device_id, "status": "issued",
-                "batch": self.ref.batch_name, "row": row.index, "keySource": "generated" if private_key else "csr",
-                **export.summary(certificate), "intermediateSerial": self.customer["intermediate"]["serial"],
-                "outputs": outputs, "pfxSecret": self.batch.get("pfxSecret") if private_key is not None else None,
-                "issuedAt": stamp(self.now)}
+        summary = export.summary(issued.certificate)
+        return DeviceRecord(
+            customer_id=self.ref.customer_id, device_id=row.device_id, status=DeviceStatus.ISSUED,
+            serial=summary.pop("serial"), not_after=summary.pop("notAfter"), issued_at=stamp(self.now),
+            key_source=KeySource.GENERATED if private_key is not None else KeySource.CSR, outputs=outputs,
+            intermediate_serial=self.customer["intermediate"]["serial"], batch=self.ref.batch_name, row=row.index,
+            pfx_secret=self.batch.get("pfxSecret") if private_key is not None else None, certificate=summary)
 
     def _should_register(self, index: int) -> bool:
         if self.registrar is None or not self.register:
@@ -185,10 +196,11 @@ class _Issuer:
             return f"registration failed: {exc}"
 
 
-def _published(record: dict) -> dict[str, Any]:
-    outputs = record.get("outputs", {})
-    return {"serial": record.get("serial"), "thumbprintSha1": record.get("thumbprintSha1"),
-            "thumbprintSha256": record.get("thumbprintSha256"), "notAfter": record.get("notAfter"),
+def _published(record: DeviceRecord) -> dict[str, Any]:
+    """What a batch report says of an issued device."""
+    outputs = record.outputs
+    return {"serial": record.serial, "thumbprintSha1": record.certificate.get("thumbprintSha1"),
+            "thumbprintSha256": record.certificate.get("thumbprintSha256"), "notAfter": record.not_after,
             "certificate": outputs.get("certificate"), "chain": outputs.get("chain"), "pfx": outputs.get("pfx"),
             "key": outputs.get("key")}
 

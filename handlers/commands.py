@@ -25,7 +25,7 @@ from .intermediates import renew_intermediate
 from .leases import stamp
 from .messages import Delivery
 from .ports import Ports
-from .records import ONBOARDED, customer_document, customer_tags, device_tags, read_device
+from .records import ONBOARDED, DeviceRecord, DeviceStatus, customer_document, customer_tags, device_tags, read_device
 
 _ATTEMPTS = 8
 SAME_COMMAND_WAIT_S = 20.0  # how long a second delivery waits for the first to finish before taking over
@@ -116,9 +116,10 @@ def _device_apply(run: _Run, customer: dict, certificate_pem: str):
     dps, device_id = customer["dps"]["name"], run.command.device_id
     ports = run.ports
 
-    def apply(device: dict) -> None:
-        disabled = device["status"] == "disabled"
-        reason = (device.get("lastCommand") or {}).get("reason", "")
+    def apply(data: dict) -> None:
+        device = DeviceRecord.from_json(data)
+        disabled = device.status is DeviceStatus.DISABLED
+        reason = (device.events.get("lastCommand") or {}).get("reason", "")
         for _ in range(_ATTEMPTS):  # DPS: a disabled individual enrollment blocks the device's re-provisioning
             enrollment = ports.dps.get_enrollment(dps, device_id)
             try:
@@ -138,10 +139,10 @@ def _device_apply(run: _Run, customer: dict, certificate_pem: str):
         registration = ports.dps.registration(dps, device_id)
         if assigned(registration) and not registered_through(ports.dps, dps, customer["customerId"], device_id):
             # Not this customer's device in the hub, whatever our record says: leave it alone.
-            return {"hub": {**(device.get("hub") or {}), "status": "not-touched",
+            return {"hub": {**(device.hub or {}), "status": "not-touched",
                             "why": f"registration {device_id} on {dps} is assigned through another enrollment, not "
                                    f"the group {customer['customerId']}"}}
-        placement = hub_placement(registration, device)
+        placement = hub_placement(registration, device.hub)
         if placement is None:
             return {}  # never assigned: there is nothing in a hub to disable
         hub, hub_device = placement["name"], placement["deviceId"]
@@ -174,12 +175,12 @@ def _device_command(run: _Run) -> str:
         return doc
 
     disable = command.command == "disable-device"
-    current = read().data
-    before = current["status"]
+    current = DeviceRecord.from_json(read().data)
+    before = current.status.value
     if disable:
-        wanted = "disabled"
+        wanted = DeviceStatus.DISABLED.value
     else:
-        wanted = "expired" if current.get("notAfter", "") and current["notAfter"] < stamp(run.now) else "issued"
+        wanted = (DeviceStatus.EXPIRED if current.expired_by(stamp(run.now)) else DeviceStatus.ISSUED).value
 
     def changes(data: dict) -> dict:
         if disable:
@@ -190,7 +191,7 @@ def _device_command(run: _Run) -> str:
     if noop:
         run.audit("no-op", before, doc.data["status"], why=noop)
         return f"device {command.customer_id}/{command.device_id}: {noop} (no-op)"
-    certificate = ports.files.get(doc.data["outputs"]["certificate"]).decode()
+    certificate = ports.files.get(current.outputs["certificate"]).decode()
     settled = run.settle(read, _device_apply(run, customer, certificate))
     hub = (settled.data if settled is not None else {}).get("hub")
     run.audit("changed", before, wanted, serial=doc.data.get("serial"),
@@ -210,11 +211,11 @@ def _hub_devices(run: _Run, customer: dict, wanted: str) -> tuple[list[str], lis
     for state in ports.dps.registrations(customer["dps"]["name"], customer["customerId"]):
         if state.get("registrationId") in keep_disabled:
             continue
-        record = {}
+        known = None
         if state.get("status", "assigned") != "assigned":  # a refused latest attempt: where the record saw it
             doc = read_device(ports.store, customer["customerId"], state["registrationId"])
-            record = doc.data if doc is not None else {}
-        placement = hub_placement(state, record)
+            known = DeviceRecord.from_json(doc.data).hub if doc is not None else None
+        placement = hub_placement(state, known)
         if placement is not None:
             by_hub.setdefault(placement["name"], []).append(placement["deviceId"])
     kept = remember_hub_devices(ports, customer["customerId"], by_hub)

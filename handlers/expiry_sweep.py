@@ -28,7 +28,15 @@ from .errors import AlreadyExists, Conflict, TransientError
 from .intermediates import RenewalRefused, renew_intermediate
 from .leases import expired, lease_for, stamp, update
 from .ports import Document, MessageQueue, Ports
-from .records import ONBOARDED, customer_document, customer_tags, device_tags, list_customers
+from .records import (
+    ONBOARDED,
+    DeviceRecord,
+    DeviceStatus,
+    customer_document,
+    customer_tags,
+    device_tags,
+    list_customers,
+)
 from .root import ROOT_DOCUMENT
 
 NOTICE_QUEUE = "certificate-expiry-notices"
@@ -155,18 +163,18 @@ class _Sweep:
         expired = expiring = 0
         for name in found:
             doc = store.get(name)
-            if doc is None or doc.data.get("status") != "issued":
+            if doc is None or doc.data.get("status") != DeviceStatus.ISSUED:
                 continue
-            data = doc.data
-            is_expired = data["notAfter"] <= stamp(self.now)
+            device = DeviceRecord.from_json(doc.data)
+            is_expired = device.expired_by(stamp(self.now))
             if is_expired:
                 expired += 1
-                doc = self._mark(doc, status="expired", expiredAt=stamp(self.now))
+                doc = self._mark(doc, status=DeviceStatus.EXPIRED.value, expiredAt=stamp(self.now))
             else:
                 expiring += 1
             if doc is not None and not doc.data.get("expiryNotice"):
-                by_customer.setdefault(data["customerId"], []).append({
-                    "deviceId": data["deviceId"], "serial": data.get("serial"), "notAfter": data["notAfter"],
+                by_customer.setdefault(device.customer_id, []).append({
+                    "deviceId": device.device_id, "serial": device.serial, "notAfter": device.not_after,
                     "status": "expired" if is_expired else "expiring", "_doc": doc})
         notices = [self._notify(customer_id, devices) for customer_id, devices in sorted(by_customer.items())]
         return {"found": len(found), "expiring": expiring, "expired": expired, "notices": notices}

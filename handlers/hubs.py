@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .leases import update
 from .ports import Ports, Provisioning
 
@@ -20,15 +22,14 @@ def registered_through(dps: Provisioning, instance: str, group_id: str, registra
     return any((state.get("registrationId") or "").lower() == wanted for state in dps.registrations(instance, group_id))
 
 
-def hub_placement(registration: dict | None, record: dict) -> dict | None:
+def hub_placement(registration: dict | None, known: Mapping[str, str] | None) -> dict | None:
     """Where a device lives in IoT Hub: DPS's registration state when its latest attempt was assigned, otherwise what
     the device record learned when it last was. A refused attempt (``disabled``, ``failed``) names no hub, and the
     device is still where it was assigned before it (DPS does not remove it from the hub)."""
     if assigned(registration):
         return {"name": registration["assignedHub"],
                 "deviceId": registration.get("deviceId") or registration.get("registrationId")}
-    known = record.get("hub") or {}
-    return {"name": known["name"], "deviceId": known["deviceId"]} if known.get("name") else None
+    return {"name": known["name"], "deviceId": known["deviceId"]} if known and known.get("name") else None
 
 
 def hub_devices_document(customer_id: str) -> str:

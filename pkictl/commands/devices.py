@@ -48,32 +48,32 @@ def register(commands) -> None:
 def device_export(cli: Cli, args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import pkcs12
 
-    from handlers.records import read_device
+    from handlers.records import DeviceRecord, KeySource, read_device
     from handlers.root import load_root
 
     doc = read_device(cli.services.store, args.customer, args.device)
     if doc is None:
         raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
-    record = doc.data
+    record = DeviceRecord.from_json(doc.data)
     fetch = cli.services.files.get
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"cert.pem": fetch(record["outputs"]["certificate"]), "chain.pem": fetch(record["outputs"]["chain"]),
+    written = {"cert.pem": fetch(record.outputs["certificate"]), "chain.pem": fetch(record.outputs["chain"]),
                "root.pem": export.cert_pem(load_root(cli.services.store, cli.services.keys).certificate)}
     if args.include_key:
-        if record.get("keySource") != "generated":
+        if record.key_source is not KeySource.GENERATED:
             raise UsageError(f"--include-key: the key of {args.device} never left the device (it sent a CSR)")
-        secret = record["pfxSecret"]
+        secret = record.pfx_secret
         password = cli.services.secrets.get_secret(secret["name"], secret["version"]).encode()
-        if record["outputs"].get("pfx"):
-            pfx = fetch(record["outputs"]["pfx"])
+        if record.outputs.get("pfx"):
+            pfx = fetch(record.outputs["pfx"])
             key = pkcs12.load_key_and_certificates(pfx, password)[0]
             written["device.pfx"] = pfx
         else:
             from cryptography.hazmat.primitives import serialization
 
-            key = serialization.load_pem_private_key(fetch(record["outputs"]["key"]), password)
+            key = serialization.load_pem_private_key(fetch(record.outputs["key"]), password)
         written["device.key"] = export.key_pem(key)
     for filename, content in written.items():
         target = out / filename
@@ -82,7 +82,7 @@ def device_export(cli: Cli, args: argparse.Namespace) -> int:
                      0o600 if filename.startswith("device.") else 0o644)
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)
-    cli.say(f"wrote {', '.join(written)} to {out} (serial {record['serial']}, notAfter {record['notAfter']})")
+    cli.say(f"wrote {', '.join(written)} to {out} (serial {record.serial}, notAfter {record.not_after})")
     if args.include_key:
         cli.say("device.key is unencrypted: hand it to the factory line and delete it")
     return OK

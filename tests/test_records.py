@@ -1,0 +1,49 @@
+"""The typed records of handlers/records.py: JSON round trips that keep every field, index tags, and the rules
+they own."""
+
+from __future__ import annotations
+
+import pytest
+
+from handlers.records import DeviceRecord, DeviceStatus, KeySource
+
+STORED = {  # a device record as a batch writes it, then a command and the sweep add to it
+    "customerId": "acme", "deviceId": "d-1", "status": "disabled", "batch": "line-7.csv", "row": 3,
+    "keySource": "generated", "subject": "CN=d-1", "issuer": "CN=acme Intermediate CA", "serial": "0A1B",
+    "notBefore": "2026-11-29T12:00:00Z", "notAfter": "2027-11-29T12:00:00Z", "thumbprintSha1": "AA",
+    "thumbprintSha256": "BB", "intermediateSerial": "77", "issuedAt": "2026-11-29T12:00:00Z",
+    "outputs": {"certificate": "c/acme/line-7.csv/d-1/cert.pem", "chain": "c/acme/line-7.csv/d-1/chain.pem",
+                "pfx": "c/acme/line-7.csv/d-1/device.pfx"},
+    "pfxSecret": {"name": "batch-acme-1", "version": "v1"}, "hub": {"name": "hub1", "deviceId": "d-1"},
+    "disabledReason": "stolen", "lastCommand": {"order": "x", "reason": "stolen"},
+}
+
+
+def test_a_stored_device_record_reads_into_its_type_and_writes_back_unchanged():
+    record = DeviceRecord.from_json(STORED)
+    assert record.status is DeviceStatus.DISABLED and record.key_source is KeySource.GENERATED
+    assert record.serial == "0A1B" and record.hub == {"name": "hub1", "deviceId": "d-1"}
+    assert record.events == {"disabledReason": "stolen", "lastCommand": {"order": "x", "reason": "stolen"}}
+    assert record.to_json() == STORED
+    assert DeviceRecord.from_json(record.to_json()) == record
+
+
+def test_a_csr_device_keeps_its_null_secret_and_the_tags_name_its_issuer():
+    data = {**STORED, "keySource": "csr", "pfxSecret": None, "status": "issued"}
+    data["outputs"] = {k: v for k, v in STORED["outputs"].items() if k != "pfx"}
+    record = DeviceRecord.from_json(data)
+    assert record.to_json() == data
+    assert record.tags == {"kind": "device", "customer": "acme", "status": "issued", "notAfter": "20271129",
+                           "issuer": "77"}
+    assert "issuer" not in DeviceRecord.from_json({**data, "intermediateSerial": None}).tags
+
+
+@pytest.mark.parametrize("now, expired", [("2027-11-29T11:59:59Z", False), ("2027-11-29T12:00:00Z", False),
+                                          ("2027-11-29T12:00:01Z", True)])
+def test_a_certificate_is_valid_through_its_not_after_inclusive(now, expired):
+    assert DeviceRecord.from_json(STORED).expired_by(now) is expired  # RFC 5280 section 4.1.2.5
+
+
+def test_an_unknown_status_is_refused():
+    with pytest.raises(ValueError, match="revoked"):
+        DeviceRecord.from_json({**STORED, "status": "revoked"})
