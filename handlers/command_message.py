@@ -9,7 +9,7 @@ from pki.ids import registration_id_problem
 
 from .errors import InvalidMessage
 from .messages import REQUEST_ID, REQUEST_ID_RULE, Delivery, Fields, decode_json_message
-from .records import CUSTOMER_ID
+from .records import check_customer_id
 
 QUEUE = "pki-commands"
 
@@ -37,8 +37,7 @@ class Command:
         command = fields.text("command", required=True, max_length=32)
         if command not in COMMANDS:
             raise InvalidMessage("command", f"{command!r} must be one of {', '.join(COMMANDS)}")
-        customer_id = fields.text("customerId", required=True, max_length=63, pattern=CUSTOMER_ID,
-                                  rule="is not a customer id (lowercase a-z, 0-9 and '-')")
+        customer_id = check_customer_id(fields.text("customerId", required=True, max_length=63))
         device_id = fields.text("deviceId", max_length=128)
         if command in DEVICE_COMMANDS:
             if device_id is None:

@@ -24,7 +24,7 @@ from .errors import AlreadyExists, CapacityExhausted, Conflict, InvalidMessage, 
 from .leases import held_by_other, lease_for, release, stamp
 from .messages import REQUEST_ID, REQUEST_ID_RULE, Fields, decode_json_message
 from .ports import AuditLog, Document, DocumentStore, Enrollment, EnrollmentGroups, KeyStore
-from .records import CUSTOMER_ID, ONBOARDED, customer_document, customer_tags, key_name
+from .records import ONBOARDED, check_customer_id, customer_document, customer_tags, key_name
 
 QUEUE = "customer-onboarding"
 ALLOCATION_POLICIES = ("hashed", "geoLatency", "static")  # "custom" needs an Azure Function webhook: not offered
@@ -49,12 +49,7 @@ class OnboardingRequest:
     def parse(cls, raw: bytes | str) -> OnboardingRequest:
         """Check a message against the contract; ``InvalidMessage`` names the first bad field."""
         fields = Fields(decode_json_message(raw))
-        customer_id = fields.text("customerId", required=True, max_length=63)
-        if customer_id != customer_id.lower() and CUSTOMER_ID.fullmatch(customer_id.lower()):
-            raise InvalidMessage("customerId", f"{customer_id!r} must be lowercase")
-        if not CUSTOMER_ID.fullmatch(customer_id):
-            raise InvalidMessage("customerId", f"{customer_id!r} must be 1-63 of a-z, 0-9 and '-', "
-                                 "starting and ending with a letter or digit")
+        customer_id = check_customer_id(fields.text("customerId", required=True, max_length=63))
         display_name = fields.text("displayName", max_length=64)
         if display_name is not None and (not display_name.strip() or not display_name.isprintable()):
             raise InvalidMessage("displayName", "must be printable text, not empty")

@@ -29,6 +29,16 @@ from .ports import Document, DocumentStore
 CUSTOMER_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
+def check_customer_id(value: str, *, where: str = "") -> str:
+    """The one customer-id rule and its one wording (``InvalidMessage`` on ``customerId``); ``where`` says where the
+    value was found ("in the path")."""
+    if CUSTOMER_ID.fullmatch(value):
+        return value
+    hint = "; it must be lowercase" if CUSTOMER_ID.fullmatch(value.lower()) else ""
+    raise InvalidMessage("customerId", f"{value!r}{where} is not a customer id (1-63 of a-z, 0-9 and '-', starting "
+                         f"and ending with a letter or digit){hint}")
+
+
 ONBOARDED = ("active", "disabled")  # disabled by an operator command: onboarded all the same
 
 
@@ -180,9 +190,7 @@ class BatchRef:
         """``InvalidMessage`` unless the customer id is one and the name is a plain relative name: no empty, ``.`` or
         ``..`` segment (SDKs and proxies normalise those, and the result could land in another customer's folder),
         no ``\\ ? #`` or control characters."""
-        if not CUSTOMER_ID.fullmatch(customer_id):
-            raise InvalidMessage("customerId", f"{customer_id!r} in the path is not a customer id (1-63 of a-z, 0-9 "
-                                 "and '-', starting and ending with a letter or digit)")
+        check_customer_id(customer_id, where=" in the path")
         if len(batch_name) > MAX_BATCH_NAME or any(c in batch_name for c in "\\?#") or not batch_name.isprintable():
             raise InvalidMessage("batchName", f"must be at most {MAX_BATCH_NAME} printable characters, without \\ ? #")
         if any(segment in ("", ".", "..") for segment in batch_name.split("/")):

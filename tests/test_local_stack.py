@@ -106,7 +106,8 @@ def test_local_up_runs_the_production_configuration_end_to_end_then_down_leaves_
         listed = pkictl(["customer", "list"], tmp_path, operator).stdout
         assert listed.startswith("fabrikam") and "active" in listed
         refused = pkictl(["send", "onboarding", "--customer", "Fabrikam"], tmp_path, operator)
-        assert refused.returncode == 2 and "customerId: 'Fabrikam' must be lowercase" in refused.stderr
+        assert refused.returncode == 2 and "customerId: 'Fabrikam' is not a customer id" in refused.stderr
+        assert "it must be lowercase" in refused.stderr
 
         batch = pkictl(["send", "batch", str(REPO / "samples" / "generated-keys.csv"), "--customer", "fabrikam",
                         "--register", "all", "--timeout", "180"], tmp_path, operator)

@@ -141,7 +141,7 @@ def test_a_group_of_the_same_id_with_another_certificate_is_not_taken_over(world
     ("{}", "customerId", "is required"),
     ('{"customerId": ""}', "customerId", "must not be empty"),
     ('{"customerId": "Contoso"}', "customerId", "must be lowercase"),
-    ('{"customerId": "con_toso"}', "customerId", "must be 1-63 of a-z, 0-9 and '-'"),
+    ('{"customerId": "con_toso"}', "customerId", "is not a customer id (1-63 of a-z, 0-9 and '-'"),
     ('{"customerId": "-contoso"}', "customerId", "starting and ending with a letter or digit"),
     ('{"customerId": "' + "a" * 64 + '"}', "customerId", "at most 63 characters"),
     ('{"customerId": 42}', "customerId", "must be a string, not a number"),
