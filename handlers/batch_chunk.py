@@ -1,14 +1,11 @@
-"""Use case: one chunk of a device batch -> one certificate per device, then (for the last chunk)
-the batch report.
+"""Use case: one chunk of a device batch -> one certificate per device, then (for the last chunk) the batch report.
 
-Idempotency, per device: the device record ``devices/{deviceId}.json`` (one per id, across customers) is created
-with If-None-Match *after* its outputs are written under this batch's own prefix, and read
-before anything is issued. A device already recorded for this batch is ``already_issued``; one
-recorded by another batch fails as "already provisioned" (unless the batch asks for re-issue), and one another
-customer holds fails as "already provisioned for another customer" (always);
-a crash between outputs and record re-issues and overwrites the outputs, so the recorded
-certificate is always the one in the output files. A chunk record (leased by the queue message)
-keeps two deliveries of one chunk from working at once, and completion is counted once per chunk.
+Per device, the record ``devices/{deviceId}.json`` (one per id, across customers) is created with If-None-Match
+*after* the outputs are written under this batch's own prefix (a resumed chunk reads it first): recorded by this
+batch is ``already_issued``, by another batch "already provisioned" (unless re-issue is asked), by another customer
+"already provisioned for another customer" (always). A crash between outputs and record re-issues and overwrites
+the outputs, so the recorded certificate is the one on file. The chunk's lease (``chunk_leases``, one owner per
+run) keeps two deliveries from issuing it at once; completion is counted once per chunk.
 """
 
 from __future__ import annotations
@@ -46,20 +43,22 @@ from .records import (
     BatchRef,
     BatchSettings,
     ChunkMessage,
+    CustomerRecord,
+    CustomerStatus,
     DeviceRecord,
     DeviceStatus,
     KeySource,
     customer_document,
     device_document,
 )
-from .reports import assemble_report
+from .reports import assemble_report, published_fields
 from .root import load_root
 
 
 class _Issuer:
     """Everything one chunk needs to issue, shared by its worker threads."""
 
-    def __init__(self, ref: BatchRef, batch: dict, customer: dict, *, store: DocumentStore, keys: KeyStore,
+    def __init__(self, ref: BatchRef, batch: dict, customer: CustomerRecord, *, store: DocumentStore, keys: KeyStore,
                  outputs: OutputFiles, password: bytes | None, settings: BatchSettings, registrar: Registrar | None,
                  now: dt.datetime, first_attempt: bool):
         self.first_attempt = first_attempt
@@ -71,13 +70,13 @@ class _Issuer:
         self.output = options["output"]
         self.reissue = options["reissue"]
         self.register = options["register"]
-        self.intermediate = x509.load_pem_x509_certificate(customer["intermediate"]["certificatePem"].encode())
+        self.intermediate = x509.load_pem_x509_certificate(customer.intermediate["certificatePem"].encode())
         # Devices ship their chain up to and including the root: DPS's docs have a device present it "up to and
         # including" the verified certificate, and a chain with the root passes under any reading of that.
-        issuer_pem = customer["intermediate"].get("issuerCertificatePem")
+        issuer_pem = customer.intermediate.get("issuerCertificatePem")
         root = x509.load_pem_x509_certificate(issuer_pem.encode()) if issuer_pem else load_root(store, keys).certificate
         self.cas = [self.intermediate, root]
-        key = keys.get_key(customer["key"]["name"], customer["key"]["version"])
+        key = keys.get_key(customer.key["name"], customer.key["version"])
         self.signer = remote_key(key.public_key, keys.signer(key))
         self.prefix = f"{settings.output_container}/{ref.customer_id}/{ref.batch_name}"
 
@@ -124,7 +123,7 @@ class _Issuer:
                     return verdict or {**result, "status": "failed", "error": f"row {row.index}: changed meanwhile"}
         else:
             return {**result, "status": "failed", "error": f"row {row.index}: its record kept changing"}
-        published = {**result, **_published(record), "status": "issued"}
+        published = {**result, **published_fields(record), "status": "issued"}
         if issued.notice:
             published["notice"] = issued.notice
         if private_key is not None and self._should_register(row.index):
@@ -138,7 +137,7 @@ class _Issuer:
                     "provisioned for another customer; device ids are shared by every customer of the DPS instances "
                     "and hubs, so choose another id"}
         if self._ours(recorded):
-            return {**result, **_published(recorded), "status": "already_issued"}
+            return {**result, **published_fields(recorded), "status": "already_issued"}
         if not self.reissue:
             return {**result, "status": "failed",
                     "error": f"row {row.index}: already provisioned by batch {recorded.batch!r} "
@@ -180,7 +179,7 @@ class _Issuer:
             customer_id=self.ref.customer_id, device_id=row.device_id, status=DeviceStatus.ISSUED,
             serial=summary.pop("serial"), not_after=summary.pop("notAfter"), issued_at=stamp(self.now),
             key_source=KeySource.GENERATED if private_key is not None else KeySource.CSR, outputs=outputs,
-            intermediate_serial=self.customer["intermediate"]["serial"], batch=self.ref.batch_name, row=row.index,
+            intermediate_serial=self.customer.intermediate["serial"], batch=self.ref.batch_name, row=row.index,
             pfx_secret=self.batch.get("pfxSecret") if private_key is not None else None, certificate=summary)
 
     def _should_register(self, index: int) -> bool:
@@ -190,19 +189,10 @@ class _Issuer:
 
     def _register(self, device_id: str, certificate: x509.Certificate, private_key) -> str:
         try:
-            return self.registrar.register(self.customer["dps"]["idScope"], device_id,
+            return self.registrar.register(self.customer.dps["idScope"], device_id,
                                            export.chain_pem([certificate, *self.cas]), export.key_pem(private_key))
         except Exception as exc:  # noqa: BLE001 - a failed test registration is reported, the certificate stands
             return f"registration failed: {exc}"
-
-
-def _published(record: DeviceRecord) -> dict[str, Any]:
-    """What a batch report says of an issued device."""
-    outputs = record.outputs
-    return {"serial": record.serial, "thumbprintSha1": record.certificate.get("thumbprintSha1"),
-            "thumbprintSha256": record.certificate.get("thumbprintSha256"), "notAfter": record.not_after,
-            "certificate": outputs.get("certificate"), "chain": outputs.get("chain"), "pfx": outputs.get("pfx"),
-            "key": outputs.get("key")}
 
 
 def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFiles, store: DocumentStore,
@@ -236,22 +226,23 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
                  outputs: OutputFiles, store: DocumentStore, keys: KeyStore, secrets_store: Secrets, audit: AuditLog,
                  settings: BatchSettings, registrar: Registrar | None, now: dt.datetime):
     chunk = batch["chunks"][n]
-    customer = store.get(customer_document(ref.customer_id))
+    found = store.get(customer_document(ref.customer_id))
+    customer = CustomerRecord.from_json(found.data) if found is not None else None
     try:
         data = files.read_range(batch["input"], chunk["start"], chunk["end"], upload=batch["upload"])
     except Conflict:
         data = None
     header = batch_format.Header(tuple(batch["columns"]), chunk["start"])
-    if data is None or customer is None or customer.data.get("status") != "active":
+    if data is None or customer is None or customer.status is not CustomerStatus.ACTIVE:
         # Permanent for this batch: every row of the chunk fails with the reason, so the batch still completes.
         reason = ("the batch file was overwritten after it was accepted" if data is None else
-                  f"customer {ref.customer_id} is {customer.data.get('status') if customer else 'gone'}, not active")
+                  f"customer {ref.customer_id} is {customer.status.value if customer else 'gone'}, not active")
         results = [{"row": i, "deviceId": None, "status": "failed", "error": f"row {i}: {reason}"}
                    for i in range(chunk["firstRow"], chunk["firstRow"] + chunk["rows"])]
     else:
         secret = batch.get("pfxSecret")
         password = secrets_store.get_secret(secret["name"], secret["version"]).encode() if secret else None
-        issuer = _Issuer(ref, batch, customer.data, store=store, keys=keys, outputs=outputs, password=password,
+        issuer = _Issuer(ref, batch, customer, store=store, keys=keys, outputs=outputs, password=password,
                          settings=settings, registrar=registrar, now=now,
                          first_attempt=chunk_doc.data.get("attempts", 1) == 1)
         rows = list(batch_format.rows_in_range(data, chunk["start"], header, batch["format"], chunk["firstRow"]))

@@ -26,7 +26,7 @@ from .errors import AlreadyExists, Conflict, InvalidMessage, NotFound, Rejected,
 from .leases import held_by_other, lease_for, release, stamp, update
 from .messages import REQUEST_ID, REQUEST_ID_RULE
 from .ports import AuditLog, DocumentStore, InputFiles, MessageQueue, OutputFiles, Secrets
-from .records import BatchRef, BatchSettings, customer_document
+from .records import BatchRef, BatchSettings, CustomerRecord, CustomerStatus, customer_document
 from .reports import write_rejection_report
 
 CHUNK_QUEUE = "batch-chunks"
@@ -198,11 +198,12 @@ def _reject(ref: BatchRef, doc, reason: str, field_name: str | None, *, outputs:
 def _validate_and_fan_out(ref: BatchRef, doc, size: int, upload: str, metadata: dict[str, str], *, files: InputFiles,
                           store: DocumentStore, queue: MessageQueue, secrets_store: Secrets, settings: BatchSettings,
                           now: dt.datetime) -> dict:
-    customer = store.get(customer_document(ref.customer_id))
-    if customer is None:
+    found = store.get(customer_document(ref.customer_id))
+    if found is None:
         raise InvalidMessage("customerId", f"no customer {ref.customer_id!r}: onboard it first")
-    if customer.data.get("status") != "active":
-        raise InvalidMessage("customerId", f"customer {ref.customer_id!r} is {customer.data.get('status')}, "
+    customer = CustomerRecord.from_json(found.data)
+    if customer.status is not CustomerStatus.ACTIVE:
+        raise InvalidMessage("customerId", f"customer {ref.customer_id!r} is {customer.status.value}, "
                              "not active: its devices cannot be issued")
     options = BatchOptions.from_metadata(metadata, settings)
     if size > settings.max_bytes:
@@ -217,7 +218,7 @@ def _validate_and_fan_out(ref: BatchRef, doc, size: int, upload: str, metadata: 
     data = {**doc.data, "status": "issuing", "format": kind, "columns": list(header.columns),
             "options": options.as_dict(), "rows": scan.rows, "chunks": scan.chunks, "completedChunks": [],
             "counts": {"issued": 0, "already_issued": 0, "failed": 0}, "pfxSecret": secret,
-            "intermediateSerial": customer.data["intermediate"]["serial"], "updatedAt": stamp(now),
+            "intermediateSerial": customer.intermediate["serial"], "updatedAt": stamp(now),
             "chunksEnqueued": False}
     store.replace(doc, data, tags=_tags(data))
     _send_chunks(ref, scan.chunks, queue)

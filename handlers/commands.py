@@ -25,7 +25,15 @@ from .intermediates import renew_intermediate
 from .leases import stamp
 from .messages import Delivery
 from .ports import Ports
-from .records import ONBOARDED, DeviceRecord, DeviceStatus, customer_document, customer_tags, device_tags, read_device
+from .records import (
+    CustomerRecord,
+    DeviceRecord,
+    DeviceStatus,
+    customer_document,
+    customer_tags,
+    device_tags,
+    read_device,
+)
 
 _ATTEMPTS = 8
 SAME_COMMAND_WAIT_S = 20.0  # how long a second delivery waits for the first to finish before taking over
@@ -52,7 +60,7 @@ class _Run:
         doc = self.ports.store.get(customer_document(self.command.customer_id))
         if doc is None:
             raise Rejected(f"customer {self.command.customer_id!r} is unknown", field="customerId")
-        if doc.data["status"] not in ONBOARDED:
+        if not CustomerRecord.from_json(doc.data).onboarded:
             raise Rejected(f"customer {self.command.customer_id!r} is {doc.data['status']}, not onboarded: "
                            "finish its onboarding first", field="customerId")
         return doc

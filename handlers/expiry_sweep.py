@@ -29,7 +29,7 @@ from .intermediates import RenewalRefused, renew_intermediate
 from .leases import expired, lease_for, stamp, update
 from .ports import Document, MessageQueue, Ports
 from .records import (
-    ONBOARDED,
+    CustomerRecord,
     DeviceRecord,
     DeviceStatus,
     customer_document,
@@ -103,11 +103,12 @@ class _Sweep:
         renewed, dropped, failed, held = [], [], [], []
         for customer_id in list_customers(self.ports.store):
             doc = self.ports.store.get(customer_document(customer_id))
-            if doc is None or doc.data.get("status") not in ONBOARDED or not doc.data.get("intermediate"):
+            if doc is None or not (customer := CustomerRecord.from_json(doc.data)).onboarded \
+                    or not customer.intermediate:
                 continue
             try:
                 try:
-                    renewed += self._renew(doc)
+                    renewed += self._renew(customer)
                 except RenewalRefused as exc:  # not a failure: retrying will not help, and the operator decides
                     held.append({"customerId": customer_id, "reason": exc.reason})
                     self.warnings.append(f"customer {customer_id}: intermediate not renewed: {exc.reason}")
@@ -117,23 +118,22 @@ class _Sweep:
                 self.warnings.append(f"customer {customer_id}: {type(exc).__name__}: {exc}")
         return {"renewed": renewed, "secondaryRemoved": dropped, "failed": failed, "held": held}
 
-    def _renew(self, doc: Document) -> list[dict]:
-        data = doc.data
+    def _renew(self, customer: CustomerRecord) -> list[dict]:
         renewal_id = f"sweep-{self.day.isoformat()}"
-        done = next((r for r in data.get("renewals", []) if r["id"] == renewal_id), None)
-        left = _days_left(data["intermediate"]["notAfter"], self.now)
+        done = next((r for r in customer.renewals if r["id"] == renewal_id), None)
+        left = _days_left(customer.intermediate["notAfter"], self.now)
         if done is None and left > self.settings.renew_before_days:
             return []
-        old = data["intermediate"]["serial"] if done is None else data["previousIntermediates"][0]["serial"]
+        old = customer.intermediate["serial"] if done is None else customer.previous_intermediates[0]["serial"]
         if done is None:  # (a concurrent sweep renewing it is waited for; then this finds it done)
             renew_intermediate(
-                data["customerId"], renewal_id=renewal_id, store=self.ports.store, keys=self.ports.keys,
-                reason=f"expiry sweep: expires {data['intermediate']['notAfter']} ({left} days), within "
+                customer.customer_id, renewal_id=renewal_id, store=self.ports.store, keys=self.ports.keys,
+                reason=f"expiry sweep: expires {customer.intermediate['notAfter']} ({left} days), within "
                        f"{self.settings.renew_before_days} days", audit=self.ports.audit, now=self.now,
-                sync=lambda customer: sync_group(self.ports, customer, self.now), settings=self.ports.settings)
-        current = self.ports.store.get(customer_document(data["customerId"])).data
-        return [{"customerId": data["customerId"], "previousSerial": old, "serial": current["intermediate"]["serial"],
-                 "notAfter": current["intermediate"]["notAfter"]}]
+                sync=lambda data: sync_group(self.ports, data, self.now), settings=self.ports.settings)
+        current = CustomerRecord.from_json(self.ports.store.get(customer.document).data)
+        return [{"customerId": customer.customer_id, "previousSerial": old,
+                 "serial": current.intermediate["serial"], "notAfter": current.intermediate["notAfter"]}]
 
     def _drop_expired_secondary(self, customer_id: str) -> list[dict]:
         for _ in range(5):

@@ -24,7 +24,7 @@ from .errors import AlreadyExists, CapacityExhausted, Conflict, InvalidMessage, 
 from .leases import held_by_other, lease_for, release, stamp
 from .messages import REQUEST_ID, REQUEST_ID_RULE, Fields, decode_json_message
 from .ports import AuditLog, Document, DocumentStore, Enrollment, EnrollmentGroups, KeyStore
-from .records import ONBOARDED, check_customer_id, customer_document, customer_tags, key_name
+from .records import ONBOARDED, ONBOARDING_STEPS, check_customer_id, customer_document, customer_tags, key_name
 
 QUEUE = "customer-onboarding"
 ALLOCATION_POLICIES = ("hashed", "geoLatency", "static")  # "custom" needs an Azure Function webhook: not offered
@@ -33,7 +33,6 @@ ALLOCATION_POLICIES = ("hashed", "geoLatency", "static")  # "custom" needs an Az
 LEASE = dt.timedelta(minutes=10)
 LEASE_WAIT_S = 20.0  # wait this long for a concurrent run to finish before asking the host to retry
 _ATTEMPTS = 8
-STATES = ("pending", "key_created", "certificate_issued", "group_created", "active")
 @dataclass(frozen=True)
 class OnboardingRequest:
     customer_id: str
@@ -246,7 +245,8 @@ def onboard_customer(request: OnboardingRequest, *, store: DocumentStore, keys: 
             holder = ((current.data.get("lease") or {}).get("owner") if current else None)
             # Only a record this run holds (or nobody does), and only before its group exists, is rejected; its
             # placement is dropped so it no longer counts against the instance.
-            if current is not None and current.data.get("status") in STATES[:3] and holder in (None, run.owner):
+            before_group = ONBOARDING_STEPS[:3]
+            if current is not None and current.data.get("status") in before_group and holder in (None, run.owner):
                 rejected = {**current.data, "status": "rejected", "reason": str(exc), "lease": None, "dps": {}}
                 try:
                     store.replace(current, rejected, tags=customer_tags(rejected))

@@ -6,10 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
+from typing import Any
 
 from .leases import stamp
 from .ports import DocumentStore, OutputFiles
-from .records import BatchRef, BatchSettings
+from .records import BatchRef, BatchSettings, DeviceRecord
 
 
 def csv_bytes(text: str) -> bytes:
@@ -70,3 +71,12 @@ def write_rejection_report(ref: BatchRef, reason: str, field_name: str | None, o
     outputs.put(ref.report_path(settings, "json"), json.dumps(report, indent=2).encode(), "application/json")
     outputs.put(ref.report_path(settings, "csv"), csv_bytes(f"status,reason\r\nrejected,{csv_cell(reason)}\r\n"),
                 "text/csv")
+
+
+def published_fields(record: DeviceRecord) -> dict[str, Any]:
+    """What a batch report says of an issued device."""
+    outputs = record.outputs
+    return {"serial": record.serial, "thumbprintSha1": record.certificate.get("thumbprintSha1"),
+            "thumbprintSha256": record.certificate.get("thumbprintSha256"), "notAfter": record.not_after,
+            "certificate": outputs.get("certificate"), "chain": outputs.get("chain"), "pfx": outputs.get("pfx"),
+            "key": outputs.get("key")}

@@ -47,3 +47,26 @@ def test_a_certificate_is_valid_through_its_not_after_inclusive(now, expired):
 def test_an_unknown_status_is_refused():
     with pytest.raises(ValueError, match="revoked"):
         DeviceRecord.from_json({**STORED, "status": "revoked"})
+
+
+def test_an_onboarded_then_renewed_customer_reads_into_its_type_and_writes_back_unchanged(tmp_path):
+    from handlers.records import CustomerRecord, CustomerStatus, customer_document
+
+    from .worlds import CommandWorld
+
+    world = CommandWorld(tmp_path)
+    world.send({"command": "renew-intermediate", "customerId": "contoso", "reason": "yearly", "requestId": "r-1"})
+    world.send({"command": "disable-customer", "customerId": "fabrikam", "reason": "unpaid"})
+    for customer_id in ("contoso", "fabrikam"):
+        stored = world.store.get(customer_document(customer_id)).data
+        record = CustomerRecord.from_json(stored)
+        assert record.to_json() == {"lease": None, **stored}
+        assert CustomerRecord.from_json(record.to_json()) == record
+        assert record.tags == {"kind": "customer", "customer": customer_id, "status": stored["status"],
+                               "dps": stored["dps"]["name"]}
+    contoso = CustomerRecord.from_json(world.customer("contoso"))
+    assert contoso.status is CustomerStatus.ACTIVE and contoso.onboarded and len(contoso.renewals) == 1
+    assert contoso.previous_intermediates[0]["serial"] != contoso.intermediate["serial"]
+    fabrikam = CustomerRecord.from_json(world.customer("fabrikam"))
+    assert fabrikam.status is CustomerStatus.DISABLED and fabrikam.onboarded
+    assert fabrikam.other["disabledReason"] == "unpaid"

@@ -40,11 +40,13 @@ def customer_show(cli: Cli, args: argparse.Namespace) -> int:
 
 
 def customer_list(cli: Cli, args: argparse.Namespace) -> int:
-    from handlers.records import customer_document, list_customers
+    from handlers.records import CustomerRecord, customer_document, list_customers
 
     for customer_id in list_customers(cli.services.store):
         doc = cli.services.store.get(customer_document(customer_id))
-        data = doc.data if doc else {}
-        cli.say(f"{customer_id:<40} {data.get('status', '?'):<20} {data.get('dps', {}).get('name', '-'):<10} "
-                f"{data.get('intermediate', {}).get('notAfter', '-')}")
+        if doc is None:  # removed since it was listed
+            continue
+        record = CustomerRecord.from_json(doc.data)
+        cli.say(f"{customer_id:<40} {record.status.value:<20} {record.dps.get('name', '-'):<10} "
+                f"{(record.intermediate or {}).get('notAfter', '-')}")
     return OK

@@ -1,0 +1,104 @@
+"""The device record, ``devices/{deviceId}.json``: one per device id across customers; statuses, JSON form, index
+tags and the expiry rule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from ..ports import Document, DocumentStore
+
+
+class DeviceStatus(StrEnum):
+    ISSUED = "issued"
+    DISABLED = "disabled"  # by disable-device; enable-device sets it back (or to expired, if it is)
+    EXPIRED = "expired"  # by the expiry sweep or enable-device, once notAfter has passed
+
+
+class KeySource(StrEnum):
+    GENERATED = "generated"  # the service made the key: it is in the PFX / encrypted key output
+    CSR = "csr"  # the device kept its key and sent a CSR
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """``devices/{deviceId}.json``: the certificate this service issued to a device, where its outputs are, and what
+    commands and the sweep learned about it since. ``certificate`` holds the rest of ``pki.export.summary`` (subject,
+    issuer, notBefore, thumbprints); ``events`` what commands and the sweep added (``disabledReason``, ``expiredAt``,
+    ``expiryNotice``...), kept as they wrote it."""
+
+    customer_id: str
+    device_id: str
+    status: DeviceStatus
+    serial: str
+    not_after: str
+    key_source: KeySource
+    outputs: Mapping[str, str]  # certificate, chain, and pfx or key (generated keys): container/name paths
+    issued_at: str | None = None
+    intermediate_serial: str | None = None
+    batch: str | None = None
+    row: int | None = None
+    pfx_secret: Mapping[str, str] | None = None  # the batch's password secret (name, version); generated keys only
+    hub: Mapping[str, str] | None = None  # where a command last found the device in IoT Hub
+    certificate: Mapping[str, str] = field(default_factory=dict)
+    events: Mapping[str, Any] = field(default_factory=dict)
+
+    _FIELDS: ClassVar[dict[str, str]] = {
+        "customerId": "customer_id", "deviceId": "device_id", "status": "status", "serial": "serial",
+        "notAfter": "not_after", "issuedAt": "issued_at", "keySource": "key_source", "outputs": "outputs",
+        "intermediateSerial": "intermediate_serial", "batch": "batch", "row": "row", "pfxSecret": "pfx_secret",
+        "hub": "hub"}
+    _CERTIFICATE: ClassVar[tuple[str, ...]] = ("subject", "issuer", "notBefore", "thumbprintSha1", "thumbprintSha256")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeviceRecord:
+        known = {attr: data[key] for key, attr in cls._FIELDS.items() if key in data}
+        return cls(**{**known, "status": DeviceStatus(data["status"]),
+                      "key_source": KeySource(data.get("keySource") or KeySource.GENERATED)},
+                   certificate={k: data[k] for k in cls._CERTIFICATE if k in data},
+                   events={k: v for k, v in data.items() if k not in cls._FIELDS and k not in cls._CERTIFICATE})
+
+    def to_json(self) -> dict[str, Any]:
+        data = {key: getattr(self, attr) for key, attr in self._FIELDS.items()}
+        data = {k: v for k, v in data.items() if v is not None or k in ("intermediateSerial", "pfxSecret")}
+        return {**self.certificate, **data, "status": self.status.value, "keySource": self.key_source.value,
+                "outputs": dict(self.outputs), **self.events}
+
+    @property
+    def document(self) -> str:
+        return device_document(self.device_id)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """Index tags the expiry sweep, renewals and the CLI query (notAfter as YYYYMMDD sorts as text)."""
+        tags = {"kind": "device", "customer": self.customer_id, "status": self.status.value,
+                "notAfter": self.not_after[:10].replace("-", "")}
+        if self.intermediate_serial:  # which devices a renewal would cut off (handlers/intermediates.py)
+            tags["issuer"] = self.intermediate_serial
+        return tags
+
+    def expired_by(self, now: str) -> bool:
+        """Past its notAfter at ``now`` (a UTC stamp, as ``leases.stamp`` writes it). The certificate is valid through
+        notAfter, inclusive (RFC 5280 section 4.1.2.5)."""
+        return self.not_after < now
+
+
+def device_document(device_id: str) -> str:
+    """One record per device id, whatever the customer: DPS registration ids are shared by every group of an instance
+    and hub device ids by everyone on a hub, so an id is held by the first customer whose certificate for it is
+    recorded (a create-if-absent), and no other customer can be issued, or act on, that id."""
+    return f"devices/{device_id}.json"
+
+
+def read_device(store: DocumentStore, customer_id: str, device_id: str) -> Document | None:
+    """The device record if ``customer_id`` holds the device; ``None`` otherwise (another customer's device is
+    answered exactly like a device nobody holds, so no input learns who holds it)."""
+    doc = store.get(device_document(device_id))
+    return doc if doc is not None and doc.data.get("customerId") == customer_id else None
+
+
+def device_tags(data: Mapping[str, Any]) -> dict[str, str]:
+    """The index tags of a device record's JSON (``DeviceRecord.tags``)."""
+    return DeviceRecord.from_json(data).tags
