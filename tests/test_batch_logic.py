@@ -20,6 +20,7 @@ from handlers.records import BatchSettings, device_document
 from pki.keys import KeyType, generate_key
 
 from .batch_helpers import csr_pem
+from .fakes import run_concurrently
 from .worlds import FakeApp
 from .x509_helpers import break_signature, make_csr
 
@@ -80,26 +81,12 @@ def test_generated_keys_and_csrs_give_full_chains_and_a_pfx_whose_password_only_
 
 def test_the_same_batch_twice_concurrently_issues_each_device_once(app):
     path = app.put("acme/twice.csv", _csv("d", 6))
-    outcomes: list[str] = []
-
-    def trigger():
-        try:
-            outcomes.append(app.intake(path))
-        except TransientError as exc:  # "in progress elsewhere, retry" is a fine answer for the second
-            outcomes.append(str(exc))
-
-    triggers = [threading.Thread(target=trigger) for _ in range(2)]
-    for thread in triggers:
-        thread.start()
-    for thread in triggers:
-        thread.join()
+    # "in progress elsewhere, retry" is a fine answer for the second
+    done, refused = run_concurrently(lambda: app.intake(path), 2, expected=(TransientError,))
+    outcomes = done + [str(e) for e in refused]
     assert sum("6 rows in 3 chunks" in o for o in outcomes) == 1, outcomes
     assert any("no-op" in o or "in progress elsewhere" in o for o in outcomes), outcomes
-    drainers = [threading.Thread(target=app.run_chunks) for _ in range(2)]
-    for thread in drainers:
-        thread.start()
-    for thread in drainers:
-        thread.join()
+    run_concurrently(app.run_chunks, 2)
     assert "no-op" in app.intake(path)  # the trigger fired again, later
     report = app.report("acme/twice.csv")
     assert report["totals"]["issued"] == 6 and report["totals"]["already_issued"] == 0

@@ -7,7 +7,6 @@ blob ETags under concurrency, and Azurite's upload identity (creation time) unde
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -15,10 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from clients.factory import DpsRegistrar
+from handlers.errors import TransientError
 from handlers.records import device_document
 from pki.keys import KeyType, generate_key
 
 from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, report, upload, wired_env
+from .fakes import run_concurrently
 from .x509_helpers import openssl_verify
 
 pytestmark = pytest.mark.integration
@@ -99,26 +100,12 @@ def _assert_one_recorded_certificate_each(services, result: dict) -> None:
 def test_the_same_batch_twice_concurrently_issues_each_device_once(env):
     services = onboarded(env, "acme")
     path = upload(services, "acme", "twice.csv", ("deviceId\n" + "".join(f"d-{i}\n" for i in range(60))).encode())
-    outcomes: list = []
-
-    def trigger():
-        try:
-            outcomes.append(intake(services, path))
-        except Exception as exc:  # noqa: BLE001 - "in progress elsewhere, retry" is a fine answer for the second
-            outcomes.append(f"{type(exc).__name__}: {exc}")
-
-    threads = [threading.Thread(target=trigger) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # "in progress elsewhere, retry" is a fine answer for the second
+    done, refused = run_concurrently(lambda: intake(services, path), 2, expected=(TransientError,))
+    outcomes = done + [str(e) for e in refused]
     assert sum("60 rows in 3 chunks" in o for o in outcomes) == 1, outcomes
     assert any("no-op" in o or "in progress elsewhere" in o for o in outcomes), outcomes
-    drainers = [threading.Thread(target=drain_chunks, args=(services, env)) for _ in range(2)]
-    for t in drainers:
-        t.start()
-    for t in drainers:
-        t.join()
+    run_concurrently(lambda: drain_chunks(services, env), 2)
     assert "no-op" in intake(services, path)  # the trigger fired again, later
     result = report(services, "acme", "twice.csv")
     assert result["totals"]["issued"] + result["totals"]["already_issued"] == 60
