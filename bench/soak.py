@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -198,10 +200,13 @@ def soak(args) -> dict:
                     problems.append(f"lost: {row['deviceId']} has no record")
                     counts["lost"] += 1
                     continue
-                from cryptography import x509
+                from handlers.device_files import certificate_on_file
+                from handlers.records import DeviceRecord
 
-                on_file = x509.load_pem_x509_certificate(files.get(record.data["outputs"]["certificate"]))
+                device = DeviceRecord.from_json(record.data)
+                on_file = certificate_on_file(device, files=files, secrets=services.secrets)
                 if (format(on_file.serial_number, "X") != record.data["serial"]
+                        or on_file.public_bytes(serialization.Encoding.PEM).decode() != device.certificate_pem
                         or row.get("serial") != record.data["serial"]):
                     problems.append(f"duplicated: {row['deviceId']} record/file/report serials differ")
                     counts["duplicated"] += 1

@@ -78,7 +78,6 @@ class _Issuer:
         self.cas = [self.intermediate, root]
         key = keys.get_key(customer.key["name"], customer.key["version"])
         self.signer = remote_key(key.public_key, keys.signer(key))
-        self.prefix = f"{settings.output_container}/{ref.customer_id}/{ref.batch_name}"
 
     def row(self, row: batch_format.Row, duplicate_of: int | None, same_key_as: int | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {"row": row.index, "deviceId": row.device_id}
@@ -101,10 +100,10 @@ class _Issuer:
             if verdict is not None:
                 return verdict
         try:
-            issued, private_key = self._issue(row)
+            issued, private_key, outputs = self._issue(row)
         except InvalidInput as exc:
             return {**result, "status": "failed", "error": f"row {row.index}: {exc}"}
-        record = self._record(row, issued, private_key)
+        record = self._record(row, issued, private_key, outputs)
         for _ in range(2):
             try:
                 if existing is None:
@@ -149,6 +148,8 @@ class _Issuer:
         return recorded.batch == self.ref.batch_name and recorded.customer_id == self.ref.customer_id
 
     def _issue(self, row: batch_format.Row):
+        """Issue the row's certificate and write its one output blob: the PFX (key, certificate, full chain), or one
+        PEM (the encrypted key, if generated, then the full chain). Returns the certificate, key and outputs."""
         if row.csr:
             public_key, private_key = accept_csr(row.csr, row.device_id, field="csr"), None
         else:
@@ -157,28 +158,23 @@ class _Issuer:
         issued = profiles.issue_device(issuer=self.intermediate, issuer_key=self.signer, public_key=public_key,
                                        device_id=row.device_id, now=self.now, validity_days=self.validity_days)
         certificate = issued.certificate
-        base = f"{self.prefix}/{row.device_id}"
-        self.outputs.put(f"{base}/cert.pem", export.cert_pem(certificate), "application/x-pem-file")
-        self.outputs.put(f"{base}/chain.pem", export.chain_pem([certificate, *self.cas]), "application/x-pem-file")
         if private_key is not None and self.output == "pfx":
-            self.outputs.put(f"{base}/device.pfx", export.pfx(private_key, certificate, self.cas,
-                                                              self.password, friendly_name=row.device_id),
-                             "application/x-pkcs12")
-        elif private_key is not None:
-            self.outputs.put(f"{base}/device.key", export.key_pem(private_key, self.password), "application/x-pem-file")
-        return issued, private_key
+            path = self.ref.output_path(self.settings, row.device_id, "pfx")
+            self.outputs.put(path, export.pfx(private_key, certificate, self.cas, self.password,
+                                              friendly_name=row.device_id), "application/x-pkcs12")
+            return issued, private_key, {"pfx": path}
+        path = self.ref.output_path(self.settings, row.device_id, "pem")
+        key = export.key_pem(private_key, self.password) if private_key is not None else b""
+        self.outputs.put(path, key + export.chain_pem([certificate, *self.cas]), "application/x-pem-file")
+        return issued, private_key, {"pem": path}
 
-    def _record(self, row: batch_format.Row, issued: profiles.Issued, private_key) -> DeviceRecord:
-        base = f"{self.prefix}/{row.device_id}"
-        outputs = {"certificate": f"{base}/cert.pem", "chain": f"{base}/chain.pem"}
-        if private_key is not None:
-            outputs["pfx" if self.output == "pfx" else "key"] = (
-                f"{base}/device.{'pfx' if self.output == 'pfx' else 'key'}")
+    def _record(self, row: batch_format.Row, issued: profiles.Issued, private_key, outputs: dict) -> DeviceRecord:
         summary = export.summary(issued.certificate)
         return DeviceRecord(
             customer_id=self.ref.customer_id, device_id=row.device_id, status=DeviceStatus.ISSUED,
             serial=summary.pop("serial"), not_after=summary.pop("notAfter"), issued_at=stamp(self.now),
             key_source=KeySource.GENERATED if private_key is not None else KeySource.CSR, outputs=outputs,
+            certificate_pem=export.cert_pem(issued.certificate).decode(),
             intermediate_serial=self.customer.intermediate["serial"], batch=self.ref.batch_name, row=row.index,
             pfx_secret=self.batch.get("pfxSecret") if private_key is not None else None, certificate=summary)
 

@@ -199,7 +199,7 @@ def _device_command(run: _Run) -> str:
     if noop:
         run.audit("no-op", before, doc.data["status"], why=noop)
         return f"device {command.customer_id}/{command.device_id}: {noop} (no-op)"
-    certificate = ports.files.get(current.outputs["certificate"]).decode()
+    certificate = current.certificate_pem_in(ports.files)
     settled = run.settle(read, _device_apply(run, customer, certificate))
     hub = (settled.data if settled is not None else {}).get("hub")
     run.audit("changed", before, wanted, serial=doc.data.get("serial"),

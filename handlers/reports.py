@@ -10,7 +10,8 @@ from typing import Any
 
 from .leases import stamp
 from .ports import DocumentStore, OutputFiles
-from .records import BatchRef, BatchSettings, DeviceRecord
+from .records import BatchRef, BatchSettings, CustomerRecord, DeviceRecord, customer_document
+from .root import ROOT_DOCUMENT
 
 
 def csv_bytes(text: str) -> bytes:
@@ -29,7 +30,7 @@ def csv_cell(value: object) -> str:
 
 
 REPORT_COLUMNS = ("row", "deviceId", "status", "serial", "thumbprintSha1", "thumbprintSha256", "notAfter",
-                  "certificate", "chain", "pfx", "key", "assignedHub", "notice", "error")
+                  "output", "issuerSerial", "assignedHub", "notice", "error")
 
 
 def assemble_report(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs: OutputFiles, settings: BatchSettings,
@@ -43,7 +44,7 @@ def assemble_report(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs
     def json_parts() -> Iterator[bytes]:
         head = {"customerId": ref.customer_id, "batchName": ref.batch_name, "status": "complete",
                 "completedAt": stamp(now), "totals": totals, "pfxPasswordSecret": batch.get("pfxSecret"),
-                "options": batch["options"]}
+                "options": batch["options"], "issuers": _issuers(store, ref.customer_id)}
         yield json.dumps(head)[:-1].encode() + b', "rows": ['
         separator = "\n"
         for n in range(len(batch["chunks"])):
@@ -63,6 +64,19 @@ def assemble_report(ref: BatchRef, batch: dict, *, store: DocumentStore, outputs
     outputs.assemble(ref.report_path(settings, "csv"), csv_parts(), "text/csv")
 
 
+def _issuers(store: DocumentStore, customer_id: str) -> dict[str, list[str]]:
+    """The chain above each row's certificate, by its issuer's serial (``issuerSerial``): the intermediate's PEM, then
+    its issuer's (the root). Every intermediate the customer had, so rows issued across a renewal find theirs."""
+    found = store.get(customer_document(customer_id))
+    if found is None:
+        return {}
+    customer = CustomerRecord.from_json(found.data)
+    root = store.get(ROOT_DOCUMENT)
+    root_pem = root.data.get("certificatePem") if root else None
+    serials = [i.get("serial") for i in [customer.intermediate or {}, *customer.previous_intermediates]]
+    return {serial: customer.chain_above(serial, root_pem) for serial in serials if serial}
+
+
 def write_rejection_report(ref: BatchRef, reason: str, field_name: str | None, outputs: OutputFiles,
                            settings: BatchSettings, now: dt.datetime) -> None:
     report = {"customerId": ref.customer_id, "batchName": ref.batch_name, "status": "rejected",
@@ -75,8 +89,7 @@ def write_rejection_report(ref: BatchRef, reason: str, field_name: str | None, o
 
 def published_fields(record: DeviceRecord) -> dict[str, Any]:
     """What a batch report says of an issued device."""
-    outputs = record.outputs
     return {"serial": record.serial, "thumbprintSha1": record.certificate.get("thumbprintSha1"),
             "thumbprintSha256": record.certificate.get("thumbprintSha256"), "notAfter": record.not_after,
-            "certificate": outputs.get("certificate"), "chain": outputs.get("chain"), "pfx": outputs.get("pfx"),
-            "key": outputs.get("key")}
+            "output": record.output, "issuerSerial": record.intermediate_serial,
+            "certificatePem": record.certificate_pem}

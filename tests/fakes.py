@@ -243,9 +243,11 @@ class MemoryFiles:
         self.blobs: dict[str, tuple[bytes, str, dict[str, str]]] = {}
         self._uploads = itertools.count(1)
         self._lock = threading.Lock()
+        self.writes = 0
 
     def upload(self, path: str, data: bytes, metadata: Mapping[str, str] | None = None) -> None:
         with self._lock:
+            self.writes += 1
             self.blobs[path] = (bytes(data), f"upload-{next(self._uploads)}",
                                 {k.lower(): v for k, v in (metadata or {}).items()})
 

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
@@ -41,11 +42,13 @@ def _csv(prefix: str, rows: int) -> bytes:
 def _one_recorded_certificate_each(app: FakeApp, report: dict) -> None:
     for row in report["rows"]:
         record = app.store.get(device_document(row["deviceId"])).data
-        on_file = x509.load_pem_x509_certificates(app.files.get(record["outputs"]["certificate"]))[0]
+        password = app.wired.secrets.get_secret(record["pfxSecret"]["name"], record["pfxSecret"]["version"])
+        on_file = pkcs12.load_key_and_certificates(app.files.get(record["outputs"]["pfx"]), password.encode())[1]
+        assert on_file == x509.load_pem_x509_certificate(record["certificatePem"].encode())
         assert format(on_file.serial_number, "X") == record["serial"] == row["serial"]
 
 
-def test_generated_keys_and_csrs_give_full_chains_and_a_pfx_whose_password_only_the_secret_store_holds(app):
+def test_generated_keys_and_csrs_give_one_output_each_with_the_full_chain_and_a_password_only_secrets_hold(app):
     customer = app.store.get("customers/acme.json").data
     intermediate = x509.load_pem_x509_certificate(customer["intermediate"]["certificatePem"].encode())
     root = x509.load_pem_x509_certificate(app.store.get("root-ca.json").data["certificatePem"].encode())
@@ -57,12 +60,17 @@ def test_generated_keys_and_csrs_give_full_chains_and_a_pfx_whose_password_only_
     secret = report["pfxPasswordSecret"]
     password = app.wired.secrets.get_secret(secret["name"], secret["version"]).encode()
     assert password.decode() not in json.dumps(report)
+    chains = {serial: [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+              for serial, pems in report["issuers"].items()}
+    outputs = [p for p in app.files.blobs if p.startswith("device-certificates/")]
+    assert sorted(outputs) == [f"device-certificates/acme/generated.csv/gen-{i}.pfx" for i in range(5)]
     for row in report["rows"]:
-        chain = x509.load_pem_x509_certificates(app.files.get(row["chain"]))
-        assert chain[1:] == [intermediate, root] and chain[0].serial_number == int(row["serial"], 16)
-        chain[0].verify_directly_issued_by(intermediate)
-        key, cert, extra = pkcs12.load_key_and_certificates(app.files.get(row["pfx"]), password)
-        assert cert == chain[0] and extra == [intermediate, root]
+        assert row["output"] == f"device-certificates/acme/generated.csv/{row['deviceId']}.pfx"
+        key, cert, extra = pkcs12.load_key_and_certificates(app.files.get(row["output"]), password)
+        assert extra == [intermediate, root] == chains[row["issuerSerial"]]  # the full chain, root included
+        assert cert == x509.load_pem_x509_certificate(row["certificatePem"].encode())
+        assert cert.serial_number == int(row["serial"], 16)
+        cert.verify_directly_issued_by(intermediate)
         assert key.public_key().public_numbers() == cert.public_key().public_numbers()
 
     keys = {f"csr-{i}": generate_key(KeyType.EC_P256) for i in range(3)}
@@ -73,10 +81,43 @@ def test_generated_keys_and_csrs_give_full_chains_and_a_pfx_whose_password_only_
     assert report["totals"] == {"rows": 3, "issued": 3, "already_issued": 0, "failed": 0}
     assert report["pfxPasswordSecret"] is None  # no key was generated: no password exists
     for row in report["rows"]:
-        cert = x509.load_pem_x509_certificates(app.files.get(row["certificate"]))[0]
-        cert.verify_directly_issued_by(intermediate)
-        assert cert.public_key().public_numbers() == keys[row["deviceId"]].public_key().public_numbers()
-        assert row["pfx"] is None and row["key"] is None
+        assert row["output"].endswith(f"/{row['deviceId']}.pem")
+        chain = x509.load_pem_x509_certificates(app.files.get(row["output"]))  # the full chain, no key
+        assert b"PRIVATE KEY" not in app.files.get(row["output"]) and chain[1:] == [intermediate, root]
+        chain[0].verify_directly_issued_by(intermediate)
+        assert chain[0].public_key().public_numbers() == keys[row["deviceId"]].public_key().public_numbers()
+
+
+def test_an_issued_device_costs_two_storage_writes_its_output_and_its_record(tmp_path):
+    app = FakeApp(tmp_path, BatchSettings(chunk_rows=50))
+    app.onboard("acme")
+    app.intake(app.put("acme/count.csv", _csv("w", 40)))
+    files, store = app.files.writes, app.store.writes
+    app.run_chunks()
+    outputs = [p for p in app.files.blobs if p.startswith("device-certificates/")]
+    assert len(outputs) == 40
+    # besides: the two reports, and per chunk its record (claim, done) and the batch record's count and status
+    assert app.files.writes - files == 40 + 2 and app.store.writes - store - 40 <= 5
+
+
+@pytest.mark.parametrize("output", ["pfx", "pem"])
+def test_export_splits_the_one_output_into_the_factory_files(app, output):
+    from handlers.device_files import factory_files
+
+    app.intake(app.put("acme/line.csv", _csv("f", 2), {"output": output}))
+    app.run_chunks()
+    w = app.wired
+    record, files = factory_files("acme", "f-1", store=w.store, files=w.files, secrets=w.secrets, with_key=True)
+    assert sorted(files) == sorted(["cert.pem", "chain.pem", "device.key", "root.pem",
+                                    *(["device.pfx"] if output == "pfx" else [])])
+    chain = x509.load_pem_x509_certificates(files["chain.pem"])
+    assert chain[0] == x509.load_pem_x509_certificate(files["cert.pem"]) and len(chain) == 3
+    assert chain[2] == x509.load_pem_x509_certificate(files["root.pem"])
+    key = serialization.load_pem_private_key(files["device.key"], None)  # unencrypted, for the factory line
+    assert key.public_key().public_numbers() == chain[0].public_key().public_numbers()
+    assert format(chain[0].serial_number, "X") == record.serial
+    _, without = factory_files("acme", "f-1", store=w.store, files=w.files, secrets=w.secrets, with_key=False)
+    assert sorted(without) == ["cert.pem", "chain.pem", "root.pem"]
 
 
 def test_the_same_batch_twice_concurrently_issues_each_device_once(app):
@@ -114,10 +155,9 @@ def test_a_crash_mid_chunk_then_the_retry_leaves_one_certificate_per_device(tmp_
     app = FakeApp(tmp_path, BatchSettings(chunk_rows=ROWS_PER_CHUNK, inflight=1))
     app.onboard("acme")
     app.intake(app.put("acme/crash.csv", _csv("c", 2)))
-    # three outputs per generated key (certificate, chain, PFX): the first device is written and recorded, the
-    # second has one output and no record when the worker dies
+    # one output per device: the first device is written and recorded, the second dies writing its output
     with pytest.raises(SystemExit, match="worker killed"):
-        app.chunk("acme", "crash.csv", 0, outputs=CrashingOutputs(app.files, 4))
+        app.chunk("acme", "crash.csv", 0, outputs=CrashingOutputs(app.files, 1))
     assert [d["deviceId"] for d in app.documents("device")] == ["c-0"]
     app.chunk("acme", "crash.csv", 0)  # the host's retry: the released lease is not in its way
     report = app.report("acme/crash.csv")

@@ -14,8 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from clients.factory import DpsRegistrar
+from handlers.device_files import certificate_on_file
 from handlers.errors import TransientError
-from handlers.records import device_document
+from handlers.records import DeviceRecord, device_document
 from pki.keys import KeyType, generate_key
 
 from .batch_helpers import csr_pem, drain_chunks, intake, onboarded, report, upload, wired_env
@@ -62,14 +63,14 @@ def test_generated_keys_and_csrs_verify_open_and_register(env, stack):
     password = services.secrets.get_secret(secret["name"], secret["version"]).encode()  # from Key Vault only
     assert password.decode() not in json.dumps(result)
     for row in result["rows"]:
-        chain = _certificate(services, row["chain"])
-        assert chain[1:] == [intermediate, root] and chain[0].serial_number == int(row["serial"], 16)
-        chain[0].verify_directly_issued_by(intermediate)
-        key, cert, extra = pkcs12.load_key_and_certificates(services.files.get(row["pfx"]), password)
-        assert cert == chain[0] and extra == [intermediate, root]  # the full chain, root included
+        key, cert, extra = pkcs12.load_key_and_certificates(services.files.get(row["output"]), password)
+        assert extra == [intermediate, root]  # the full chain, root included
+        assert cert == x509.load_pem_x509_certificate(row["certificatePem"].encode())
+        assert cert.serial_number == int(row["serial"], 16)
+        cert.verify_directly_issued_by(intermediate)
         assert key.public_key().public_numbers() == cert.public_key().public_numbers()
-    first = _certificate(services, result["rows"][0]["chain"])
-    verified = openssl_verify(root, first[0], intermediate, at=first[0].not_valid_before_utc.replace(microsecond=0))
+    first = x509.load_pem_x509_certificate(result["rows"][0]["certificatePem"].encode())
+    verified = openssl_verify(root, first, intermediate, at=first.not_valid_before_utc.replace(microsecond=0))
     assert verified.returncode == 0, verified.stderr
     registered = [r for r in result["rows"] if r.get("assignedHub")]
     assert len(registered) == 4 and all(r["assignedHub"] == stack.iothub.hostname for r in registered)
@@ -84,17 +85,18 @@ def test_generated_keys_and_csrs_verify_open_and_register(env, stack):
     assert result["totals"] == {"rows": 10, "issued": 10, "already_issued": 0, "failed": 0}
     assert result["pfxPasswordSecret"] is None  # no key was generated: no password exists
     for row in result["rows"]:
-        cert = _certificate(services, row["certificate"])[0]
-        cert.verify_directly_issued_by(intermediate)
-        assert cert.public_key().public_numbers() == keys[row["deviceId"]].public_key().public_numbers()
-        assert row["pfx"] is None and row["key"] is None
+        chain = _certificate(services, row["output"])  # the full chain, and no key
+        assert chain[1:] == [intermediate, root] and b"PRIVATE KEY" not in services.files.get(row["output"])
+        chain[0].verify_directly_issued_by(intermediate)
+        assert chain[0].public_key().public_numbers() == keys[row["deviceId"]].public_key().public_numbers()
 
 
 def _assert_one_recorded_certificate_each(services, result: dict) -> None:
     for row in result["rows"]:
-        record = services.store.get(device_document(row["deviceId"])).data
-        on_file = _certificate(services, record["outputs"]["certificate"])[0]
-        assert format(on_file.serial_number, "X") == record["serial"] == row["serial"]
+        record = DeviceRecord.from_json(services.store.get(device_document(row["deviceId"])).data)
+        on_file = certificate_on_file(record, files=services.files, secrets=services.secrets)
+        assert format(on_file.serial_number, "X") == record.serial == row["serial"]
+        assert on_file == x509.load_pem_x509_certificate(record.certificate_pem.encode())
 
 
 def test_the_same_batch_twice_concurrently_issues_each_device_once(env):

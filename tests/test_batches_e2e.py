@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import pkcs12
 
 from devhost.azurite import free_port
 from devhost.stack import launch_devhost, person_settings
 from emulators.stack import OPERATOR
-from handlers.records import device_document
+from handlers.device_files import certificate_on_file
+from handlers.records import DeviceRecord, device_document
 from pkictl.cli import main
 
 from .batch_helpers import onboarded, report, wired_env
@@ -149,9 +149,7 @@ def test_a_worker_killed_mid_chunk_and_a_fresh_one_leave_one_certificate_per_dev
     assert result["totals"]["failed"] == 0
     assert result["totals"]["issued"] + result["totals"]["already_issued"] == rows
     for row in result["rows"]:
-        record = services.store.get(device_document(row["deviceId"])).data
-        on_file = x509.load_pem_x509_certificate(services.files.get(record["outputs"]["certificate"]))
-        assert format(on_file.serial_number, "X") == record["serial"] == row["serial"]
-        pfx = services.files.get(record["outputs"]["pfx"])
-        assert pkcs12.load_key_and_certificates(pfx, services.secrets.get_secret(
-            record["pfxSecret"]["name"], record["pfxSecret"]["version"]).encode())[1] == on_file
+        record = DeviceRecord.from_json(services.store.get(device_document(row["deviceId"])).data)
+        on_file = certificate_on_file(record, files=services.files, secrets=services.secrets)  # the PFX, opened
+        assert format(on_file.serial_number, "X") == record.serial == row["serial"]
+        assert on_file == x509.load_pem_x509_certificate(record.certificate_pem.encode())

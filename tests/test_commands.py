@@ -68,6 +68,18 @@ def test_unknown_customer_or_device_is_rejected(world):
         world.send(disable("ghost"))
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["record-keeps-certificate", "legacy-cert-file"])
+def test_a_disabled_device_is_blocked_in_dps_with_its_own_certificate(world, legacy):
+    """The individual enrollment that blocks a device holds its certificate: the record's, or for a record written
+    before records kept it, the certificate file of its outputs."""
+    world.device("d1", legacy=legacy)
+    world.files.data = {p: (b"not this one" if not legacy else v) for p, v in world.files.data.items()}
+    world.send(disable())
+    enrollment = world.groups.enrollments["d1"]
+    certificate = enrollment["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"]
+    assert certificate == world.customer()["intermediate"]["certificatePem"]
+
+
 def test_disable_then_enable_a_device(world):
     world.device("d1")
     world.send(disable())

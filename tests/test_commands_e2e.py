@@ -88,7 +88,7 @@ def test_disable_enable_device_and_customer_and_renew_on_the_local_stack(env, st
     assert len(stack.keyvault.key_versions(f"customer-{acme}")) == 2, log[-2000:]
     fleet.issue(acme, ["a-3"], "after-renewal.jsonl")
     new_device = x509.load_pem_x509_certificates(fleet.services.files.get(
-        fleet.services.store.get(device_document("a-3")).data["outputs"]["chain"]))
+        fleet.services.store.get(device_document("a-3")).data["outputs"]["pem"]))
     assert format(new_device[1].serial_number, "X") == record["intermediate"]["serial"]
     assert fleet.register(acme, "a-3") == stack.iothub.hostname  # issued by the new intermediate
     assert fleet.register(acme, "a-2") == stack.iothub.hostname  # issued by the old one (group secondary)

@@ -134,12 +134,19 @@ class CommandWorld(World):
         self.sequence = 0
 
     def device(self, device_id: str, customer: str = "contoso", registered: bool = True, status: str = "issued",
-               issuer: str | None = None, not_after: str = "2027-11-29T00:00:00Z") -> None:
+               issuer: str | None = None, not_after: str = "2027-11-29T00:00:00Z", legacy: bool = False) -> None:
+        """A device record (its certificate a stand-in PEM); ``legacy``: as written before records kept the
+        certificate (in a ``cert.pem`` output of its own)."""
+        pem = self.customer(customer)["intermediate"]["certificatePem"]
         record = {"customerId": customer, "deviceId": device_id, "status": status, "serial": "01",
-                  "notAfter": not_after, "outputs": {"certificate": f"out/{device_id}/cert.pem"},
+                  "notAfter": not_after, "keySource": "csr", "outputs": {"pem": f"out/{device_id}.pem"},
+                  "certificatePem": pem,
                   "intermediateSerial": issuer or self.customer(customer)["intermediate"]["serial"]}
-        self.files.data[record["outputs"]["certificate"]] = self.customer(customer)["intermediate"][
-            "certificatePem"].encode()
+        if legacy:
+            record["outputs"] = {"certificate": f"out/{device_id}/cert.pem", "chain": f"out/{device_id}/chain.pem"}
+            del record["certificatePem"]
+        for path in record["outputs"].values():
+            self.files.data[path] = pem.encode()
         self.store.create(device_document(device_id), record, tags=device_tags(record))
         if registered:
             self.groups.registered[device_id] = {"registrationId": device_id, "deviceId": device_id,
@@ -292,7 +299,7 @@ class Fleet:
 
     def register(self, customer: str, device: str) -> str:
         record = self.services.store.get(device_document(device)).data
-        chain = self.services.files.get(record["outputs"]["chain"])
+        chain = self.services.files.get(record["outputs"]["pem"])  # a CSR device: its output is the full chain
         folder = self.tmp / device
         folder.mkdir(exist_ok=True)
         (folder / "chain.pem").write_bytes(chain)

@@ -68,6 +68,10 @@ class BatchRef:
     def report_path(self, settings: BatchSettings, suffix: str) -> str:
         return f"{settings.results_container}/{self.customer_id}/{self.batch_name}.{suffix}"
 
+    def output_path(self, settings: BatchSettings, device_id: str, suffix: str) -> str:
+        """A device's one output blob: ``{deviceId}.pfx`` or ``{deviceId}.pem`` under the batch's own prefix."""
+        return f"{settings.output_container}/{self.customer_id}/{self.batch_name}/{device_id}.{suffix}"
+
     def chunk_document(self, n: int) -> str:
         return f"batches/{self.customer_id}/{self.batch_name}/chunks/{n:06d}.json"
 

@@ -97,6 +97,15 @@ class CustomerRecord:
         return {"kind": "customer", "customer": self.customer_id, "status": self.status.value,
                 "dps": self.dps.get("name", "")}
 
+    def chain_above(self, serial: str | None, root_pem: str | None) -> list[str] | None:
+        """The PEMs above a device certificate issued by intermediate ``serial``: that intermediate, then its issuer
+        (as recorded with it, else ``root_pem``); ``None`` if the customer never had it."""
+        for intermediate in [self.intermediate or {}, *self.previous_intermediates]:
+            if serial and intermediate.get("serial") == serial:
+                issuer = intermediate.get("issuerCertificatePem") or root_pem
+                return [intermediate["certificatePem"], *([issuer] if issuer else [])]
+        return None
+
     @property
     def onboarded(self) -> bool:
         return self.status in ONBOARDED

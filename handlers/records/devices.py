@@ -35,7 +35,8 @@ class DeviceRecord:
     serial: str
     not_after: str
     key_source: KeySource
-    outputs: Mapping[str, str]  # certificate, chain, and pfx or key (generated keys): container/name paths
+    outputs: Mapping[str, str]  # its one output blob, "pfx" or "pem" (older records: certificate, chain, pfx|key)
+    certificate_pem: str | None = None  # the device certificate (older records: in outputs["certificate"])
     issued_at: str | None = None
     intermediate_serial: str | None = None
     batch: str | None = None
@@ -48,6 +49,7 @@ class DeviceRecord:
     _FIELDS: ClassVar[dict[str, str]] = {
         "customerId": "customer_id", "deviceId": "device_id", "status": "status", "serial": "serial",
         "notAfter": "not_after", "issuedAt": "issued_at", "keySource": "key_source", "outputs": "outputs",
+        "certificatePem": "certificate_pem",
         "intermediateSerial": "intermediate_serial", "batch": "batch", "row": "row", "pfxSecret": "pfx_secret",
         "hub": "hub"}
     _CERTIFICATE: ClassVar[tuple[str, ...]] = ("subject", "issuer", "notBefore", "thumbprintSha1", "thumbprintSha256")
@@ -78,6 +80,17 @@ class DeviceRecord:
         if self.intermediate_serial:  # which devices a renewal would cut off (handlers/intermediates.py)
             tags["issuer"] = self.intermediate_serial
         return tags
+
+    @property
+    def output(self) -> str | None:
+        """The device's output blob: its PFX or PEM (older records: the PFX or key, else the chain)."""
+        outputs = self.outputs
+        return outputs.get("pfx") or outputs.get("pem") or outputs.get("key") or outputs.get("chain")
+
+    def certificate_pem_in(self, files: Any) -> str:
+        """The device certificate's PEM: in the record, or, for records written before it was, in the certificate
+        file ``files`` (an ``InputFiles``) holds."""
+        return self.certificate_pem or files.get(self.outputs["certificate"]).decode()
 
     def expired_by(self, now: str) -> bool:
         """Past its notAfter at ``now`` (a UTC stamp, as ``leases.stamp`` writes it). The certificate is valid through

@@ -46,35 +46,17 @@ def register(commands) -> None:
 
 
 def device_export(cli: Cli, args: argparse.Namespace) -> int:
-    from cryptography.hazmat.primitives.serialization import pkcs12
+    from handlers.device_files import factory_files
+    from handlers.errors import InvalidMessage
 
-    from handlers.records import DeviceRecord, KeySource, read_device
-    from handlers.root import load_root
-
-    doc = read_device(cli.services.store, args.customer, args.device)
-    if doc is None:
-        raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
-    record = DeviceRecord.from_json(doc.data)
-    fetch = cli.services.files.get
-
+    services = cli.services
+    try:
+        record, written = factory_files(args.customer, args.device, store=services.store, files=services.files,
+                                        secrets=services.secrets, with_key=args.include_key)
+    except InvalidMessage as exc:
+        raise UsageError(f"--include-key: {exc.reason}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"cert.pem": fetch(record.outputs["certificate"]), "chain.pem": fetch(record.outputs["chain"]),
-               "root.pem": export.cert_pem(load_root(cli.services.store, cli.services.keys).certificate)}
-    if args.include_key:
-        if record.key_source is not KeySource.GENERATED:
-            raise UsageError(f"--include-key: the key of {args.device} never left the device (it sent a CSR)")
-        secret = record.pfx_secret
-        password = cli.services.secrets.get_secret(secret["name"], secret["version"]).encode()
-        if record.outputs.get("pfx"):
-            pfx = fetch(record.outputs["pfx"])
-            key = pkcs12.load_key_and_certificates(pfx, password)[0]
-            written["device.pfx"] = pfx
-        else:
-            from cryptography.hazmat.primitives import serialization
-
-            key = serialization.load_pem_private_key(fetch(record.outputs["key"]), password)
-        written["device.key"] = export.key_pem(key)
     for filename, content in written.items():
         target = out / filename
         target.unlink(missing_ok=True)  # never write a key through an old file's mode or a symlink
