@@ -5,7 +5,7 @@ Per device, the record ``devices/{deviceId}.json`` (one per id, across customers
 batch is ``already_issued``, by another batch "already provisioned" (unless re-issue is asked), by another customer
 "already provisioned for another customer" (always). A crash between outputs and record re-issues and overwrites
 the outputs, so the recorded certificate is the one on file. The chunk's lease (``chunk_leases``, one owner per
-run) keeps two deliveries from issuing it at once; completion is counted once per chunk.
+run) keeps two deliveries from issuing it at once; completion (and the run's storage requests) counted once.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from .records import (
 )
 from .reports import assemble_report, published_fields
 from .root import load_root
+from .tally import Tally
 
 
 class _Issuer:
@@ -195,8 +196,9 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
                   keys: KeyStore, secrets_store: Secrets, audit: AuditLog, settings: BatchSettings, now: dt.datetime,
                   registrar: Registrar | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
     ref = BatchRef(message.customer_id, message.batch_name)
-    # One owner per run, never per message: two deliveries of one message must not both hold the chunk.
-    owner = secrets.token_hex(8)
+    owner = secrets.token_hex(8)  # one per run, never per message: two deliveries must not both hold the chunk
+    tally = Tally()  # this run's storage requests
+    store, files, outputs = tally.wrap(store), tally.wrap(files), tally.wrap(outputs)
     batch_doc = store.get(ref.document)
     if batch_doc is None:  # the intake records a batch before it sends any chunk: this message is not from it
         raise InvalidMessage("batchName", f"customer {ref.customer_id} has no batch {ref.batch_name!r}")
@@ -215,7 +217,7 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
             release(store, ref.chunk_document(message.chunk), owner)  # the retry must not wait out this run's lease
             raise
     return _complete(ref, message.chunk, chunk_doc.data["results"], store=store, outputs=outputs, settings=settings,
-                     now=now)
+                     now=now, tally=tally)
 
 
 def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, files: InputFiles,
@@ -262,7 +264,7 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
 
 
 def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStore, outputs: OutputFiles,
-              settings: BatchSettings, now: dt.datetime) -> str:
+              settings: BatchSettings, now: dt.datetime, tally: Tally) -> str:
     """Count chunk ``n`` once; whoever completes the last chunk assembles the report."""
 
     def count(data: dict) -> dict | None:
@@ -271,8 +273,10 @@ def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStor
         counts = dict(data["counts"])
         for result in results:
             counts[result["status"]] = counts.get(result["status"], 0) + 1
+        spent = tally.as_dict(extra_writes=1)  # this very update included
+        storage = {k: (data.get("storage") or {}).get(k, 0) + v for k, v in spent.items()}
         data = {**data, "completedChunks": sorted([*data["completedChunks"], n]), "counts": counts,
-                "updatedAt": stamp(now)}
+                "storage": storage, "updatedAt": stamp(now)}
         if len(data["completedChunks"]) == len(data["chunks"]):
             data["status"] = "assembling"
         return data

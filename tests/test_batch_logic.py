@@ -98,6 +98,10 @@ def test_an_issued_device_costs_two_storage_writes_its_output_and_its_record(tmp
     assert len(outputs) == 40
     # besides: the two reports, and per chunk its record (claim, done) and the batch record's count and status
     assert app.files.writes - files == 40 + 2 and app.store.writes - store - 40 <= 5
+    # the run counted its own requests at the ports, into the batch record: all but the report and the final status
+    counted = app.store.get("batches/acme/count.csv.json").data["storage"]
+    assert counted["writes"] == (app.files.writes - files - 2) + (app.store.writes - store - 1)
+    assert 0 < counted["reads"] < 10  # per chunk, not per device: a first attempt reads no device record
 
 
 @pytest.mark.parametrize("output", ["pfx", "pem"])
