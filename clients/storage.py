@@ -3,6 +3,8 @@ run that way, a connection string with an account key or SAS."""
 
 from __future__ import annotations
 
+import os
+
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
 
@@ -23,11 +25,28 @@ def pooled_transport(connection_verify: str | None = None):
     from azure.core.pipeline.transport import RequestsTransport
 
     session = requests.Session()
+    session.trust_env = trust_environment()
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     options = {"connection_verify": connection_verify} if connection_verify else {}
     return RequestsTransport(session=session, session_owner=False, **options)
+
+
+# What requests looks up in the environment on every request while ``trust_env`` is on: proxy and CA-bundle
+# variables, and ~/.netrc (two stat calls). Profiled on a batch worker, those lookups took about a tenth of its
+# time; when none of them is there, there is nothing to find, so the session skips them. Any one present keeps
+# the lookups, honoured as requests documents.
+_ENVIRONMENT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC")
+
+
+def trust_environment(environ=None, home: str | None = None) -> bool:
+    """Whether a session must keep reading the environment per request (a proxy, CA-bundle or netrc setting)."""
+    environ = os.environ if environ is None else environ
+    if any(environ.get(name) or environ.get(name.lower()) for name in _ENVIRONMENT):
+        return True
+    home = home if home is not None else os.path.expanduser("~")
+    return any(os.path.exists(os.path.join(home, name)) for name in (".netrc", "_netrc"))
 
 
 def ca_path(settings: Settings) -> str | None:

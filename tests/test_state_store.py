@@ -73,3 +73,4 @@ def test_index_tags_are_queried_server_side(state_store):
 def test_too_many_tags_are_refused_before_the_call(state_store):
     with pytest.raises(ValueError, match="at most 10"):
         state_store.create("t.json", {}, tags={f"k{i}": "v" for i in range(11)})
+
