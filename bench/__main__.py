@@ -36,6 +36,30 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
+def crypto_floor(samples: int = 200) -> float:
+    """CPU seconds per device of the crypto alone, in this process: EC P-256 key generation, the certificate signed
+    with a local EC key (no Key Vault, no HTTP), its PEM, and the PFX with 2,048 KDF rounds (``pki.export.pfx``)."""
+    import secrets
+
+    from pki import export, profiles
+    from pki.keys import KeyType, generate_key
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = generate_key(KeyType.EC_P256)
+    root = profiles.issue_root(key=ca_key, common_name="Floor Root", now=now, validity_days=3650)
+    intermediate = profiles.issue_intermediate(issuer=root, issuer_key=ca_key, public_key=ca_key.public_key(),
+                                               customer_id="floor", now=now, validity_days=365).certificate
+    password = secrets.token_urlsafe(24).encode()
+    started = time.process_time()
+    for i in range(samples):
+        key = generate_key(KeyType.EC_P256)
+        cert = profiles.issue_device(issuer=intermediate, issuer_key=ca_key, public_key=key.public_key(),
+                                     device_id=f"floor-{i}", now=now, validity_days=365).certificate
+        export.cert_pem(cert)
+        export.pfx(key, cert, [intermediate, root], password, friendly_name=f"floor-{i}")
+    return (time.process_time() - started) / samples
+
+
 def _with_customer(env: dict[str, str]):
     """Services wired to ``env``, with a root CA and an active customer "bench"."""
     from edge.services import build_services
@@ -51,6 +75,16 @@ def _with_customer(env: dict[str, str]):
     onboard_customer(OnboardingRequest(customer_id="bench"), store=services.store, keys=services.keys,
                      groups=services.groups, audit=services.audit, settings=services.onboarding, now=now)
     return services
+
+
+def _app_environment() -> dict[str, str]:
+    """This machine's environment as a Functions instance would have it: without the proxy and CA-bundle variables
+    a developer machine may set (the local stack is on loopback and its CA is passed explicitly), which would keep
+    every HTTP session reading the environment per request (clients/storage.trust_environment)."""
+    from clients.storage import ENVIRONMENT_SETTINGS
+
+    dropped = set(ENVIRONMENT_SETTINGS) | {name.lower() for name in ENVIRONMENT_SETTINGS}
+    return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
 def batch(args: argparse.Namespace) -> dict:
@@ -69,7 +103,7 @@ def batch(args: argparse.Namespace) -> dict:
         for _ in range(args.workers):
             with open(Path(workdir) / f"worker-{len(workers)}.log", "wb") as log:
                 workers.append(launch_devhost(["--script-root", str(REPO), "--concurrency", str(args.concurrency),
-                                               "--log-level", "WARNING"], {**os.environ, **env}, stdout=log))
+                                               "--log-level", "WARNING"], {**_app_environment(), **env}, stdout=log))
         rows = "".join(f"bench-{i:07d}\n" for i in range(args.devices))
         data = ("deviceId\n" + rows).encode()
         container = stack.azurite.blob_service().get_container_client("device-batches")
@@ -91,6 +125,7 @@ def batch(args: argparse.Namespace) -> dict:
         for w in workers:
             w.terminate()
             w.wait(timeout=60)
+        floor = crypto_floor()  # measured in the same run, on the same machine, with the workers stopped
         counts = doc.data["counts"]
         storage = doc.data.get("storage") or {}  # counted at the ports by the chunk runs (handlers/tally.py)
         inflight = args.workers * args.concurrency * args.inflight
@@ -100,6 +135,8 @@ def batch(args: argparse.Namespace) -> dict:
                 "failed": counts.get("failed", 0), "status": doc.data["status"], "wall_s": round(wall, 2),
                 "devices_per_s": round(args.devices / wall, 1),
                 "worker_cpu_s_per_device": round(sum(s[0] for s in stats) / args.devices, 5),
+                "crypto_floor_s_per_device": round(floor, 5),
+                "cpu_to_floor": round(sum(s[0] for s in stats) / args.devices / floor, 2),
                 "storage_writes_per_device": round(storage.get("writes", 0) / args.devices, 3),
                 "storage_reads_per_device": round(storage.get("reads", 0) / args.devices, 3),
                 "worker_peak_rss_mb": round(max(max(peaks.values()), max(s[1] for s in stats)) / 2 ** 20, 1),

@@ -37,13 +37,14 @@ def pooled_transport(connection_verify: str | None = None):
 # variables, and ~/.netrc (two stat calls). Profiled on a batch worker, those lookups took about a tenth of its
 # time; when none of them is there, there is nothing to find, so the session skips them. Any one present keeps
 # the lookups, honoured as requests documents.
-_ENVIRONMENT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC")
+ENVIRONMENT_SETTINGS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+                        "NETRC")
 
 
 def trust_environment(environ=None, home: str | None = None) -> bool:
     """Whether a session must keep reading the environment per request (a proxy, CA-bundle or netrc setting)."""
     environ = os.environ if environ is None else environ
-    if any(environ.get(name) or environ.get(name.lower()) for name in _ENVIRONMENT):
+    if any(environ.get(name) or environ.get(name.lower()) for name in ENVIRONMENT_SETTINGS):
         return True
     home = home if home is not None else os.path.expanduser("~")
     return any(os.path.exists(os.path.join(home, name)) for name in (".netrc", "_netrc"))
