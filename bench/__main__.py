@@ -91,7 +91,7 @@ def batch(args: argparse.Namespace) -> dict:
     from devhost.stack import LocalStack, launch_devhost
 
     extra = {"BATCH_CHUNK_ROWS": str(args.chunk_rows), "BATCH_INFLIGHT": str(args.inflight),
-             "KEY_VAULT_SIGN_RATE_PER_S": str(int(args.kv_rate or 4000) // args.workers or 1)}
+             "KEY_VAULT_SIGN_RATE_PER_S": str(int(args.kv_rate or 4000) // (1 if args.no_split else args.workers) or 1)}
     with tempfile.TemporaryDirectory(prefix="pki-bench-") as workdir, \
             LocalStack(Path(workdir), dps_instances=1, run_functions=False, extra_settings=extra,
                        azure_quotas=True) as stack:
@@ -125,6 +125,8 @@ def batch(args: argparse.Namespace) -> dict:
         for w in workers:
             w.terminate()
             w.wait(timeout=60)
+        vault = stack.emulators.servers["keyvault"].gate  # what Key Vault saw, from its side
+        kv = {"kv_peak_rate_10s": round(vault.peak_rate(10), 1), "kv_throttled": vault.stats["throttled"]}
         floor = crypto_floor()  # measured in the same run, on the same machine, with the workers stopped
         counts = doc.data["counts"]
         storage = doc.data.get("storage") or {}  # counted at the ports by the chunk runs (handlers/tally.py)
@@ -141,7 +143,8 @@ def batch(args: argparse.Namespace) -> dict:
                 "storage_reads_per_device": round(storage.get("reads", 0) / args.devices, 3),
                 "worker_peak_rss_mb": round(max(max(peaks.values()), max(s[1] for s in stats)) / 2 ** 20, 1),
                 "ideal_devices_per_s": None if ideal == float("inf") else round(ideal, 1),
-                "kv_latency_ms": args.kv_latency_ms, "kv_rate": args.kv_rate, "workers": args.workers,
+                **kv, "kv_latency_ms": args.kv_latency_ms, "kv_rate": args.kv_rate, "workers": args.workers,
+                "split": not args.no_split,
                 "concurrency": args.concurrency, "inflight": args.inflight, "output": args.output}
 
 
@@ -317,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--inflight", type=int, default=16, help="BATCH_INFLIGHT: signs in flight per chunk")
     run.add_argument("--chunk-rows", type=int, default=500)
     run.add_argument("--output", choices=["pfx", "pem"], default="pfx")
+    run.add_argument("--no-split", action="store_true",
+                     help="give every worker the vault's whole sign rate (as on Azure, where an instance cannot know "
+                          "how many others there are); by default each gets rate / workers")
     memory = commands.add_parser("intake", help="peak memory of validating and fanning out a batch")
     memory.add_argument("--devices", type=int, default=100_000)
     ceiling = commands.add_parser("storage", help="Azurite's upload rate as it fills (a batch's ceiling here)")

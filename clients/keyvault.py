@@ -39,7 +39,7 @@ from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
 
 from .errors import translated
-from .retry import RateLimitPolicy, ThrottlingRetryPolicy, TokenBucket
+from .retry import AdaptiveBucket, RateLimitPolicy, ThrottlingRetryPolicy
 from .storage import pooled_transport
 
 # A quarter of Key Vault's EC/RSA-2048 sign limit (4,000 per 10 s): the limit is per vault, shared by
@@ -116,7 +116,7 @@ class KeyVaultKeyStore:
         self._crypto_options = {
             key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, transport=transport,
                                       per_retry_policies=[
-                RateLimitPolicy(TokenBucket(sign_rate(key_type, sign_rate_per_s)))])
+                RateLimitPolicy(AdaptiveBucket(sign_rate(key_type, sign_rate_per_s)))])
             for key_type in _SIGN_LIMIT_PER_10S
         }
         self._crypto: dict[tuple[str, str], CryptographyClient] = {}

@@ -118,6 +118,7 @@ class FaultGate:
         self._window_count = 0
         self._random = random.Random(seed)
         self.stats = {"requests": 0, "throttled": 0, "failed_503": 0}
+        self.admitted_by_second: dict[int, int] = {}  # what got through, per whole second (benchmarks' peak rates)
 
     def check(self) -> Response | None:
         faults = self.faults
@@ -142,7 +143,19 @@ class FaultGate:
             if faults.error_503_fraction and self._random.random() < faults.error_503_fraction:
                 self.stats["failed_503"] += 1
                 return self.refusal(503, "injected 503")
+            second = int(time.monotonic())
+            self.admitted_by_second[second] = self.admitted_by_second.get(second, 0) + 1
         return None
+
+    def peak_rate(self, window_s: int = 10) -> float:
+        """The most requests admitted in any ``window_s`` whole seconds, per second."""
+        with self._lock:
+            counts = dict(self.admitted_by_second)
+        if not counts:
+            return 0.0
+        first, last = min(counts), max(counts)
+        series = [counts.get(s, 0) for s in range(first, last + 1)]
+        return max(sum(series[i:i + window_s]) for i in range(max(1, len(series) - window_s + 1))) / window_s
 
 
 class _TlsIO(io.RawIOBase):
