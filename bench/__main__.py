@@ -1,4 +1,5 @@
-"""``python -m bench batch --devices N [--kv-latency-ms L] [--kv-rate R] [--workers W] [--csr]``,
+"""``python -m bench batch --devices N [--kv-latency-ms L] [--kv-rate R] [--workers W] [--no-split]``,
+``python -m bench compare --devices N``,
 ``python -m bench sweep [--devices N ...] [--expiring K]``, ``intake``, ``storage``.
 
 Runs one device batch end to end on the local stack (Azurite + emulators + devhost workers running
@@ -146,6 +147,50 @@ def batch(args: argparse.Namespace) -> dict:
                 **kv, "kv_latency_ms": args.kv_latency_ms, "kv_rate": args.kv_rate, "workers": args.workers,
                 "split": not args.no_split,
                 "concurrency": args.concurrency, "inflight": args.inflight, "output": args.output}
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def openssl_loop(devices: int) -> dict:
+    """What users run today: a certGen.sh-style loop of openssl CLI calls per device (key, CSR, sign with a local CA
+    key, PFX), EC P-256 like the project's default (certGen.sh itself makes RSA-4096 keys, which would be slower)."""
+    import secrets
+
+    with tempfile.TemporaryDirectory(prefix="pki-bench-openssl-") as folder:
+        cwd = Path(folder)
+        ext = cwd / "device.ext"
+        ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                       "extendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=cwd)
+        _openssl("req", "-new", "-x509", "-key", "ca.key", "-subj", "/CN=Bench CA", "-days", "365", "-out", "ca.pem",
+                 cwd=cwd)
+        password = f"pass:{secrets.token_urlsafe(24)}"
+        started = time.monotonic()
+        for i in range(devices):
+            name = f"dev-{i:06d}"
+            _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
+            _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={name}", "-out", f"{name}.csr", cwd=cwd)
+            _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                     "-days", "365", "-sha256", "-extfile", str(ext), "-out", f"{name}.pem", cwd=cwd)
+            _openssl("pkcs12", "-export", "-inkey", f"{name}.key", "-in", f"{name}.pem", "-certfile", "ca.pem",
+                     "-passout", password, "-out", f"{name}.pfx", cwd=cwd)
+        wall = time.monotonic() - started
+    return {"devices": devices, "wall_s": round(wall, 2), "devices_per_s": round(devices / wall, 1)}
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """The same N generated-key devices two ways in one run: the openssl loop, then the project's pipeline on the
+    local stack (Key Vault at no latency)."""
+    script = openssl_loop(args.devices)
+    pipeline = batch(argparse.Namespace(devices=args.devices, kv_latency_ms=0.0, kv_rate=0.0, workers=2,
+                                        concurrency=2, inflight=16, chunk_rows=500, output="pfx", no_split=False))
+    return {"benchmark": "compare", "devices": args.devices, "openssl_devices_per_s": script["devices_per_s"],
+            "openssl_wall_s": script["wall_s"], "pipeline_devices_per_s": pipeline["devices_per_s"],
+            "pipeline_wall_s": pipeline["wall_s"],
+            "ratio": round(pipeline["devices_per_s"] / script["devices_per_s"], 2),
+            "pipeline_storage_writes_per_device": pipeline["storage_writes_per_device"]}
 
 
 def intake(args: argparse.Namespace) -> dict:
@@ -323,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-split", action="store_true",
                      help="give every worker the vault's whole sign rate (as on Azure, where an instance cannot know "
                           "how many others there are); by default each gets rate / workers")
+    versus = commands.add_parser("compare", help="N devices by a certGen.sh-style openssl loop and by the pipeline")
+    versus.add_argument("--devices", type=int, default=1000)
     memory = commands.add_parser("intake", help="peak memory of validating and fanning out a batch")
     memory.add_argument("--devices", type=int, default=100_000)
     ceiling = commands.add_parser("storage", help="Azurite's upload rate as it fills (a batch's ceiling here)")
@@ -347,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         result = soak(args)
         print(json.dumps(result), flush=True)
         return 1 if any(result[k] for k in ("lost", "duplicated", "inconsistent", "leaks")) else 0
-    run = {"batch": batch, "intake": intake, "storage": storage, "sweep": sweep}[args.command]
+    run = {"batch": batch, "compare": compare, "intake": intake, "storage": storage, "sweep": sweep}[args.command]
     print(json.dumps(run(args)), flush=True)
     return 0
 
