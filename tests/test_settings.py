@@ -131,8 +131,8 @@ def test_the_shipped_host_json_and_default_settings_let_a_chunk_finish_well_insi
     from settings import HostLimits, host_json
 
     limits = HostLimits.of(host_json(APP_ROOT / "host.json", {}))
-    assert (limits.function_timeout_s, limits.queue_concurrency) == (600, 24)
-    check_chunk_time(load_settings(KEY_VAULT), limits)  # 500 rows x 24 chunks / 100 signs/s = 120 s <= 300 s
+    assert (limits.function_timeout_s, limits.queue_concurrency) == (600, 3)
+    check_chunk_time(load_settings(KEY_VAULT), limits)  # 500 rows x 3 chunks / 100 signs/s = 15 s <= 300 s
 
 
 @pytest.mark.parametrize("extra, fits", [
