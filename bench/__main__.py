@@ -112,8 +112,15 @@ def batch(args: argparse.Namespace) -> dict:
         started = time.monotonic()
         container.upload_blob("bench/batch.csv", data, metadata={"output": args.output})
         peaks = {w.pid: 0 for w in workers}
+        seen: dict[str, float] = {}  # when the batch record was first seen issuing, issued a device, assembling
         while True:
             doc = services.store.get("batches/bench/batch.csv.json")
+            if doc:
+                done = sum((doc.data.get("counts") or {}).values())
+                for phase, reached in (("issuing", doc.data["status"] != "validating"), ("first_device", done > 0),
+                                       ("assembling", doc.data["status"] in ("assembling", "complete"))):
+                    if reached:
+                        seen.setdefault(phase, time.monotonic() - started)
             if doc and doc.data["status"] in ("complete", "rejected"):
                 break
             for w in workers:
@@ -144,6 +151,9 @@ def batch(args: argparse.Namespace) -> dict:
                 "storage_reads_per_device": round(storage.get("reads", 0) / args.devices, 3),
                 "worker_peak_rss_mb": round(max(max(peaks.values()), max(s[1] for s in stats)) / 2 ** 20, 1),
                 "ideal_devices_per_s": None if ideal == float("inf") else round(ideal, 1),
+                "intake_s": round(seen.get("issuing", wall), 2),
+                "first_chunk_done_s": round(seen.get("first_device", wall), 2),
+                "report_s": round(wall - seen.get("assembling", wall), 2),
                 **kv, "kv_latency_ms": args.kv_latency_ms, "kv_rate": args.kv_rate, "workers": args.workers,
                 "split": not args.no_split,
                 "concurrency": args.concurrency, "inflight": args.inflight, "output": args.output}
