@@ -16,8 +16,6 @@ from .ports import DocumentStore, InputFiles, Secrets
 from .records import CustomerRecord, DeviceRecord, KeySource, customer_document, read_device
 from .root import ROOT_DOCUMENT
 
-_KEY_BEGIN, _KEY_END = b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"-----END ENCRYPTED PRIVATE KEY-----"
-
 
 def factory_files(customer_id: str, device_id: str, *, store: DocumentStore, files: InputFiles, secrets: Secrets,
                   with_key: bool) -> tuple[DeviceRecord, dict[str, bytes]]:
@@ -48,11 +46,9 @@ def factory_files(customer_id: str, device_id: str, *, store: DocumentStore, fil
         written["device.pfx"] = files.get(record.outputs["pfx"])
         key = pkcs12.load_key_and_certificates(written["device.pfx"], password)[0]
     else:
-        pem = files.get(record.outputs.get("pem") or record.outputs["key"])
-        start, end = pem.find(_KEY_BEGIN), pem.find(_KEY_END)
-        if start < 0 or end < start:
-            raise NotFound(f"device {device_id}: its output {record.output} holds no encrypted key")
-        key = serialization.load_pem_private_key(pem[start:end + len(_KEY_END)], password)
+        # the key and the chain in one PEM: cryptography reads the key block and skips the certificates
+        key = serialization.load_pem_private_key(files.get(record.outputs.get("pem") or record.outputs["key"]),
+                                                 password)
     written["device.key"] = export.key_pem(key)
     return record, written
 
