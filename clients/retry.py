@@ -82,6 +82,12 @@ class TokenBucket:
             self._sleep(wait)
         return max(wait, 0.0)
 
+    def throttled(self) -> None:
+        """The service refused an attempt as throttled (429). A fixed bucket keeps its rate."""
+
+    def succeeded(self) -> None:
+        """The service took an attempt. A fixed bucket keeps its rate."""
+
 
 class AdaptiveBucket(TokenBucket):
     """A token bucket whose rate follows the service's answers: additive increase, multiplicative decrease (AIMD).
@@ -133,8 +139,8 @@ class AdaptiveBucket(TokenBucket):
 
 
 class RateLimitPolicy(SansIOHTTPPolicy):
-    """Takes a token from ``bucket`` before each attempt (placed after the retry policy); an ``AdaptiveBucket``
-    also hears each attempt's answer."""
+    """Takes a token from ``bucket`` before each attempt (placed after the retry policy), and tells it each
+    attempt's answer (an ``AdaptiveBucket`` adapts to it)."""
 
     def __init__(self, bucket: TokenBucket):
         self._bucket = bucket
@@ -143,8 +149,6 @@ class RateLimitPolicy(SansIOHTTPPolicy):
         self._bucket.acquire()
 
     def on_response(self, request: PipelineRequest, response) -> None:
-        if not isinstance(self._bucket, AdaptiveBucket):
-            return
         status = response.http_response.status_code
         if status == 429:
             self._bucket.throttled()

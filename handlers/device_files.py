@@ -40,8 +40,7 @@ def factory_files(customer_id: str, device_id: str, *, store: DocumentStore, fil
         return record, written
     if record.key_source is not KeySource.GENERATED:
         raise InvalidMessage("key", f"the key of {device_id} never left the device (it sent a CSR)")
-    secret = record.pfx_secret
-    password = secrets.get_secret(secret["name"], secret["version"]).encode()
+    password = _password(record, secrets)
     if record.outputs.get("pfx"):
         written["device.pfx"] = files.get(record.outputs["pfx"])
         key = pkcs12.load_key_and_certificates(written["device.pfx"], password)[0]
@@ -57,10 +56,13 @@ def certificate_on_file(record: DeviceRecord, *, files: InputFiles, secrets: Sec
     """The device certificate its output blob holds (the PFX opened with the batch's password, or the PEM's first
     certificate): what an audit compares with the record."""
     if record.outputs.get("pfx") and record.pfx_secret:
-        secret = record.pfx_secret
-        password = secrets.get_secret(secret["name"], secret["version"]).encode()
-        return pkcs12.load_key_and_certificates(files.get(record.outputs["pfx"]), password)[1]
+        return pkcs12.load_key_and_certificates(files.get(record.outputs["pfx"]), _password(record, secrets))[1]
     return load_certificates(files.get(record.outputs.get("pem") or record.outputs["certificate"]), field="output")[0]
+
+
+def _password(record: DeviceRecord, secrets: Secrets) -> bytes:
+    """The batch's PFX / key password, from the secret store only."""
+    return secrets.get_secret(record.pfx_secret["name"], record.pfx_secret["version"]).encode()
 
 
 def _above(record: DeviceRecord, store: DocumentStore) -> list[str] | None:

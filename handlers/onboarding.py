@@ -33,6 +33,8 @@ ALLOCATION_POLICIES = ("hashed", "geoLatency", "static")  # "custom" needs an Az
 LEASE = dt.timedelta(minutes=10)
 LEASE_WAIT_S = 20.0  # wait this long for a concurrent run to finish before asking the host to retry
 _ATTEMPTS = 8
+
+
 @dataclass(frozen=True)
 class OnboardingRequest:
     customer_id: str

@@ -73,8 +73,7 @@ def _issuers(store: DocumentStore, customer_id: str) -> dict[str, list[str]]:
     customer = CustomerRecord.from_json(found.data)
     root = store.get(ROOT_DOCUMENT)
     root_pem = root.data.get("certificatePem") if root else None
-    serials = [i.get("serial") for i in [customer.intermediate or {}, *customer.previous_intermediates]]
-    return {serial: customer.chain_above(serial, root_pem) for serial in serials if serial}
+    return {i["serial"]: customer.chain_above(i["serial"], root_pem) for i in customer.intermediates}
 
 
 def write_rejection_report(ref: BatchRef, reason: str, field_name: str | None, outputs: OutputFiles,

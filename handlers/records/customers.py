@@ -97,10 +97,15 @@ class CustomerRecord:
         return {"kind": "customer", "customer": self.customer_id, "status": self.status.value,
                 "dps": self.dps.get("name", "")}
 
+    @property
+    def intermediates(self) -> list[Mapping[str, Any]]:
+        """Every intermediate the customer has had, the current one first."""
+        return [*([self.intermediate] if self.intermediate else []), *self.previous_intermediates]
+
     def chain_above(self, serial: str | None, root_pem: str | None) -> list[str] | None:
         """The PEMs above a device certificate issued by intermediate ``serial``: that intermediate, then its issuer
         (as recorded with it, else ``root_pem``); ``None`` if the customer never had it."""
-        for intermediate in [self.intermediate or {}, *self.previous_intermediates]:
+        for intermediate in self.intermediates:
             if serial and intermediate.get("serial") == serial:
                 issuer = intermediate.get("issuerCertificatePem") or root_pem
                 return [intermediate["certificatePem"], *([issuer] if issuer else [])]
