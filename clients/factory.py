@@ -8,7 +8,7 @@ from handlers.ports import KeyStore
 from settings import Settings
 
 from .local_keystore import LocalKeyStore
-from .storage import ca_path
+from .storage import blob_service, ca_path
 
 
 def credential(settings: Settings):
@@ -37,14 +37,17 @@ def key_store(settings: Settings) -> KeyStore:
         passphrase = settings.local_keystore_passphrase
         return LocalKeyStore(settings.local_keystore_dir, passphrase.encode() if passphrase else None)
     from .keyvault import KeyVaultKeyStore, RootApartKeyStore
+    from .signers import SigningPeers
 
     if not settings.root_key_vault_url:  # load_settings refuses this; a hand-made Settings must not merge the two
         raise ValueError("root_key_vault_url: the root key needs a vault of its own (ROOT_CA_KEY_VAULT_URL)")
     credential_ = credential(settings)
 
+    state = blob_service(settings).get_container_client(settings.state_container)
+
     def vault(url: str) -> KeyVaultKeyStore:  # each vault has its own sign limit, so its own rate limiter
         return KeyVaultKeyStore(url, credential_, sign_rate_per_s=settings.key_vault_sign_rate_per_s,
-                                **_vault_options(settings, url))
+                                signers=SigningPeers(state, url), **_vault_options(settings, url))
 
     return RootApartKeyStore(settings.root_key_name, root=vault(settings.root_key_vault_url),
                              intermediates=vault(settings.key_vault_url))

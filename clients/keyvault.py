@@ -40,6 +40,7 @@ from pki.signing import SignFn
 
 from .errors import translated
 from .retry import AdaptiveBucket, RateLimitPolicy, ThrottlingRetryPolicy
+from .signers import SigningPeers, SignInProgress
 from .storage import pooled_transport
 
 # A quarter of Key Vault's EC/RSA-2048 sign limit (4,000 per 10 s): the limit is per vault, shared by
@@ -96,12 +97,14 @@ class KeyVaultKeyStore:
 
     One ``CryptographyClient`` per key version is kept (it fetches the public key once). Retry
     settings take azure-core's names; with the defaults a sign gives up after at most about two minutes
-    of throttling (1 + 2 + 4 + 8 + 16 + 30 + 30 + 30 s).
+    of throttling (1 + 2 + 4 + 8 + 16 + 30 + 30 + 30 s). ``sign_rate_per_s`` is the app's budget at this vault;
+    ``signers`` (``clients.signers.SigningPeers``) says how many processes share it now.
     """
 
     def __init__(self, vault_url: str, credential: TokenCredential, *, connection_verify: str | None = None,
                  verify_challenge_resource: bool = True, sign_rate_per_s: float = DEFAULT_SIGN_RATE_PER_S,
-                 retry_total: int = 8, retry_backoff_factor: float = 1.0, retry_backoff_max: float = 30.0):
+                 retry_total: int = 8, retry_backoff_factor: float = 1.0, retry_backoff_max: float = 30.0,
+                 signers: SigningPeers | None = None):
         if not sign_rate_per_s > 0:
             raise ValueError(f"sign_rate_per_s: must be more than 0, got {sign_rate_per_s}")
         retry = {"retry_total": retry_total, "retry_backoff_factor": retry_backoff_factor,
@@ -116,7 +119,8 @@ class KeyVaultKeyStore:
         self._crypto_options = {
             key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, transport=transport,
                                       per_retry_policies=[
-                RateLimitPolicy(AdaptiveBucket(sign_rate(key_type, sign_rate_per_s)))])
+                RateLimitPolicy(AdaptiveBucket(sign_rate(key_type, sign_rate_per_s), share=signers))],
+                                      per_call_policies=[SignInProgress(signers)] if signers else [])
             for key_type in _SIGN_LIMIT_PER_10S
         }
         self._crypto: dict[tuple[str, str], CryptographyClient] = {}

@@ -55,32 +55,40 @@ class ThrottlingRetryPolicy(RetryPolicy):
 class TokenBucket:
     """Spaces acquisitions ``1 / rate_per_s`` apart; thread-safe.
 
-    A bucket of one token, so no bursts: Key Vault counts over 10 s, the budget is shared with other
-    instances, and a burst after an idle spell (or after workers wake from a Retry-After) is exactly
-    what gets throttled. A caller reserves its slot under the lock and sleeps outside it, so waiting
-    callers queue in arrival order without holding the lock.
+    No bursts: after an idle spell the first caller goes at once and the next one ``1 / rate`` later. Key Vault
+    counts over 10 s, the budget is shared with other processes, and a burst is exactly what gets throttled.
+
+    A caller reserves the next free slot under the lock and sleeps outside it, so callers go in arrival order
+    without holding the lock. Reservations reach at most ``horizon_s`` ahead; a caller beyond that waits and
+    asks again. So a change of rate (``AdaptiveBucket``) applies within ``horizon_s``: slots handed out at an
+    old rate are never more than that, and never interleave with a whole queue of slots at a new one.
     """
 
     def __init__(self, rate_per_s: float, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, horizon_s: float = 0.25):
         if not rate_per_s > 0:
             raise ValueError(f"rate_per_s: must be more than 0, got {rate_per_s}")
         self.rate = float(rate_per_s)
-        self._clock, self._sleep = clock, sleep
-        self._tokens = 1.0
-        self._stamp = clock()
+        self._clock, self._sleep, self._horizon_s = clock, sleep, horizon_s
+        self._next = float("-inf")  # the next free slot
         self._lock = threading.Lock()
 
     def acquire(self) -> float:
-        """Take the token, waiting for the next free slot; returns the seconds waited."""
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate) - 1
-            self._stamp = now
-            wait = -self._tokens / self.rate
-        if wait > 0:
-            self._sleep(wait)
-        return max(wait, 0.0)
+        """Take the next slot, waiting for it; returns the seconds waited."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                now = self._clock()
+                slot = max(now, self._next)
+                if slot - now <= self._horizon_s:
+                    self._next = slot + 1 / self.rate
+                    break
+            pause = slot - now - self._horizon_s / 2  # beyond the horizon: ask again when it is nearer
+            self._sleep(pause)
+            waited += pause
+        if slot > now:
+            self._sleep(slot - now)
+        return waited + max(slot - now, 0.0)
 
     def throttled(self) -> None:
         """The service refused an attempt as throttled (429). A fixed bucket keeps its rate."""
@@ -90,34 +98,67 @@ class TokenBucket:
 
 
 class AdaptiveBucket(TokenBucket):
-    """A token bucket whose rate follows the service's answers: additive increase, multiplicative decrease (AIMD).
+    """A token bucket whose rate follows the vault's budget and answers: a share of the budget, then additive
+    increase, multiplicative decrease (AIMD) on the service's 429s.
 
     Every Functions instance signs against one vault, whose limit is per vault: a fixed per-process rate either
-    wastes the budget (split by a guessed instance count) or overruns it (each instance taking it all). Here each
-    instance starts at ``ceiling`` (``KEY_VAULT_SIGN_RATE_PER_S``, the vault's budget) and:
+    wastes the budget (split by a guessed instance count) or overruns it (each instance taking it all). Here:
 
-    - on a 429, takes its rate down to ``decrease`` of it (at most once per ``cooldown_s``: one burst's refusals are
-      one signal), never below ``floor``;
-    - on each success, adds ``ceiling / ramp_s`` signs/s per second since its last change, up to ``ceiling``, except
-      within ``cooldown_s`` of a decrease (while it takes effect).
+    - ``budget`` is what every process is configured with (``KEY_VAULT_SIGN_RATE_PER_S``: the app's budget at
+      the vault). With ``share`` (``clients.signers.SigningPeers``: how many processes sign against this vault
+      now, counted through blob storage) the ceiling is ``budget / share()``: more sharers cut the rate at
+      once, fewer let it climb. Without it, the ceiling is the whole budget.
+    - On a 429 the rate goes down to ``decrease`` of it (at most once per ``cooldown_s``: one burst's refusals
+      are one signal), never below ``floor``: another consumer of the vault, or processes that have not yet
+      seen each other.
+    - On each success it adds ``ceiling / ramp_s`` signs/s per second since its last change, up to the ceiling,
+      except within ``cooldown_s`` of a decrease (while it takes effect).
 
-    The defaults (0.8, 5 s, 0.5 s) were chosen on a simulation of 1, 2, 4 and 8 instances against one vault
-    (``tests/test_adaptive_rate.py``): 4 instances use about 0.9 of the vault with about 1.1 attempts per admitted
-    sign.
+    The defaults (0.8, 5 s, 0.5 s) were chosen on simulations of 1, 2, 4 and 8 instances against one vault
+    (``tests/test_adaptive_rate.py``)."""
 
-    N instances so share the vault without knowing N: together they hover at its limit, each backing off on the
-    429s its own excess caused (as TCP flows share a link)."""
-
-    def __init__(self, ceiling: float, *, floor: float = 1.0, ramp_s: float = 5.0, cooldown_s: float = 0.5,
-                 decrease: float = 0.8, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        super().__init__(ceiling, clock=clock, sleep=sleep)
-        self.ceiling, self.floor = float(ceiling), min(float(floor), float(ceiling))
-        self._increase_per_s = self.ceiling / ramp_s
+    def __init__(self, budget: float, *, share: Callable[[], int | None] | None = None, floor: float = 1.0,
+                 ramp_s: float = 5.0, cooldown_s: float = 0.5, decrease: float = 0.8, horizon_s: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        super().__init__(budget, clock=clock, sleep=sleep, horizon_s=horizon_s)
+        self.budget, self._share, self._floor, self._ramp_s = float(budget), share, float(floor), ramp_s
+        self.ceiling = self.budget
+        self._counted = share is None
+        if share is not None:
+            # Until the first settled count (None before it), a process starts at a quarter of the budget: processes
+            # that start together would otherwise each take the whole of it at once.
+            self.rate = max(self.floor, self.budget / 4)
         self._cooldown_s, self._decrease = cooldown_s, decrease
         self._changed = clock()
         self._decreased = float("-inf")
         self.throttles = 0
+
+    @property
+    def floor(self) -> float:
+        return min(self._floor, self.ceiling)
+
+    def acquire(self) -> float:
+        if self._share is not None:
+            sharers = self._share()
+            if sharers is not None:
+                self._reshare(max(1, sharers))
+        return super().acquire()
+
+    def _reshare(self, sharers: int) -> None:
+        """The first count sets the rate to this process's share (unless a 429 came first). After it, more
+        sharers cut the rate at once, in proportion; fewer raise only the ceiling, and the rate climbs to it as
+        after a 429 (a process between two chunks briefly drops out of the count: jumping back would overrun the
+        vault when it returns)."""
+        with self._lock:
+            ceiling = self.budget / sharers
+            if not self._counted:
+                self._counted = True
+                if self.throttles == 0:
+                    self.rate = ceiling
+            elif ceiling < self.ceiling:
+                self.rate = max(min(self._floor, ceiling), self.rate * ceiling / self.ceiling)
+            self.ceiling = ceiling
+            self.rate = min(self.rate, ceiling)
 
     def throttled(self) -> None:
         with self._lock:
@@ -134,7 +175,7 @@ class AdaptiveBucket(TokenBucket):
             if self.rate >= self.ceiling or now - self._decreased < self._cooldown_s:
                 self._changed = now  # no increase while the last decrease takes effect
                 return
-            self.rate = min(self.ceiling, self.rate + self._increase_per_s * (now - self._changed))
+            self.rate = min(self.ceiling, self.rate + self.ceiling / self._ramp_s * (now - self._changed))
             self._changed = now
 
 

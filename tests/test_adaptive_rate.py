@@ -66,3 +66,41 @@ def test_four_instances_each_given_the_whole_budget_share_it_and_use_most_of_it(
     assert sum(steady) / len(steady) >= 0.85 * limit  # most of the vault's budget used
     assert max(sum(steady[i:i + 10]) / 10 for i in range(len(steady) - 9)) <= 1.1 * limit
     assert attempts / 120 <= 1.25 * limit  # throttled attempts stay a fraction, not a storm
+
+
+def test_four_instances_dividing_the_budget_by_their_count_use_it_and_stay_under_the_vaults_10s_limit():
+    """The shared budget (clients/signers.py): four instances, each configured with the vault's whole 50 signs/s
+    and told there are four of them, against a vault admitting 500 in any 10 s (Key Vault's documented unit,
+    emulators/core.Faults.window_s), with timing jitter up to 30 ms."""
+    import collections
+    import random
+
+    clock, limit, step = Clock(), 50.0, 0.005
+    rnd = random.Random(7)
+    buckets = [AdaptiveBucket(limit, share=lambda: 4, clock=clock) for _ in range(4)]
+    for bucket in buckets:
+        bucket.acquire()  # the first acquisition takes the count (and does not wait); then the rate paces
+    owed = [i * 0.3 for i in range(4)]
+    window: collections.deque[float] = collections.deque()
+    admitted_by_second: dict[int, int] = {}
+    attempts = 0
+    for tick in range(int(120 / step)):
+        clock.now = tick * step
+        for i, bucket in enumerate(buckets):
+            owed[i] += bucket.rate * step
+            while owed[i] >= 1:
+                owed[i] -= 1
+                attempts += 1
+                at = clock.now + rnd.random() * 0.03
+                while window and window[0] <= at - 10:
+                    window.popleft()
+                if len(window) < limit * 10:
+                    window.append(at)
+                    admitted_by_second[int(at)] = admitted_by_second.get(int(at), 0) + 1
+                    bucket.succeeded()
+                else:
+                    bucket.throttled()
+    steady = [admitted_by_second.get(s, 0) for s in range(20, 119)]
+    assert sum(steady) / len(steady) >= 0.95 * limit
+    assert max(sum(steady[i:i + 10]) / 10 for i in range(len(steady) - 9)) <= limit
+    assert attempts / 120 <= 1.05 * limit  # next to no 429s: the count, not the refusals, sets the pace

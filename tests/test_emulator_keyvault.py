@@ -326,3 +326,25 @@ def test_the_files_holding_keys_and_sas_are_written_owner_only(stack, tmp_path):
         write(path)  # made
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         path.unlink()
+
+
+def test_the_rate_cap_counts_admitted_requests_over_any_window_as_key_vault_documents_its_limits():
+    """service-limits: "transactions allowed in 10 seconds, per vault per region" (window_s, here scaled down
+    to 0.3 s); any window, not clock-aligned ones, is the stricter reading. overview-throttling: "Failed requests
+    that return a 429 do not count towards the throttle limits"."""
+    from emulators.core import FaultGate, Faults
+
+    gate = FaultGate(Faults(rate_per_s=10, window_s=0.3, retry_after=False))
+    assert [gate.check() is None for _ in range(4)] == [True, True, True, False]  # 3 per any 0.3 s
+    refused = gate.check()
+    assert refused.status == 429 and "Retry-After" not in refused.headers
+    assert gate.stats["throttled"] == 2
+    time.sleep(0.32)  # the three admitted leave the window; the refused ones never counted
+    assert [gate.check() is None for _ in range(4)] == [True, True, True, False]
+
+
+def test_the_burst_reading_caps_each_100ms_window():
+    from emulators.core import FaultGate, Faults
+
+    gate = FaultGate(Faults(rate_per_s=50))  # window_s 0: 5 per 100 ms
+    assert sum(gate.check() is None for _ in range(8)) == 5
