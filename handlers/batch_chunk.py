@@ -47,6 +47,7 @@ from .records import (
     CustomerStatus,
     DeviceRecord,
     DeviceStatus,
+    IssuedBy,
     KeySource,
     customer_document,
     device_document,
@@ -110,7 +111,7 @@ class _Issuer:
                 if existing is None:
                     self.store.create(name, record.to_json(), tags=record.tags)
                 else:
-                    self.store.replace(existing, record.to_json(), tags=record.tags)
+                    self.store.replace(existing, record.replacing(existing.data).to_json(), tags=record.tags)
                 break
             except (AlreadyExists, Conflict):
                 existing = self.store.get(name)
@@ -174,8 +175,8 @@ class _Issuer:
         return DeviceRecord(
             customer_id=self.ref.customer_id, device_id=row.device_id, status=DeviceStatus.ISSUED,
             serial=summary.pop("serial"), not_after=summary.pop("notAfter"), issued_at=stamp(self.now),
-            key_source=KeySource.GENERATED if private_key is not None else KeySource.CSR, outputs=outputs,
-            certificate_pem=export.cert_pem(issued.certificate).decode(),
+            issued_by=IssuedBy.BATCH, key_source=KeySource.GENERATED if private_key is not None else KeySource.CSR,
+            outputs=outputs, certificate_pem=export.cert_pem(issued.certificate).decode(),
             intermediate_serial=self.customer.intermediate["serial"], batch=self.ref.batch_name, row=row.index,
             pfx_secret=self.batch.get("pfxSecret") if private_key is not None else None, certificate=summary)
 

@@ -300,3 +300,27 @@ def test_metadata_changed_after_the_upload_neither_breaks_the_batch_nor_redefine
     app.put("acme/late.csv", b"deviceId\nother\n")
     with pytest.raises(Exception, match="was used already"):
         app.intake(path)
+
+
+def test_a_reissue_keeps_the_certificates_it_replaces_and_device_show_lists_them(app):
+    """The device record's certificate history (#18): serial, notAfter, issuedAt, thumbprint and how each came."""
+    import io
+
+    from pkictl.cli import main as pkictl
+
+    app.intake(app.put("acme/first.csv", _csv("hist", 1)))
+    app.run_chunks()
+    first = app.store.get(device_document("hist-0")).data
+    assert first["issuedBy"] == "batch" and "previousCertificates" not in first
+    app.intake(app.put("acme/again.csv", _csv("hist", 1), {"reissue": "true"}))
+    app.run_chunks()
+    second = app.store.get(device_document("hist-0")).data
+    assert second["serial"] != first["serial"] and second["batch"] == "again.csv"
+    assert second["previousCertificates"] == [{
+        "serial": first["serial"], "notAfter": first["notAfter"], "issuedAt": first["issuedAt"],
+        "thumbprintSha256": first["thumbprintSha256"], "issuedBy": "batch", "batch": "first.csv"}]
+    out = io.StringIO()
+    assert pkictl(["device", "show", "acme", "hist-0"], env={}, out=out, err=out, connect=lambda _env: app.wired) == 0
+    shown = json.loads(out.getvalue())
+    assert [(c["serial"], c.get("current", False)) for c in shown["certificates"]] == [
+        (second["serial"], True), (first["serial"], False)]

@@ -70,3 +70,20 @@ def test_an_onboarded_then_renewed_customer_reads_into_its_type_and_writes_back_
     fabrikam = CustomerRecord.from_json(world.customer("fabrikam"))
     assert fabrikam.status is CustomerStatus.DISABLED and fabrikam.onboarded
     assert fabrikam.other["disabledReason"] == "unpaid"
+
+
+def test_a_record_replacing_another_keeps_its_certificates_newest_first_up_to_a_bound():
+    from handlers.records.devices import HISTORY_KEPT
+
+    older = DeviceRecord.from_json(STORED)  # written before records said how they were issued: a batch
+    assert older.issued_by is None and older.certificates == [{
+        "serial": "0A1B", "notAfter": "2027-11-29T12:00:00Z", "issuedAt": "2026-11-29T12:00:00Z",
+        "thumbprintSha256": "BB", "issuedBy": "batch", "batch": "line-7.csv", "current": True}]
+    record = older
+    for i in range(HISTORY_KEPT + 5):
+        record = DeviceRecord.from_json({**STORED, "serial": f"S{i}", "issuedBy": "batch"}).replacing(record.to_json())
+    stored = record.to_json()
+    assert len(stored["previousCertificates"]) == HISTORY_KEPT
+    assert [c["serial"] for c in record.certificates[:3]] == [f"S{HISTORY_KEPT + 4}", f"S{HISTORY_KEPT + 3}",
+                                                              f"S{HISTORY_KEPT + 2}"]
+    assert DeviceRecord.from_json(stored) == record and DeviceRecord.from_json(stored).to_json() == stored

@@ -23,10 +23,10 @@ from .customers import (
     key_name,
     list_customers,
 )
-from .devices import DeviceRecord, DeviceStatus, KeySource, device_document, device_tags, read_device
+from .devices import DeviceRecord, DeviceStatus, IssuedBy, KeySource, device_document, device_tags, read_device
 
 __all__ = [
     "CUSTOMER_ID", "MAX_BATCH_NAME", "ONBOARDED", "ONBOARDING_STEPS", "BatchRef", "BatchSettings", "ChunkMessage",
-    "CustomerRecord", "CustomerStatus", "DeviceRecord", "DeviceStatus", "KeySource", "check_customer_id",
+    "CustomerRecord", "CustomerStatus", "DeviceRecord", "DeviceStatus", "IssuedBy", "KeySource", "check_customer_id",
     "customer_document", "customer_tags", "device_document", "device_tags", "key_name", "list_customers", "read_device",
 ]

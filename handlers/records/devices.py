@@ -3,6 +3,7 @@ tags and the expiry rule."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,6 +18,14 @@ class DeviceStatus(StrEnum):
     EXPIRED = "expired"  # by the expiry sweep or enable-device, once notAfter has passed
 
 
+class IssuedBy(StrEnum):
+    BATCH = "batch"  # a device batch (the factory), first issue or reissue=true
+    RENEWAL = "renewal"  # the device renewed it through DPS (the custom allocation webhook)
+
+
+HISTORY_KEPT = 20  # previous certificates a record keeps, newest first: years of yearly renewals
+
+
 class KeySource(StrEnum):
     GENERATED = "generated"  # the service made the key: it is in the PFX / encrypted key output
     CSR = "csr"  # the device kept its key and sent a CSR
@@ -27,7 +36,9 @@ class DeviceRecord:
     """``devices/{deviceId}.json``: the certificate this service issued to a device, where its outputs are, and what
     commands and the sweep learned about it since. ``certificate`` holds the rest of ``pki.export.summary`` (subject,
     issuer, notBefore, thumbprints); ``events`` what commands and the sweep added (``disabledReason``, ``expiredAt``,
-    ``expiryNotice``...), kept as they wrote it."""
+    ``expiryNotice``...), kept as they wrote it. ``previous`` lists the certificates this one replaced, newest first
+    (``certificates`` is the whole history): a renewal accepts the current or a previous certificate as the one the
+    device presents."""
 
     customer_id: str
     device_id: str
@@ -43,6 +54,8 @@ class DeviceRecord:
     row: int | None = None
     pfx_secret: Mapping[str, str] | None = None  # the batch's password secret (name, version); generated keys only
     hub: Mapping[str, str] | None = None  # where a command last found the device in IoT Hub
+    issued_by: IssuedBy | None = None  # records written before it was kept: a batch
+    previous: tuple[Mapping[str, Any], ...] | None = None
     certificate: Mapping[str, str] = field(default_factory=dict)
     events: Mapping[str, Any] = field(default_factory=dict)
 
@@ -51,12 +64,16 @@ class DeviceRecord:
         "notAfter": "not_after", "issuedAt": "issued_at", "keySource": "key_source", "outputs": "outputs",
         "certificatePem": "certificate_pem",
         "intermediateSerial": "intermediate_serial", "batch": "batch", "row": "row", "pfxSecret": "pfx_secret",
-        "hub": "hub"}
+        "hub": "hub", "issuedBy": "issued_by", "previousCertificates": "previous"}
     _CERTIFICATE: ClassVar[tuple[str, ...]] = ("subject", "issuer", "notBefore", "thumbprintSha1", "thumbprintSha256")
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> DeviceRecord:
         known = {attr: data[key] for key, attr in cls._FIELDS.items() if key in data}
+        if "previous" in known:
+            known["previous"] = tuple(known["previous"])
+        if "issued_by" in known:
+            known["issued_by"] = IssuedBy(known["issued_by"])
         return cls(**{**known, "status": DeviceStatus(data["status"]),
                       "key_source": KeySource(data.get("keySource") or KeySource.GENERATED)},
                    certificate={k: data[k] for k in cls._CERTIFICATE if k in data},
@@ -65,8 +82,31 @@ class DeviceRecord:
     def to_json(self) -> dict[str, Any]:
         data = {key: getattr(self, attr) for key, attr in self._FIELDS.items()}
         data = {k: v for k, v in data.items() if v is not None or k in ("intermediateSerial", "pfxSecret")}
+        if self.previous is not None:
+            data["previousCertificates"] = [dict(entry) for entry in self.previous]
+        if self.issued_by is not None:
+            data["issuedBy"] = self.issued_by.value
         return {**self.certificate, **data, "status": self.status.value, "keySource": self.key_source.value,
                 "outputs": dict(self.outputs), **self.events}
+
+    @property
+    def entry(self) -> dict[str, Any]:
+        """This record's certificate as a history entry."""
+        entry = {"serial": self.serial, "notAfter": self.not_after, "issuedAt": self.issued_at,
+                 "thumbprintSha256": self.certificate.get("thumbprintSha256"),
+                 "issuedBy": (self.issued_by or IssuedBy.BATCH).value, "batch": self.batch}
+        return {k: v for k, v in entry.items() if v is not None}
+
+    @property
+    def certificates(self) -> list[dict[str, Any]]:
+        """Every certificate issued to the device, the current one first (``current: true``)."""
+        return [{**self.entry, "current": True}, *(dict(entry) for entry in self.previous or ())]
+
+    def replacing(self, recorded: Mapping[str, Any]) -> DeviceRecord:
+        """This record in place of ``recorded`` (the stored JSON; a reissue or a renewal): the certificates it
+        replaces become its history."""
+        old = DeviceRecord.from_json(recorded)
+        return dataclasses.replace(self, previous=(old.entry, *(old.previous or ()))[:HISTORY_KEPT])
 
     @property
     def document(self) -> str:

@@ -27,7 +27,8 @@ def register(commands) -> None:
     export_parser.add_argument("--include-key", action="store_true",
                                help="also device.pfx and device.key (decrypted with the batch password from Key Vault)")
     export_parser.set_defaults(run=device_export)
-    show = device.add_parser("show", help="a device's record: status, serial, notAfter, outputs, last command")
+    show = device.add_parser("show", help="a device's record (status, serial, notAfter, outputs, last command) "
+                                          "and every certificate issued to it")
     show.add_argument("customer")
     show.add_argument("device")
     show.set_defaults(run=device_show)
@@ -71,12 +72,13 @@ def device_export(cli: Cli, args: argparse.Namespace) -> int:
 
 
 def device_show(cli: Cli, args: argparse.Namespace) -> int:
-    from handlers.records import read_device
+    from handlers.records import DeviceRecord, read_device
 
     doc = read_device(cli.services.store, args.customer, args.device)
     if doc is None:
         raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
-    cli.say(json.dumps(doc.data, indent=2))
+    # the record, then every certificate issued to the device (the current one first, "current": true)
+    cli.say(json.dumps({**doc.data, "certificates": DeviceRecord.from_json(doc.data).certificates}, indent=2))
     return OK
 
 
