@@ -8,9 +8,19 @@ import datetime as dt
 
 import azure.functions as func
 
+from edge.http import run_http
 from edge.queue import run_blob, run_queue_message, run_timer
 from edge.services import Services, services
-from handlers import batch_chunk, batch_intake, command_message, commands, expiry_sweep, onboarding, records
+from handlers import (
+    batch_chunk,
+    batch_intake,
+    command_message,
+    commands,
+    expiry_sweep,
+    onboarding,
+    records,
+    renewal,
+)
 from handlers.messages import Delivery
 
 app = func.FunctionApp()
@@ -80,3 +90,17 @@ def handle_sweep(wired: Services) -> str:
 def expiry_sweep_timer(timer: func.TimerRequest) -> None:
     """Daily: renew intermediates near expiry, notify customers of expiring devices, warn about the root."""
     run_timer(timer, name="expiry-sweep", services=services, handle=handle_sweep)
+
+
+def handle_allocation(body: bytes, wired: Services) -> dict:
+    return renewal.handle_allocation(renewal.AllocationRequest.parse(body), store=wired.store, keys=wired.keys,
+                                     audit=wired.audit, settings=wired.renewals, now=_now())
+
+
+def dps_allocation(req: func.HttpRequest) -> func.HttpResponse:
+    """DPS's custom allocation webhook -> the device's hub, and a renewed certificate when its payload asks.
+
+    Not yet registered as an HTTP trigger (``@app.route(route=renewal.ROUTE, methods=["POST"],
+    auth_level=func.AuthLevel.FUNCTION)``): devhost, which runs this app locally and in the tests, serves queue,
+    blob and timer triggers only so far, and would refuse the app."""
+    return run_http(req, route=renewal.ROUTE, services=services, handle=handle_allocation)

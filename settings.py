@@ -89,6 +89,7 @@ class Settings:
     iot_hub_registry_ops_per_min: int = 100
     intermediate_renew_before_days: int = 90
     device_notice_before_days: int = 30
+    device_renewals_per_day: int = 3
     root_warn_before_days: int = 365
 
 
@@ -279,6 +280,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         iot_hub_registry_ops_per_min=_int(env, "IOT_HUB_REGISTRY_OPS_PER_MIN", 100, 1, 100_000),
         intermediate_renew_before_days=_int(env, "INTERMEDIATE_RENEW_BEFORE_DAYS", 90, 1, 3650),
         device_notice_before_days=_int(env, "DEVICE_NOTICE_BEFORE_DAYS", 30, 1, 3650),
+        device_renewals_per_day=_int(env, "DEVICE_RENEWALS_PER_DAY", 3, 1, 100),
         root_warn_before_days=_int(env, "ROOT_WARN_BEFORE_DAYS", 365, 1, 36500),
         dps_pool=pool,
         dps_connection_strings=connection_strings,

@@ -21,6 +21,7 @@ from handlers.dps_pool import OnboardingSettings
 from handlers.expiry_sweep import SweepSettings
 from handlers.ports import AuditLog, DocumentStore, KeyStore, Ports, Secrets
 from handlers.records import BatchSettings
+from handlers.renewal import RenewalSettings
 from settings import HostLimits, Settings, SettingsError, host_json, load_settings
 
 APP_ROOT = Path(__file__).resolve().parent.parent  # the script root: function_app.py and host.json
@@ -83,6 +84,11 @@ class Services:
     def commands(self) -> Ports:
         return Ports(store=self.store, keys=self.keys, dps=self.groups, hubs=self.hubs, files=self.files,
                      audit=self.audit, settings=self.onboarding)
+
+    @property
+    def renewals(self) -> RenewalSettings:
+        return RenewalSettings(validity_days=self.settings.device_validity_days,
+                               per_day=self.settings.device_renewals_per_day)
 
     @property
     def sweep(self) -> SweepSettings:

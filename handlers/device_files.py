@@ -54,7 +54,10 @@ def factory_files(customer_id: str, device_id: str, *, store: DocumentStore, fil
 
 def certificate_on_file(record: DeviceRecord, *, files: InputFiles, secrets: Secrets) -> x509.Certificate:
     """The device certificate its output blob holds (the PFX opened with the batch's password, or the PEM's first
-    certificate): what an audit compares with the record."""
+    certificate): what an audit compares with the record. A renewed device has no output blob: its certificate is
+    the record's."""
+    if not record.outputs:
+        return x509.load_pem_x509_certificate(record.certificate_pem.encode())
     if record.outputs.get("pfx") and record.pfx_secret:
         return pkcs12.load_key_and_certificates(files.get(record.outputs["pfx"]), _password(record, secrets))[1]
     return load_certificates(files.get(record.outputs.get("pem") or record.outputs["certificate"]), field="output")[0]
