@@ -97,10 +97,7 @@ def handle_allocation(body: bytes, wired: Services) -> dict:
                                      audit=wired.audit, settings=wired.renewals, now=_now())
 
 
+@app.route(route=renewal.ROUTE, methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def dps_allocation(req: func.HttpRequest) -> func.HttpResponse:
-    """DPS's custom allocation webhook -> the device's hub, and a renewed certificate when its payload asks.
-
-    Not yet registered as an HTTP trigger (``@app.route(route=renewal.ROUTE, methods=["POST"],
-    auth_level=func.AuthLevel.FUNCTION)``): devhost, which runs this app locally and in the tests, serves queue,
-    blob and timer triggers only so far, and would refuse the app."""
+    """DPS's custom allocation webhook -> the device's hub, and a renewed certificate when its payload asks."""
     return run_http(req, route=renewal.ROUTE, services=services, handle=handle_allocation)

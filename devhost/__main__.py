@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Event Grid blob triggers: poll = devhost turns new blobs into BlobCreated events "
                              "(Azurite has no Event Grid); webhook = only events posted to --webhook-port fire")
     parser.add_argument("--webhook-port", type=int, metavar="PORT",
-                        help="serve the host's blob webhook (/runtime/webhooks/blobs) on 127.0.0.1:PORT")
+                        help="the host's HTTP port on 127.0.0.1: HTTP triggers (/api/ROUTE, function key "
+                             "DEVHOST_FUNCTION_KEY) and the blob webhook (/runtime/webhooks/blobs)")
     parser.add_argument("--ready-file", type=Path, metavar="FILE",
                         help="write this file once the Event Grid subscriptions exist and the webhook listens")
     parser.add_argument("--fire", metavar="NAME", help="run this timer function once and exit")
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         from .webhook import serve
 
         server = serve(host, args.webhook_port)
-        logging.getLogger("devhost").info("blob webhook on http://127.0.0.1:%d/runtime/webhooks/blobs",
-                                          server.server_address[1])
+        logging.getLogger("devhost").info("HTTP triggers on http://127.0.0.1:%d/api/, blob webhook on "
+                                          "/runtime/webhooks/blobs", server.server_address[1])
     if args.ready_file:
         args.ready_file.write_text("ready\n")
     names = ", ".join(f"{f.name} ({f.trigger['type']})" for f in host.functions.values()) or "no functions"

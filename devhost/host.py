@@ -268,12 +268,14 @@ def read_functions(app, env: Mapping[str, str]) -> dict[str, Function]:
         name = function.get_function_name()
         bindings = json.loads(function.get_function_json())["bindings"]
         triggers = [b for b in bindings if b["type"].endswith("Trigger")]
-        if len(triggers) != 1 or triggers[0]["type"] not in ("queueTrigger", "blobTrigger", "timerTrigger"):
-            raise HostError(f"function {name}: devhost runs queue, blob and timer triggers only, "
+        if len(triggers) != 1 or triggers[0]["type"] not in ("queueTrigger", "blobTrigger", "timerTrigger",
+                                                             "httpTrigger"):
+            raise HostError(f"function {name}: devhost runs queue, blob, timer and HTTP triggers only, "
                             f"not {[b['type'] for b in triggers]}")
         trigger = {k: _resolve(v, env, f"function {name}") if isinstance(v, str) else v
                    for k, v in triggers[0].items()}
-        outputs = [b for b in bindings if b["direction"].upper() == "OUT"]
+        # an HTTP trigger's response is its return value (the "$return" http output binding), not an output to write
+        outputs = [b for b in bindings if b["direction"].upper() == "OUT" and b["type"] != "http"]
         for output in outputs:
             if output["type"] != "queue":
                 raise HostError(f"function {name}: output binding {output['type']} is not supported by devhost")
@@ -899,6 +901,38 @@ class FunctionHost:
 
     def _timers(self) -> list[Function]:
         return [f for f in self.functions.values() if f.trigger["type"] == "timerTrigger"]
+
+    # -- HTTP triggers (served by devhost.webhook) ---------------------------------------------
+    def http_function(self, route: str) -> tuple[Function, dict[str, str]] | None:
+        """The HTTP-triggered function whose route template matches ``route`` (after the ``api/`` prefix; the
+        function's name when it sets no route), with the template's parameters (``{name}``, ``{id:int?}``)."""
+        for function in self.functions.values():
+            if function.trigger["type"] != "httpTrigger":
+                continue
+            template = (function.trigger.get("route") or function.name).strip("/")
+            pattern = "".join(f"(?P<{part[1:-1].split(':')[0].rstrip('?')}>[^/]+)" if part.startswith("{")
+                              else re.escape(part) for part in re.split(r"(\{[^}]+\})", template))
+            match = re.fullmatch(pattern, route.strip("/"), re.IGNORECASE)
+            if match:
+                return function, match.groupdict()
+        return None
+
+    def invoke_http(self, function: Function, request: func.HttpRequest) -> func.HttpResponse:
+        """One HTTP invocation on the worker, bounded by ``functionTimeout``; a function that raises (or runs out
+        of time) answers 500, as the host does, with the cause in the log only."""
+        with self._lock:
+            self.stats["invocations"] += 1
+        future = self._worker.submit(function.call, **{function.trigger["name"]: request})
+        try:
+            response = future.result(timeout=self.config.function_timeout_s)
+        except Exception:
+            log.exception("Executed '%s' (Failed)", function.name)
+            with self._lock:
+                self.stats["failed"] += 1
+            return func.HttpResponse(status_code=500)
+        with self._lock:
+            self.stats["succeeded"] += 1
+        return response if isinstance(response, func.HttpResponse) else func.HttpResponse(str(response))
 
     def fire(self, name: str, *, past_due: bool = False) -> None:
         """Run a timer function now, in this thread, with its retry policy (raises what its last attempt raises)."""

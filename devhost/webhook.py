@@ -1,4 +1,11 @@
-"""The Functions host's blob extension webhook, as Event Grid calls it and Core Tools serves it:
+"""The host's HTTP endpoint: its HTTP triggers and the blob extension's webhook.
+
+HTTP triggers: ``/api/{route}`` (host.json's default ``routePrefix``), the methods the trigger lists. A trigger of
+``authLevel`` function takes the function key in the ``code`` query parameter or the ``x-functions-key`` header,
+else 401 (learn.microsoft.com/azure/azure-functions/function-keys-how-to); devhost's one key is
+``DEVHOST_FUNCTION_KEY`` (random, and so unknown, when unset). A function that raises answers 500.
+
+The blob extension webhook, as Event Grid calls it and Core Tools serves it:
 ``POST /runtime/webhooks/blobs?functionName=Host.Functions.NAME`` with header ``aeg-event-type``
 (``SubscriptionValidation``: answer the code; ``Notification``: the events; ``Unsubscribe``: 202) and an Event Grid
 event array (or one CloudEvent-style object). Source: the EventGrid extension's ``HttpRequestProcessor`` and
@@ -8,16 +15,22 @@ documented BlobCreated schema (``host.event_problem``) and become messages on th
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import azure.functions as func
+
 PATH = "/runtime/webhooks/blobs"
+HTTP_PREFIX = "/api/"
 
 
 def serve(host, port: int) -> ThreadingHTTPServer:
-    """Serve ``host``'s blob webhook on 127.0.0.1:``port`` (0: a free port) in a daemon thread."""
+    """Serve ``host``'s HTTP triggers and blob webhook on 127.0.0.1:``port`` (0: a free port) in a daemon thread."""
+    key = host.env.get("DEVHOST_FUNCTION_KEY") or secrets.token_urlsafe(32)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format, *args):
@@ -31,8 +44,41 @@ def serve(host, port: int) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(payload)
 
+        def _http_trigger(self, split) -> None:
+            function, route_params = host.http_function(split.path[len(HTTP_PREFIX):]) or (None, {})
+            methods = [m.upper() for m in (function.trigger.get("methods") or ["GET", "POST"])] if function else []
+            if function is None or self.command not in methods:
+                return self._answer(404, {"error": f"no function at {split.path} for {self.command}"})
+            query = {k: v[0] for k, v in parse_qs(split.query).items()}
+            if str(function.trigger.get("authLevel", "function")).lower() != "anonymous":
+                given = query.get("code") or self.headers.get("x-functions-key") or ""
+                if not hmac.compare_digest(given.encode(), key.encode()):
+                    return self._answer(401)
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            request = func.HttpRequest(self.command, f"http://127.0.0.1:{server.server_address[1]}{self.path}",
+                                       headers=dict(self.headers.items()), params=query, route_params=route_params,
+                                       body=body)
+            response = host.invoke_http(function, request)
+            payload = response.get_body() or b""
+            self.send_response(response.status_code)
+            self.send_header("Content-Type", response.mimetype or "text/plain")
+            for name, value in response.headers.items():
+                if name.lower() not in ("content-type", "content-length"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self):
+            split = urlsplit(self.path)
+            if split.path.startswith(HTTP_PREFIX):
+                return self._http_trigger(split)
+            return self._answer(404, {"error": f"no function at {split.path}"})
+
         def do_POST(self):
             split = urlsplit(self.path)
+            if split.path.startswith(HTTP_PREFIX):
+                return self._http_trigger(split)
             if split.path.rstrip("/") != PATH:
                 return self._answer(404, {"error": f"no webhook {split.path}"})
             name = (parse_qs(split.query).get("functionName") or [""])[0]

@@ -50,11 +50,11 @@ def test_unsupported_triggers_and_missing_settings_are_named():
 
     app = func.FunctionApp()
 
-    @app.route(route="x")
-    def http(req: func.HttpRequest) -> func.HttpResponse:  # pragma: no cover - never invoked
-        return func.HttpResponse("x")
+    @app.service_bus_queue_trigger(arg_name="m", queue_name="q", connection="SERVICE_BUS")
+    def bus(m: func.ServiceBusMessage) -> None:  # pragma: no cover - never invoked
+        pass
 
-    with pytest.raises(HostError, match="function http: devhost runs queue, blob and timer triggers only"):
+    with pytest.raises(HostError, match="function bus: devhost runs queue, blob, timer and HTTP triggers only"):
         read_functions(app, {})
     queue_app = func.FunctionApp()
 
@@ -439,6 +439,43 @@ def test_the_blob_webhook_takes_event_grid_deliveries_as_core_tools_serves_them(
     finally:
         output = stop(process)
     assert [r["data"] for r in results(app_env, "blob")] == ["event"], output
+
+
+@pytest.mark.integration
+def test_http_triggers_answer_on_api_route_with_the_function_key_as_the_host_asks(app_env):
+    """/api/{route} (host.json's default routePrefix); authLevel function: the key in ``code`` or the
+    ``x-functions-key`` header, else 401 (learn.microsoft.com/azure/azure-functions/function-keys-how-to); only the
+    trigger's methods; a function that raises answers 500 without its cause."""
+    import urllib.error
+    import urllib.request
+
+    from devhost.azurite import free_port
+
+    port, key = free_port(), "test-function-key-" + os.urandom(8).hex()
+    process = start_devhost({**app_env, "DEVHOST_FUNCTION_KEY": key}, "--webhook-port", str(port))
+
+    def call(path: str, method: str = "POST", headers: dict | None = None) -> tuple[int, dict, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"hello" if method == "POST" else None,
+                                         method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    try:
+        assert call("/api/echo/x")[0] == 401
+        assert call("/api/echo/x?code=wrong")[0] == 401
+        status, headers, body = call(f"/api/echo/x?code={key}")
+        assert (status, headers["x-echo"], json.loads(body)["body"]) == (201, "1", "hello")
+        assert call("/api/echo/x", headers={"x-functions-key": key})[0] == 201
+        assert call(f"/api/echo/x?code={key}", method="GET")[0] == 404  # the trigger takes POST only
+        assert call(f"/api/nothing?code={key}")[0] == 404
+        status, _, body = call(f"/api/echo/x?code={key}&fail=1")
+        assert status == 500 and b"secret cause" not in body
+    finally:
+        output = stop(process)
+    assert key not in output  # the key is never logged
 
 
 def test_retry_delays_follow_the_hosts_strategies():

@@ -92,3 +92,11 @@ def flaky_timer(timer: func.TimerRequest, context) -> None:
     _record("flaky", {"retry": retry, "max": context.retry_context.max_retry_count, "at": time.time()})
     if retry < int(os.environ["TEST_TIMER_FAILURES"]):
         raise RuntimeError(f"attempt {retry + 1} fails")
+
+
+@app.route(route="echo/{name}", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def echo(req: func.HttpRequest) -> func.HttpResponse:
+    if req.params.get("fail"):
+        raise RuntimeError("the function failed, with a secret cause")
+    return func.HttpResponse(json.dumps({"body": req.get_body().decode(), "route": req.url}), status_code=201,
+                             mimetype="application/json", headers={"x-echo": "1"})

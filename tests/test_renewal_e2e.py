@@ -1,0 +1,80 @@
+"""The custom allocation webhook as DPS calls it, on the local stack: devhost serves the app's HTTP trigger with
+its function key, the app runs with its managed identity against Azurite (TLS, tokens) and the Key Vault
+emulator, and a device recorded by a real batch renews through it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from devhost.azurite import free_port
+from devhost.stack import person_settings
+from handlers.records import device_document
+from handlers.renewal import ROUTE
+from pkictl.cli import main
+
+from .batch_helpers import onboarded
+from .test_batches_e2e import devhost, stop
+from .test_batches_e2e import env as env
+from .test_batches_e2e import stack as stack
+from .test_batches_e2e import storage as storage
+from .x509_helpers import make_csr
+
+pytestmark = pytest.mark.integration
+
+
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_a_device_from_a_batch_renews_through_the_webhook_devhost_serves_with_its_function_key(env, tmp_path,
+                                                                                                 stack):
+    settings = {k: v for k, v in env.items() if not k.startswith("_")}
+    services = onboarded(settings, "acme", stack)
+    batch = tmp_path / "line.csv"
+    batch.write_text("deviceId\nrenew-001\n")
+    port, key = free_port(), "e2e-" + os.urandom(12).hex()
+    worker = devhost({**env, "DEVHOST_FUNCTION_KEY": key}, "--event-grid", "webhook", "--webhook-port", str(port))
+    try:
+        out = io.StringIO()
+        assert main(["send", "batch", str(batch), "--customer", "acme", "--timeout", "300", "--functions-host",
+                     f"http://127.0.0.1:{port}"], env=person_settings(settings, env["_OPERATOR"]), out=out) == 0, \
+            out.getvalue()
+        record = services.store.get(device_document("renew-001")).data
+        current = x509.load_pem_x509_certificate(record["certificatePem"].encode())
+        csr = x509.load_pem_x509_csr(make_csr("renew-001")).public_bytes(serialization.Encoding.DER)
+        body = {"enrollmentGroup": {"enrollmentGroupId": "acme", "allocationPolicy": "custom",
+                                    "iotHubs": ["hub1.azure-devices.net"]},
+                "deviceRuntimeContext": {"registrationId": "renew-001", "x509": {"clientCertificate": base64.b64encode(
+                    current.public_bytes(serialization.Encoding.DER)).decode()},
+                    "payload": {"pkiRenewal": {"csr": base64.b64encode(csr).decode()}}},
+                "linkedHubs": ["hub1.azure-devices.net"]}
+        url = f"http://127.0.0.1:{port}/api/{ROUTE}"
+        assert _post(url, body)[0] == 401  # no function key
+        status, answer = _post(f"{url}?code={key}", body)
+        assert status == 200, answer
+        assert answer["iotHubHostName"] == "hub1.azure-devices.net"
+        renewal = answer["payload"]["pkiRenewal"]
+        assert renewal["status"] == "issued", renewal
+        renewed = services.store.get(device_document("renew-001")).data
+        assert renewed["serial"] == renewal["serial"] != record["serial"]
+        assert renewed["previousCertificates"][0]["serial"] == record["serial"]
+        status, answer = _post(f"{url}?code={key}", {"deviceRuntimeContext": {}})
+        assert status == 400 and answer["field"] == "enrollmentGroup.enrollmentGroupId"
+    finally:
+        output = stop(worker)
+    assert key not in output
