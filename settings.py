@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from handlers.dps_pool import DpsInstance
 from pki.keys import CA_ROOT_KEY_TYPES, KeyType
@@ -90,6 +91,7 @@ class Settings:
     intermediate_renew_before_days: int = 90
     device_notice_before_days: int = 30
     device_renewals_per_day: int = 3
+    dps_allocation_webhook_url: str | None = field(default=None, repr=False)
     root_warn_before_days: int = 365
 
 
@@ -201,6 +203,22 @@ def _https_url(env: Mapping[str, str], name: str, default: str) -> str:
     return value.rstrip("/")
 
 
+def _webhook_url(env: Mapping[str, str]) -> str | None:
+    """``DPS_ALLOCATION_WEBHOOK_URL``: the app's ``/api/dps-allocation`` with its function key (``?code=``), as DPS
+    calls it: https, or http on loopback for the local stack."""
+    value = env.get("DPS_ALLOCATION_WEBHOOK_URL", "").strip() or None
+    if value is None:
+        return None
+    split = urlsplit(value)
+    loopback = split.scheme == "http" and split.hostname in ("127.0.0.1", "localhost", "::1")
+    if split.scheme != "https" and not loopback:
+        raise SettingsError("DPS_ALLOCATION_WEBHOOK_URL", "must be an https:// URL (http only on loopback)")
+    if "code" not in parse_qs(split.query):
+        raise SettingsError("DPS_ALLOCATION_WEBHOOK_URL", "must carry the function's key as ?code=...: DPS calls "
+                            "the webhook with it (authLevel function)")
+    return value
+
+
 def _device_key_type(env: Mapping[str, str]) -> KeyType:
     try:
         return KeyType.parse(env.get("DEVICE_KEY_TYPE", "").strip() or "ec-p256", field="DEVICE_KEY_TYPE")
@@ -281,6 +299,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         intermediate_renew_before_days=_int(env, "INTERMEDIATE_RENEW_BEFORE_DAYS", 90, 1, 3650),
         device_notice_before_days=_int(env, "DEVICE_NOTICE_BEFORE_DAYS", 30, 1, 3650),
         device_renewals_per_day=_int(env, "DEVICE_RENEWALS_PER_DAY", 3, 1, 100),
+        dps_allocation_webhook_url=_webhook_url(env),
         root_warn_before_days=_int(env, "ROOT_WARN_BEFORE_DAYS", 365, 1, 36500),
         dps_pool=pool,
         dps_connection_strings=connection_strings,

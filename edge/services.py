@@ -78,7 +78,8 @@ class Services:
                                   intermediate_key_type=self.settings.intermediate_key_type,
                                   intermediate_validity_days=self.settings.intermediate_validity_days,
                                   renewal_min_interval=dt.timedelta(hours=self.settings.renewal_min_interval_hours),
-                                  max_groups_per_dps=self.settings.dps_max_groups)
+                                  max_groups_per_dps=self.settings.dps_max_groups,
+                                  allocation_webhook_url=self.settings.dps_allocation_webhook_url)
 
     @property
     def commands(self) -> Ports:

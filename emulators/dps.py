@@ -345,6 +345,11 @@ class DpsInstance:
         slots = body["attestation"]["x509"][kind.certificate_field]
         for slot, cert in record.certificates.items():
             slots[slot] = {"info": _certificate_info(cert)}
+        definition = body.get("customAllocationDefinition")
+        if isinstance(definition, dict) and "?" in str(definition.get("webhookUrl")):
+            # DPS shows the webhook's query (its function key) as "?****" (learn.microsoft.com/azure/iot-dps/
+            # concepts-custom-allocation, the AllocationRequest example); it calls the URL as given.
+            definition["webhookUrl"] = definition["webhookUrl"].split("?", 1)[0] + "?****"
         return Response(200, body, {"ETag": body["etag"]})
 
     def _find(self, kind: _Kind, store: dict[str, _Record], record_id: str) -> _Record:
@@ -438,6 +443,14 @@ class DpsInstance:
             # how-to-use-allocation-policies)
             raise dps_error(400, INVALID_ARGUMENT, f"iotHubs {', '.join(unlinked)} are not linked to this instance "
                             f"(linked: {', '.join(self.linked_hubs())})")
+        definition = body.get("customAllocationDefinition")
+        if body.get("allocationPolicy") == "custom" and not (
+                isinstance(definition, dict) and all(isinstance(definition.get(k), str) and definition[k]
+                                                     for k in ("webhookUrl", "apiVersion"))):
+            # CustomAllocationDefinition requires both (service.json 2021-10-01); a custom policy without them has
+            # nothing to call, which the stricter reading refuses rather than stores
+            raise dps_error(400, INVALID_ARGUMENT, "allocationPolicy custom needs customAllocationDefinition with "
+                            "webhookUrl and apiVersion")
         if body.get("allocationPolicy") == "static" and len(hubs) != 1:
             raise dps_error(400, INVALID_ARGUMENT, "allocationPolicy static assigns to exactly one IoT hub: give "
                             "iotHubs with one linked hub")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pki.keys import KeyType
 
@@ -56,3 +56,6 @@ class OnboardingSettings:
     intermediate_validity_days: int = 5 * 365
     renewal_min_interval: dt.timedelta = dt.timedelta(hours=24)  # renewals of one customer, unless forced
     max_groups_per_dps: int = MAX_GROUPS_PER_DPS  # DPS's limit; lower it to keep headroom for hand-made groups
+    # The app's custom allocation webhook (with its function key): groups allocate through it, so devices can
+    # renew their certificates in their registration payload (handlers/renewal.py). None: DPS allocates.
+    allocation_webhook_url: str | None = field(default=None, repr=False)

@@ -42,9 +42,16 @@ def issue_intermediate(record: dict, public_key, *, store: DocumentStore, keys: 
             "notice": issued.notice, "issuerCertificatePem": export.cert_pem(root.certificate).decode()}
 
 
-def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = None) -> dict:
+# The AllocationRequest's shape the webhook reads (service API version of the enrollment sent to it).
+WEBHOOK_API_VERSION = "2021-10-01"
+
+
+def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = None,
+               webhook_url: str | None = None) -> dict:
     """The DPS enrollment group for a customer (camelCase, as the DPS REST API takes it): its intermediate as
-    primary, the one it replaced as secondary until that expires (DPS rolling), disabled with the customer."""
+    primary, the one it replaced as secondary until that expires (DPS rolling), disabled with the customer. With
+    ``webhook_url`` (``DPS_ALLOCATION_WEBHOOK_URL``) DPS allocates through the app's webhook (``allocationPolicy``
+    custom), which applies the customer's recorded policy itself and renews certificates devices ask for."""
     parameters = record["parameters"]
     slots = {"primary": {"certificate": record["intermediate"]["certificatePem"]}}
     previous = (record.get("previousIntermediates") or [None])[0]
@@ -61,6 +68,9 @@ def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = No
     }
     if parameters.get("initialTwin"):
         body["initialTwin"] = parameters["initialTwin"]
+    if webhook_url:
+        body["allocationPolicy"] = "custom"
+        body["customAllocationDefinition"] = {"webhookUrl": webhook_url, "apiVersion": WEBHOOK_API_VERSION}
     return body
 
 
@@ -68,7 +78,8 @@ def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = No
 def sync_group(ports: Ports, customer: dict, now: dt.datetime) -> None:
     """Make the customer's enrollment group match its record: status, primary and (unexpired) secondary."""
     dps = customer["dps"]["name"]
-    wanted = group_body(customer, placed_instance(ports.settings.pool, customer), now=now)
+    wanted = group_body(customer, placed_instance(ports.settings.pool, customer), now=now,
+                        webhook_url=ports.settings.allocation_webhook_url)
     for _ in range(_ATTEMPTS):
         group = ports.dps.get_group(dps, customer["customerId"])
         if group is None:
@@ -90,6 +101,8 @@ def _same_group(found: dict, wanted: dict) -> bool:
     from pki.export import thumbprints
 
     if found.get("provisioningStatus", "enabled") != wanted["provisioningStatus"]:
+        return False
+    if found.get("allocationPolicy") != wanted["allocationPolicy"]:  # custom allocation switched on or off
         return False
     found_slots = ((found.get("attestation") or {}).get("x509") or {}).get("signingCertificates") or {}
     wanted_slots = wanted["attestation"]["x509"]["signingCertificates"]

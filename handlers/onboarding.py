@@ -156,7 +156,7 @@ class _Run:
         tried: set[str] = set()
         while True:
             instance = placed_instance(self.settings.pool, doc.data)
-            body = group_body(doc.data, instance)
+            body = group_body(doc.data, instance, webhook_url=self.settings.allocation_webhook_url)
             try:
                 group = self.groups.create_group(instance.name, body)
             except AlreadyExists:

@@ -269,3 +269,22 @@ def test_azure_quotas_cap_each_service_at_its_documented_default(fresh_stack, cr
                               timeout=10) for _ in range(5)]
         refused = [c for c in codes if c.status_code == 429]
         assert refused and refused[0].headers["iothub-errorcode"] == "ThrottlingException"
+
+
+def test_a_custom_allocation_group_needs_its_webhook_and_shows_its_key_masked(dps):
+    """CustomAllocationDefinition requires webhookUrl and apiVersion (service.json 2021-10-01); DPS shows the
+    webhook's query as "?****" (concepts-custom-allocation's AllocationRequest example)."""
+    group_id = _unique("group")
+    pem = cert_pem(make_chain().intermediate).decode()
+    for definition in (None, {"webhookUrl": "https://app.example/api/dps-allocation?code=k"}):
+        extra = {"customAllocationDefinition": definition} if definition else {}
+        with pytest.raises(HttpResponseError) as refused:
+            dps.enrollment_group.create_or_update(id=group_id, enrollment_group=_group(
+                group_id, pem, allocationPolicy="custom", **extra))
+        assert refused.value.status_code == 400 and "customAllocationDefinition" in refused.value.message
+    created = dps.enrollment_group.create_or_update(id=group_id, enrollment_group=_group(
+        group_id, pem, allocationPolicy="custom", customAllocationDefinition={
+            "webhookUrl": "https://app.example/api/dps-allocation?code=the-function-key", "apiVersion": "2021-10-01"}))
+    shown = dps.enrollment_group.get(group_id)["customAllocationDefinition"]
+    assert created["allocationPolicy"] == "custom"
+    assert shown == {"webhookUrl": "https://app.example/api/dps-allocation?****", "apiVersion": "2021-10-01"}

@@ -188,3 +188,20 @@ def test_a_customer_rejected_for_capacity_keeps_its_intermediate_when_retried(tm
     assert active["status"] == "active"
     assert active["intermediate"]["serial"] == rejected["intermediate"]["serial"]
     assert world.keys.created == 1
+
+
+def test_with_the_allocation_webhook_configured_groups_allocate_through_it_and_the_record_keeps_the_policy(tmp_path):
+    """DPS_ALLOCATION_WEBHOOK_URL: the group's allocationPolicy is custom, with the webhook (service.json's
+    CustomAllocationDefinition); the customer's own policy stays recorded, for the webhook to apply."""
+    import dataclasses
+
+    world = World(tmp_path)
+    url = "https://pki-app.azurewebsites.net/api/dps-allocation?code=function-key"
+    world.settings = dataclasses.replace(world.settings, allocation_webhook_url=url)
+    world.onboard({"customerId": "acme", "allocationPolicy": "static", "iotHubs": ["hub1.azure-devices.net"]})
+    group = world.groups.groups["dps1"]["acme"]
+    assert group["allocationPolicy"] == "custom"
+    assert group["customAllocationDefinition"] == {"webhookUrl": url, "apiVersion": "2021-10-01"}
+    assert group["iotHubs"] == ["hub1.azure-devices.net"]
+    record = world.store.get(customer_document("acme")).data
+    assert record["parameters"]["allocationPolicy"] == "static" and record["status"] == "active"
