@@ -47,6 +47,11 @@ class RegistrationResult:
     message: str | None
     raw: dict
 
+    @property
+    def payload(self) -> dict | None:
+        """What the enrollment's custom allocation webhook returned to the device, if anything."""
+        return (self.raw.get("registrationState") or {}).get("payload")
+
 
 class RegistrationError(Exception):
     """Registration did not complete. ``error_code``/``status_code``/``tracking_id`` are DPS's when it answered."""
@@ -70,13 +75,15 @@ class RegistrationUnavailable(RegistrationError):
 
 def register(endpoint: str, id_scope: str, registration_id: str, cert_chain_path: str | Path,
              key_path: str | Path, *, ca_path: str | Path | None = None, timeout_s: float = 30,
-             api_version: str = API_VERSION) -> RegistrationResult:
+             api_version: str = API_VERSION, payload: dict | None = None) -> RegistrationResult:
     """Register ``registration_id`` with DPS, presenting the certificate chain in ``cert_chain_path``.
 
     ``cert_chain_path`` holds the device certificate followed by its intermediate(s): DPS matches an
     enrollment group only against certificates the device sends (401002 otherwise). ``ca_path`` is the CA
     bundle to trust instead of the system's (the emulators' CA). ``timeout_s`` bounds the whole exchange.
-    Returns the ``assigned`` result; raises ``RegistrationRefused`` or ``RegistrationUnavailable``.
+    Returns the ``assigned`` result; raises ``RegistrationRefused`` or ``RegistrationUnavailable``. ``payload``
+    (a JSON object) goes to the enrollment's custom allocation webhook; what it returns is the result's
+    ``payload`` (DeviceRegistrationResult.payload, device.json).
     """
     for name, value in (("endpoint", endpoint), ("id_scope", id_scope), ("registration_id", registration_id)):
         if not isinstance(value, str) or not value:
@@ -100,7 +107,8 @@ def register(endpoint: str, id_scope: str, registration_id: str, cert_chain_path
     with PipelineClient(base_url, policies=policies, transport=transport) as client:
         call = _Caller(client, registration_id, deadline, timeout_s)
         response, body = call(HttpRequest("PUT", f"{resource}/register", params={"api-version": api_version},
-                                          json={"registrationId": registration_id}))
+                                          json={"registrationId": registration_id,
+                                                **({"payload": payload} if payload is not None else {})}))
         while body.get("status") in ("unassigned", "assigning"):
             operation_id = body.get("operationId")
             if not isinstance(operation_id, str) or not operation_id:

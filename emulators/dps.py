@@ -59,6 +59,10 @@ PRECONDITION_FAILED = 412001
 # An attestation that passed but could not be completed: the assigned hub did not take the device. DPS documents
 # only the status (500, internal error) for this, so the detail digits are the emulator's pick.
 ASSIGNMENT_FAILED = 500000
+# The custom allocation webhook failed or answered what DPS cannot apply (learn.microsoft.com/azure/iot-dps/
+# concepts-custom-allocation: "If the webhook ... fails, the registration fails"); the digits are the emulator's pick.
+CUSTOM_ALLOCATION_FAILED = 400209
+WEBHOOK_TIMEOUT_S = 30
 
 # The message DPS sends with 401002 when no enrollment group's certificate is in the device's chain.
 CHAIN_MISMATCH = "Signing certificate info did not match chain elements"
@@ -510,7 +514,8 @@ class DpsInstance:
         return _query_page(request, items, "deviceRegistration")
 
     # --- device registration --------------------------------------------------------------------------
-    def register(self, registration_id: str, chain: list[x509.Certificate], now: dt.datetime) -> dict:
+    def register(self, registration_id: str, chain: list[x509.Certificate], now: dt.datetime,
+                 payload: Any = None) -> dict:
         """X.509 attestation as DPS does it. A failed attestation is an ``HttpError`` with DPS's error body (the
         register call itself is refused); otherwise the registration state of the attempt, whose ``status`` the
         operation then reports: ``assigned`` (the device is in the hub), ``disabled`` (its enrollment or group is
@@ -521,6 +526,9 @@ class DpsInstance:
         registration id; an individual enrollment for that id decides alone (its certificate must be the
         leaf; disabled refuses - the documented way to block one device of a group); otherwise the enrollment
         group whose signing certificate is on the device's chain to a verified CA certificate (``verified_path``).
+        An entry with ``allocationPolicy`` custom asks its webhook (``_allocation``), outside the lock, with the
+        device's ``payload``; the webhook's answer decides the hub and the initial twin, and its payload is returned
+        to the device in the registration state.
         """
         if not _REGISTRATION_ID.fullmatch(registration_id):
             raise dps_error(400, INVALID_ARGUMENT, f"registrationId {registration_id!r}: {_INDIVIDUAL.id_rule_text}")
@@ -543,20 +551,68 @@ class DpsInstance:
                 if not enrollment.enabled:
                     return self._refused(registration_id, None, "disabled", ENROLLMENT_DISABLED,
                                          f"Enrollment {registration_id!r} is disabled", now)
-                return self._assign(registration_id, enrollment, None, now)
-            anchors = [c.certificate for c in self.ca_certificates.values() if c.verified]
-            path = verified_path(chain, anchors, now)
-            if path is None:
-                # DPS answers every failed X.509 group attestation the same way: no verified CA reached, a link
-                # missing or forged, a CA rule broken.
-                raise dps_error(401, UNAUTHORIZED, CHAIN_MISMATCH)
-            group_id, group = self._matching_group(path)
-            if group is None:
-                raise dps_error(401, UNAUTHORIZED, CHAIN_MISMATCH)
-            if not group.enabled:
-                return self._refused(registration_id, group_id, "disabled", ENROLLMENT_DISABLED,
-                                     f"Enrollment group {group_id!r} is disabled", now)
-            return self._assign(registration_id, group, group_id, now)
+                entry, group_id = enrollment, None
+            else:
+                entry, group_id = self._attested_group(registration_id, chain, now)
+                if not entry.enabled:
+                    return self._refused(registration_id, group_id, "disabled", ENROLLMENT_DISABLED,
+                                         f"Enrollment group {group_id!r} is disabled", now)
+            body = copy.deepcopy(entry.body)
+            previous = self._registrations.get(registration_id.lower())
+        allocation = None
+        if body.get("allocationPolicy") == "custom":
+            allocation, problem = self._allocation(body, group_id, registration_id, leaf, previous, payload)
+            if problem:
+                with self._lock:
+                    return self._refused(registration_id, group_id, "failed", CUSTOM_ALLOCATION_FAILED, problem, now)
+        with self._lock:
+            return self._assign(registration_id, entry, group_id, now, allocation)
+
+    def _attested_group(self, registration_id: str, chain: list[x509.Certificate],
+                        now: dt.datetime) -> tuple[_Record, str]:
+        anchors = [c.certificate for c in self.ca_certificates.values() if c.verified]
+        path = verified_path(chain, anchors, now)
+        if path is None:
+            # DPS answers every failed X.509 group attestation the same way: no verified CA reached, a link
+            # missing or forged, a CA rule broken.
+            raise dps_error(401, UNAUTHORIZED, CHAIN_MISMATCH)
+        group_id, group = self._matching_group(path)
+        if group is None:
+            raise dps_error(401, UNAUTHORIZED, CHAIN_MISMATCH)
+        return group, group_id
+
+    def _allocation(self, body: dict, group_id: str | None, registration_id: str, leaf: x509.Certificate,
+                    previous: _Registration | None, payload: Any) -> tuple[dict | None, str | None]:
+        """POST the AllocationRequest (concepts-custom-allocation) to the entry's webhook; its answer, or why the
+        registration fails: the webhook unreachable or answering non-2xx, or a hub that is not linked."""
+        import requests
+
+        shown = self._response(_GROUP if group_id is not None else _INDIVIDUAL, _Record(body, {})).body
+        shown["attestation"] = {"type": "x509"}  # as the docs' example shows it: the type, no certificates
+        context: dict[str, Any] = {"registrationId": registration_id,
+                                   "x509": {"clientCertificate": base64.b64encode(der(leaf)).decode()}}
+        if previous is not None and previous.state.get("assignedHub"):
+            context["currentIotHubHostName"] = previous.state["assignedHub"]
+            context["currentDeviceId"] = previous.state.get("deviceId")
+        if payload is not None:
+            context["payload"] = payload
+        request = {"enrollmentGroup" if group_id is not None else "individualEnrollment": shown,
+                   "deviceRuntimeContext": context, "linkedHubs": self.linked_hubs()}
+        url = body["customAllocationDefinition"]["webhookUrl"]
+        try:
+            answer = requests.post(url, json=request, timeout=WEBHOOK_TIMEOUT_S)
+        except requests.RequestException as exc:
+            return None, f"The custom allocation webhook could not be reached: {type(exc).__name__}"
+        if not answer.ok:
+            return None, f"The custom allocation webhook answered {answer.status_code}"
+        try:
+            allocation = answer.json()
+        except ValueError:
+            return None, "The custom allocation webhook did not answer JSON"
+        hub = allocation.get("iotHubHostName") if isinstance(allocation, dict) else None
+        if hub not in self.linked_hubs():
+            return None, f"The custom allocation webhook chose {hub!r}, which is not a hub linked to this instance"
+        return allocation, None
 
     def _refused(self, registration_id: str, group_id: str | None, status: str, code: int, message: str,
                  now: dt.datetime) -> dict:
@@ -578,15 +634,17 @@ class DpsInstance:
                     return record.body["enrollmentGroupId"], record
         return "", None
 
-    def _assign(self, registration_id: str, enrollment: _Record, group_id: str | None, now: dt.datetime) -> dict:
+    def _assign(self, registration_id: str, enrollment: _Record, group_id: str | None, now: dt.datetime,
+                allocation: dict | None = None) -> dict:
         body = enrollment.body
+        twin = (allocation or {}).get("initialTwin") or body.get("initialTwin")
         device_id = body.get("deviceId") or registration_id
         previous = self._registrations.get(registration_id.lower())
         migrate = (body.get("reprovisionPolicy") or {}).get("migrateDeviceData", True)
         if not self.hub.reachable:
             return self._refused(registration_id, group_id, "failed", ASSIGNMENT_FAILED,
                                  f"The IoT hub {self.hub.hostname} did not accept device {device_id!r}.", now)
-        self.hub.provision_device(device_id, initial_twin=body.get("initialTwin"),
+        self.hub.provision_device(device_id, initial_twin=twin,
                                   iot_edge=bool((body.get("capabilities") or {}).get("iotEdge")),
                                   reset_twin=not migrate)
         state = {
@@ -597,6 +655,8 @@ class DpsInstance:
             "substatus": "reprovisionedToInitialAssignment" if previous else "initialAssignment",
             "lastUpdatedDateTimeUtc": iso(now), "etag": f'"{uuid.uuid4()}"',
         }
+        if allocation and allocation.get("payload") is not None:
+            state["payload"] = allocation["payload"]  # DeviceRegistrationResult.payload (device.json)
         self._registrations[registration_id.lower()] = _Registration(state, group_id)
         device_state = copy.deepcopy(state)
         if group_id is not None:
@@ -644,7 +704,8 @@ class DpsDeviceEndpoint:
         if body is not None and (not isinstance(body, dict)
                                  or body.get("registrationId", registration_id) != registration_id):
             raise dps_error(400, INVALID_ARGUMENT, "registrationId in the body differs from the one in the URI")
-        state = instance.register(registration_id, request.peer_chain, utc_now())
+        state = instance.register(registration_id, request.peer_chain, utc_now(),
+                                  payload=body.get("payload") if body else None)
         operation_id = f"5.{secrets.token_hex(8)}.{uuid.uuid4()}"
         with self._lock:
             self._operations[operation_id] = _Operation(instance.id_scope, registration_id, state)

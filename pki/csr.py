@@ -68,3 +68,15 @@ def key_digest(data: bytes | str) -> bytes | None:
     except (InvalidInput, ValueError, TypeError, UnsupportedAlgorithm):
         return None
     return hashlib.blake2b(spki, digest_size=16).digest()
+
+
+def device_csr(device_id: str, key) -> bytes:
+    """A PKCS#10 request (DER) for ``device_id`` (the CN) with ``key``, signed with SHA-256 (the curve's hash for
+    P-384): what a device sends to renew (``pkiRenewal.csr``)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    digest = hashes.SHA384() if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size == 384 \
+        else hashes.SHA256()
+    return x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])).sign(key, digest).public_bytes(Encoding.DER)

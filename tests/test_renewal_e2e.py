@@ -78,3 +78,55 @@ def test_a_device_from_a_batch_renews_through_the_webhook_devhost_serves_with_it
     finally:
         output = stop(worker)
     assert key not in output
+
+
+def test_a_device_exported_from_a_batch_renews_through_dps_and_registers_with_its_new_certificate(env, tmp_path,
+                                                                                                   stack):
+    """#18's acceptance on the local stack: the group allocates through the webhook (DPS_ALLOCATION_WEBHOOK_URL),
+    `pkictl device renew` acts as the device (a new key and CSR in the registration payload, over mutual TLS with
+    its current certificate), and the new certificate registers; `device show` has it as current."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+
+    port, key = free_port(), "e2e-" + os.urandom(12).hex()
+    webhook = f"http://127.0.0.1:{port}/api/{ROUTE}?code={key}"
+    settings = {**{k: v for k, v in env.items() if not k.startswith("_")}, "DPS_ALLOCATION_WEBHOOK_URL": webhook}
+    services = onboarded(settings, "acme", stack)
+    group = services.groups.get_group("dps1", "acme").data
+    assert group["allocationPolicy"] == "custom" and group["customAllocationDefinition"]["webhookUrl"].endswith("?****")
+    batch = tmp_path / "line.csv"
+    batch.write_text("deviceId\nrenew-002\n")
+    operator = person_settings(settings, env["_OPERATOR"])
+    worker = devhost({**env, **settings, "DEVHOST_FUNCTION_KEY": key}, "--event-grid", "webhook", "--webhook-port",
+                     str(port))
+    try:
+        out = io.StringIO()
+        assert main(["send", "batch", str(batch), "--customer", "acme", "--timeout", "300", "--functions-host",
+                     f"http://127.0.0.1:{port}"], env=operator, out=out) == 0, out.getvalue()
+        factory, renewed = tmp_path / "factory", tmp_path / "renewed"
+        assert main(["device", "export", "acme", "renew-002", "--out", str(factory), "--include-key"], env=operator,
+                    out=out) == 0, out.getvalue()
+        old = x509.load_pem_x509_certificate((factory / "cert.pem").read_bytes())
+        out = io.StringIO()
+        assert main(["device", "renew", "--cert", str(factory / "cert.pem"), "--chain", str(factory / "chain.pem"),
+                     "--key", str(factory / "device.key"), "--out", str(renewed)], env=operator, out=out) == 0, \
+            out.getvalue()
+        new = x509.load_pem_x509_certificate((renewed / "cert.pem").read_bytes())
+        assert f"renew-002: renewed, serial {format(new.serial_number, 'X')}" in out.getvalue()
+        assert new.serial_number != old.serial_number and new.subject == old.subject and new.issuer == old.issuer
+        new_key = load_pem_private_key((renewed / "device.key").read_bytes(), None)
+        assert new.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) == \
+            new_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != \
+            old.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        assert oct((renewed / "device.key").stat().st_mode)[-3:] == "600"
+        out = io.StringIO()
+        assert main(["device", "register", "--cert", str(renewed / "cert.pem"), "--chain", str(renewed / "chain.pem"),
+                     "--key", str(renewed / "device.key")], env=operator, out=out) == 0, out.getvalue()
+        assert "renew-002: assigned to hub" in out.getvalue()
+        out = io.StringIO()
+        assert main(["device", "show", "acme", "renew-002"], env=operator, out=out) == 0
+        shown = json.loads(out.getvalue())
+        assert [(c["serial"], c["issuedBy"], c.get("current", False)) for c in shown["certificates"]] == [
+            (format(new.serial_number, "X"), "renewal", True), (format(old.serial_number, "X"), "batch", False)]
+    finally:
+        output = stop(worker)
+    assert key not in output

@@ -1,4 +1,5 @@
-"""``pkictl device export|show|register``: one device's files, record and registration with DPS."""
+"""``pkictl device export|show|register|renew``: one device's files, record, registration with DPS, and renewal
+through it."""
 
 from __future__ import annotations
 
@@ -34,16 +35,25 @@ def register(commands) -> None:
     show.set_defaults(run=device_show)
     registration = device.add_parser("register", help="register with DPS over HTTPS with the device certificate "
                                      "(mutual TLS), as a device does on first boot")
-    registration.add_argument("--cert", required=True, metavar="FILE",
-                              help="device certificate (PEM, may include chain)")
-    registration.add_argument("--key", required=True, metavar="FILE", help="device private key (PEM)")
-    registration.add_argument("--chain", metavar="FILE", help="intermediate(s) to send after the device certificate")
-    registration.add_argument("--id-scope", help="DPS id scope (default: the only one in DPS_INSTANCES)")
-    registration.add_argument("--registration-id", metavar="ID", help="default: the certificate's CN")
-    registration.add_argument("--endpoint", help="DPS device endpoint (default: DPS_DEVICE_ENDPOINT, else "
-                              "global.azure-devices-provisioning.net)")
-    registration.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
+    _registration_options(registration)
     registration.set_defaults(run=device_register)
+    renewal = device.add_parser("renew", help="renew the device certificate as a device does: a new key and CSR, "
+                                "sent in the DPS registration payload, presenting the current certificate")
+    _registration_options(renewal)
+    renewal.add_argument("--out", required=True, metavar="DIR", help="where cert.pem, chain.pem and device.key go")
+    renewal.add_argument("--key-type", default="ec-p256", help="the new key: ec-p256 (default), ec-p384, rsa-2048...")
+    renewal.set_defaults(run=device_renew)
+
+
+def _registration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cert", required=True, metavar="FILE", help="device certificate (PEM, may include chain)")
+    parser.add_argument("--key", required=True, metavar="FILE", help="device private key (PEM)")
+    parser.add_argument("--chain", metavar="FILE", help="intermediate(s) to send after the device certificate")
+    parser.add_argument("--id-scope", help="DPS id scope (default: the only one in DPS_INSTANCES)")
+    parser.add_argument("--registration-id", metavar="ID", help="default: the certificate's CN")
+    parser.add_argument("--endpoint", help="DPS device endpoint (default: DPS_DEVICE_ENDPOINT, else "
+                        "global.azure-devices-provisioning.net)")
+    parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
 
 
 def device_export(cli: Cli, args: argparse.Namespace) -> int:
@@ -83,6 +93,86 @@ def device_show(cli: Cli, args: argparse.Namespace) -> int:
 
 
 def device_register(cli: Cli, args: argparse.Namespace) -> int:
+    from clients.device_registration import RegistrationError
+
+    try:
+        result, registration_id = _register(cli, args)
+    except RegistrationError:
+        return PROBLEM
+    cli.say(f"{registration_id}: {result.status} to hub {result.assigned_hub} as device {result.device_id}")
+    return OK
+
+
+def device_renew(cli: Cli, args: argparse.Namespace) -> int:
+    """A new key and CSR; registration with ``{"pkiRenewal": {"csr"}}`` as payload, presenting the current
+    certificate; the returned certificate checked (CN, key, chain up to a self-signed root) and written."""
+    import base64
+
+    from clients.device_registration import RegistrationError
+    from pki.csr import device_csr
+    from pki.keys import KeyType, generate_key
+
+    key_type = KeyType.parse(args.key_type, field="--key-type")
+    current = load_certificates(read(args.cert, "--cert"), field="--cert")[0]
+    common_names = current.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    device_id = args.registration_id or (common_names[0].value if common_names else "")
+    key = generate_key(key_type)
+    payload = {"pkiRenewal": {"csr": base64.b64encode(device_csr(device_id, key)).decode()}}
+    try:
+        result, _ = _register(cli, args, payload=payload)
+    except RegistrationError:
+        return PROBLEM
+    answer = (result.payload or {}).get("pkiRenewal") or {}
+    if answer.get("status") != "issued":
+        cli.say(f"{device_id}: renewal refused: {answer.get('reason') or 'no pkiRenewal answer in the payload'} "
+                f"(registered to hub {result.assigned_hub} with the current certificate)")
+        return PROBLEM
+    renewed = load_certificates(answer.get("certificate") or "", field="pkiRenewal.certificate")[0]
+    chain = load_certificates("".join(answer.get("chain") or []), field="pkiRenewal.chain")
+    problem = _renewal_problem(renewed, chain, key, device_id)
+    if problem:
+        cli.say(f"{device_id}: the returned certificate was not written: {problem}")
+        return PROBLEM
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for filename, content, mode in (("cert.pem", export.cert_pem(renewed), 0o644),
+                                    ("chain.pem", export.chain_pem([renewed, *chain]), 0o644),
+                                    ("device.key", export.key_pem(key), 0o600)):
+        target = out / filename
+        target.unlink(missing_ok=True)  # never write a key through an old file's mode or a symlink
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+    cli.say(f"{device_id}: renewed, serial {answer['serial']}, notAfter {answer['notAfter']}; wrote cert.pem, "
+            f"chain.pem, device.key to {out}")
+    return OK
+
+
+def _renewal_problem(renewed: x509.Certificate, chain: list[x509.Certificate], key, device_id: str) -> str | None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def spki(public_key) -> bytes:
+        return public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    names = [a.value for a in renewed.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    if names != [device_id]:
+        return f"its CN is {names}, not {device_id!r}"
+    if spki(renewed.public_key()) != spki(key.public_key()):
+        return "it is not for the new key"
+    if not chain or chain[-1].subject != chain[-1].issuer:
+        return "the chain does not end at a root"
+    try:
+        for child, parent in zip([renewed, *chain], chain, strict=False):
+            child.verify_directly_issued_by(parent)
+        chain[-1].verify_directly_issued_by(chain[-1])
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        return f"the chain does not verify ({type(exc).__name__})"
+    return None
+
+
+def _register(cli: Cli, args: argparse.Namespace, payload: dict | None = None):
+    """Register with DPS as ``args`` say (``--cert``, ``--chain``, ``--key``...); says why on failure and raises."""
     import tempfile
 
     from clients.device_registration import DEFAULT_ENDPOINT, RegistrationError
@@ -102,15 +192,15 @@ def device_register(cli: Cli, args: argparse.Namespace) -> int:
         chain_path.write_bytes(export.chain_pem(certs))
         try:
             result = register_device(endpoint, id_scope, registration_id, chain_path, args.key,
-                                     ca_path=cli.env.get("EMULATOR_CA_PATH") or None, timeout_s=args.timeout)
+                                     ca_path=cli.env.get("EMULATOR_CA_PATH") or None, timeout_s=args.timeout,
+                                     payload=payload)
         except RegistrationError as exc:
             code = f" (DPS error {exc.error_code})" if exc.error_code else ""
             cli.say(f"registration of {registration_id} refused or failed{code}: {exc}")
             if exc.error_code == 401002:
                 cli.say("hint: `pkictl doctor --cert CERT --chain CHAIN --root ROOT` names the cause")
-            return PROBLEM
-    cli.say(f"{registration_id}: {result.status} to hub {result.assigned_hub} as device {result.device_id}")
-    return OK
+            raise
+    return result, registration_id
 
 
 def single_id_scope(env: Mapping[str, str]) -> str:
