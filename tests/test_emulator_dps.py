@@ -16,6 +16,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
+from cryptography.hazmat.primitives import serialization
 
 from clients.device_registration import register
 from clients.dps import DpsEnrollmentGroups
@@ -288,3 +289,68 @@ def test_a_custom_allocation_group_needs_its_webhook_and_shows_its_key_masked(dp
     shown = dps.enrollment_group.get(group_id)["customAllocationDefinition"]
     assert created["allocationPolicy"] == "custom"
     assert shown == {"webhookUrl": "https://app.example/api/dps-allocation?****", "apiVersion": "2021-10-01"}
+
+
+def test_a_custom_allocation_group_asks_its_webhook_and_a_failing_webhook_fails_the_registration(stack, dps,
+                                                                                                 tmp_path):
+    """concepts-custom-allocation: DPS POSTs the AllocationRequest (the device's certificate and payload) and
+    assigns as the AllocationResponse says, returning its payload to the device; a webhook that fails, or names a
+    hub that is not linked, fails the registration."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from clients.device_registration import RegistrationRefused
+
+    seen, answers = [], []
+
+    class Webhook(BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status, body = answers.pop(0)
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    registration_id, group_id = _unique("device"), _unique("group")
+    chain = make_chain(device_id=registration_id, now=datetime.now(UTC))
+    dps.enrollment_group.create_or_update(id=group_id, enrollment_group=_group(
+        group_id, cert_pem(chain.intermediate).decode(), allocationPolicy="custom", iotHubs=[stack.iothub.hostname],
+        customAllocationDefinition={"webhookUrl": f"http://127.0.0.1:{server.server_address[1]}/api/x?code=k",
+                                    "apiVersion": "2021-10-01"}))
+    stack.dps[0].trust(chain.root, f"test-{registration_id}")
+    (tmp_path / "chain.pem").write_bytes(chain_pem([chain.device, chain.intermediate, chain.root]))
+    (tmp_path / "key.pem").write_bytes(key_pem(chain.device_key))
+
+    def device(payload=None):
+        return register(stack.device_endpoint_url, stack.dps[0].id_scope, registration_id, tmp_path / "chain.pem",
+                        tmp_path / "key.pem", ca_path=stack.ca_path, payload=payload)
+
+    try:
+        answers.append((200, {"iotHubHostName": stack.iothub.hostname, "payload": {"hello": registration_id}}))
+        result = device({"ask": 1})
+        assert result.status == "assigned" and result.payload == {"hello": registration_id}
+        request = seen[-1]
+        assert request["deviceRuntimeContext"]["payload"] == {"ask": 1}
+        assert request["deviceRuntimeContext"]["registrationId"] == registration_id
+        presented = base64.b64decode(request["deviceRuntimeContext"]["x509"]["clientCertificate"])
+        assert presented == chain.device.public_bytes(serialization.Encoding.DER)
+        assert request["linkedHubs"] == [stack.iothub.hostname]
+        assert request["enrollmentGroup"]["customAllocationDefinition"]["webhookUrl"].endswith("?****")
+        for answer in ((500, {}), (200, {"iotHubHostName": "elsewhere.azure-devices.net"})):
+            answers.append(answer)
+            with pytest.raises(RegistrationRefused) as refused:
+                device()
+            assert refused.value.error_code == 400209
+        # the first re-registration named the hub the device was in; the failed one left it with none
+        assert seen[1]["deviceRuntimeContext"]["currentIotHubHostName"] == stack.iothub.hostname
+        assert "currentIotHubHostName" not in seen[2]["deviceRuntimeContext"]
+    finally:
+        server.shutdown()
