@@ -91,6 +91,7 @@ class Settings:
     intermediate_renew_before_days: int = 90
     device_notice_before_days: int = 30
     device_renewals_per_day: int = 3
+    device_renew_before_days: int = 60
     dps_allocation_webhook_url: str | None = field(default=None, repr=False)
     root_warn_before_days: int = 365
 
@@ -299,6 +300,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         intermediate_renew_before_days=_int(env, "INTERMEDIATE_RENEW_BEFORE_DAYS", 90, 1, 3650),
         device_notice_before_days=_int(env, "DEVICE_NOTICE_BEFORE_DAYS", 30, 1, 3650),
         device_renewals_per_day=_int(env, "DEVICE_RENEWALS_PER_DAY", 3, 1, 100),
+        device_renew_before_days=_int(env, "DEVICE_RENEW_BEFORE_DAYS", 60, 1, 3650),
         dps_allocation_webhook_url=_webhook_url(env),
         root_warn_before_days=_int(env, "ROOT_WARN_BEFORE_DAYS", 365, 1, 36500),
         dps_pool=pool,

@@ -103,6 +103,15 @@ class IotHubRegistries:
             self._manager(hub).update_device_with_certificate_authority(
                 device["deviceId"], device["etag"], status, iot_edge=device["iotEdge"], status_reason=reason[:128])
 
+    def set_desired(self, hub: str, device_id: str, desired: Mapping) -> None:
+        """Merge ``desired`` into the device twin's desired properties (UpdateTwin, If-Match ``*``: a merge of
+        our own keys needs no etag); within the same rate as registry operations."""
+        from azure.iot.hub.models import Twin, TwinProperties
+
+        self._bucket.acquire()
+        with _translated(f"twin of {device_id} on {hub}"):
+            self._manager(hub).update_twin(device_id, Twin(properties=TwinProperties(desired=dict(desired))), "*")
+
     def set_statuses(self, hub: str, device_ids: Sequence[str], status: str, reason: str, *,
                      iot_edge: bool = False) -> BulkOutcome:
         """Set many devices' status, ``BULK_LIMIT`` per call (import mode ``update``: a device the hub no longer has

@@ -96,6 +96,7 @@ class Services:
         s = self.settings
         return SweepSettings(renew_before_days=s.intermediate_renew_before_days,
                              notice_before_days=s.device_notice_before_days,
+                             device_renew_before_days=s.device_renew_before_days,
                              root_warn_before_days=s.root_warn_before_days)
 
 

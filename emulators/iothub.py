@@ -171,6 +171,19 @@ class _Device:
         }
 
 
+def _merge_patch(target: dict, patch: dict) -> dict:
+    """RFC 7396 JSON merge patch, as IoT Hub applies twin updates: objects merge, null deletes, the rest replaces."""
+    merged = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_patch(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def _authentication(body: Any) -> dict:
     """The stored authentication of a device; IoT Hub generates SAS keys when none are given."""
     body = body or {"type": "sas"}
@@ -285,6 +298,7 @@ class IotHubEmulator:
             route("PUT", device, self._put),
             route("DELETE", device, self._delete),
             route("GET", r"/twins/(?P<device_id>[^/]+)", self._get_twin),
+            route("PATCH", r"/twins/(?P<device_id>[^/]+)", self._patch_twin),
         ]
 
     # --- what DPS calls on a successful registration ------------------------------------------------
@@ -356,6 +370,34 @@ class IotHubEmulator:
         self._authorize(request, "twins/read")
         with self._lock:
             twin = self._find(unquote(device_id)).twin_json()
+        return Response(200, twin, {"ETag": f'"{twin["etag"]}"'})
+
+    def _patch_twin(self, request: Request, device_id: str) -> Response:
+        """UpdateTwin (PATCH /twins/{id}): ``tags`` and ``properties.desired`` merged into the twin as a JSON merge
+        patch (a null removes the key), ``If-Match`` against the twin's etag (``*`` or absent: any); reported
+        properties are the device's and cannot be set here. Returns the twin with its new version."""
+        self._authorize(request, "twins/write")
+        body = request.json()
+        if not isinstance(body, dict):
+            raise _hub_error(400, "ArgumentInvalid", "the body must be a twin object")
+        properties = body.get("properties") or {}
+        if not isinstance(properties, dict) or "reported" in properties:
+            raise _hub_error(400, "ArgumentInvalid", "reported properties are set by the device, not the back end")
+        desired, tags = properties.get("desired") or {}, body.get("tags") or {}
+        if not isinstance(desired, dict) or not isinstance(tags, dict):
+            raise _hub_error(400, "ArgumentInvalid", "tags and properties.desired must be objects")
+        if_match = request.header("if-match")
+        with self._lock:
+            device = self._find(unquote(device_id))
+            twin_etag = device.twin_json()["etag"]
+            if if_match is not None and _unquote_etag(if_match) not in ("*", twin_etag):
+                raise _hub_error(412, "PreconditionFailed", f"Precondition failed: the twin of {device_id!r} has "
+                                 f"etag {twin_etag!r}, the request sent If-Match {if_match}.")
+            device.desired = _merge_patch(device.desired, {k: v for k, v in desired.items() if not k.startswith("$")})
+            device.tags = _merge_patch(device.tags, tags)
+            device.twin_version += 1
+            device.twin_updated = utc_now()
+            twin = device.twin_json()
         return Response(200, twin, {"ETag": f'"{twin["etag"]}"'})
 
     def _list(self, request: Request) -> Response:

@@ -42,7 +42,7 @@ LOCAL_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
           "keyvault": ("Key Vault Crypto Officer", "PKI Batch Secrets Writer"),
           "rootvault": ("PKI Root Key Signer",),  # custom: get + sign, nothing else (emulators/rbac.py)
           "dps": ("Device Provisioning Service Data Contributor",),
-          "iothub": ("IoT Hub Registry Contributor",)},
+          "iothub": ("IoT Hub Registry Contributor", "IoT Hub Twin Contributor")},
     OPERATOR: {"container:pki-state": ("Storage Blob Data Owner",),  # tag queries (blobs/filter/action): Owner only
                "container:device-batches": ("Storage Blob Data Contributor",),
                "container:device-certificates": ("Storage Blob Data Reader",),

@@ -3,6 +3,9 @@
 - Intermediates expiring within ``renew_before_days`` are renewed by the same code as the
   ``renew-intermediate`` command, with the renewal id ``sweep-DATE``: two sweeps of one day renew once.
   A previous intermediate that has expired leaves its group's secondary slot.
+- Devices expiring within ``device_renew_before_days`` are asked to renew themselves: the desired twin property
+  ``pkiRenewal`` (``{"requested", "notAfter"}``) on their hub device, once per certificate (``renewalRequested``
+  in the record); a device renews through DPS (``renewal``). One that never registered has no twin to ask.
 - Devices expiring within ``notice_before_days`` are found with one blob index tag query
   (``status = 'issued' AND notAfter <= D``), never by reading every record: the work grows with the
   devices found, not with the fleet. Expired ones are marked ``expired``. Each customer with devices
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .enrollments import sync_group
-from .errors import AlreadyExists, Conflict, TransientError
+from .errors import AlreadyExists, Conflict, NotFound, TransientError
+from .hubs import hub_placement
 from .intermediates import RenewalRefused, renew_intermediate
 from .leases import expired, lease_for, stamp, update
 from .ports import Document, MessageQueue, Ports
@@ -49,6 +53,7 @@ log = logging.getLogger("pki.sweep")
 class SweepSettings:
     renew_before_days: int = 90
     notice_before_days: int = 30
+    device_renew_before_days: int = 60  # devices asked to renew (twin desired property pkiRenewal) this early
     root_warn_before_days: int = 365
 
 
@@ -156,11 +161,14 @@ class _Sweep:
 
     # -- devices -----------------------------------------------------------------------------------------------
     def devices(self) -> dict[str, Any]:
-        horizon = (self.now + dt.timedelta(days=self.settings.notice_before_days)).strftime("%Y%m%d")
+        def day(days: int) -> str:
+            return (self.now + dt.timedelta(days=days)).strftime("%Y%m%d")
+        notice, renew = day(self.settings.notice_before_days), day(self.settings.device_renew_before_days)
         store = self.ports.store
-        found = list(store.find(f"\"kind\" = 'device' AND \"status\" = 'issued' AND \"notAfter\" <= '{horizon}'"))
+        found = list(store.find(f"\"kind\" = 'device' AND \"status\" = 'issued' AND \"notAfter\" <= "
+                                f"'{max(notice, renew)}'"))
         by_customer: dict[str, list[dict]] = {}
-        expired = expiring = 0
+        expired = expiring = requested = 0
         for name in found:
             doc = store.get(name)
             if doc is None or doc.data.get("status") != DeviceStatus.ISSUED:
@@ -171,13 +179,38 @@ class _Sweep:
                 expired += 1
                 doc = self._mark(doc, status=DeviceStatus.EXPIRED.value, expiredAt=stamp(self.now))
             else:
+                if device.tags["notAfter"] <= renew:
+                    doc, asked = self._ask_to_renew(doc, device)
+                    requested += asked
+                if device.tags["notAfter"] > notice:
+                    continue  # in the renewal window only: no notice yet
                 expiring += 1
             if doc is not None and not doc.data.get("expiryNotice"):
                 by_customer.setdefault(device.customer_id, []).append({
                     "deviceId": device.device_id, "serial": device.serial, "notAfter": device.not_after,
                     "status": "expired" if is_expired else "expiring", "_doc": doc})
         notices = [self._notify(customer_id, devices) for customer_id, devices in sorted(by_customer.items())]
-        return {"found": len(found), "expiring": expiring, "expired": expired, "notices": notices}
+        return {"found": len(found), "expiring": expiring, "expired": expired, "renewalRequests": requested,
+                "notices": notices}
+
+    def _ask_to_renew(self, doc: Document | None, device: DeviceRecord) -> tuple[Document | None, int]:
+        """``pkiRenewal`` on the device's twin, once per certificate; a hub that is throttled or lacks the device
+        is asked again by tomorrow's sweep."""
+        if doc is None or (doc.data.get("renewalRequested") or {}).get("notAfter") == device.not_after:
+            return doc, 0
+        customer = self.ports.store.get(customer_document(device.customer_id))
+        dps = (customer.data.get("dps") or {}).get("name") if customer else None
+        placement = hub_placement(self.ports.dps.registration(dps, device.device_id), device.hub) if dps else None
+        if placement is None:
+            return doc, 0  # never registered: no twin to ask through
+        value = {"requested": stamp(self.now), "notAfter": device.not_after}
+        try:
+            self.ports.hubs.set_desired(placement["name"], placement["deviceId"], {"pkiRenewal": value})
+        except (NotFound, TransientError):
+            return doc, 0
+        self.ports.audit.append({"at": stamp(self.now), "action": "sweep.renewal-request", "effect": "changed",
+                                 "customer": device.customer_id, "device": device.device_id, **value})
+        return self._mark(doc, renewalRequested={**value, "hub": placement["name"]}), 1
 
     def _mark(self, doc: Document, **changes: Any) -> Document | None:
         """Apply ``changes`` on top of the device as it is (a command may have changed it meanwhile)."""

@@ -167,6 +167,9 @@ class HubRegistry(Protocol):
                      iot_edge: bool = False) -> BulkOutcome:
         """Bulk update of existing devices (a missing one is not created)."""
 
+    def set_desired(self, hub: str, device_id: str, desired: Mapping[str, Any]) -> None:
+        """Merge ``desired`` into the device twin's desired properties; ``NotFound`` if the hub lacks the device."""
+
 
 @dataclass(frozen=True)
 class BulkOutcome:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.errors import AlreadyExists, Conflict
+from handlers.errors import AlreadyExists, Conflict, NotFound
 from handlers.ports import Document
 
 _TERM = re.compile(r"""\s*"([^"]+)"\s*(=|<|>|<=|>=)\s*'([^']*)'\s*""")
@@ -201,6 +201,14 @@ class FakeHubs:
             if current["etag"] != device["etag"]:
                 raise Conflict("device etag mismatch")
             current.update(status=status, etag=str(next(self._etags)))
+
+    def set_desired(self, hub: str, device_id: str, desired) -> None:
+        with self._lock:
+            self.calls += 1
+            current = self.devices.get((hub, device_id))
+            if current is None:
+                raise NotFound(f"device {device_id} on {hub}")
+            current["desired"] = {**current.get("desired", {}), **copy.deepcopy(dict(desired))}
 
     def set_statuses(self, hub: str, device_ids, status: str, reason: str, *, iot_edge: bool = False):
         from handlers.ports import BulkOutcome

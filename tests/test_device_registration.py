@@ -34,7 +34,7 @@ def dps(stack, credential_of) -> DeviceProvisioningClient:
 
 @pytest.fixture
 def registry(stack) -> IoTHubRegistryManager:
-    # the owner policy's SAS: the test reads twins, which the app's role (IoT Hub Registry Contributor) does not grant
+    # the owner policy's SAS: the test reads twins as an operator of the hub would, not as the app
     manager = IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string)
     manager.protocol.config.connection.verify = str(stack.ca_path)
     return manager

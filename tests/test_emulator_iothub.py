@@ -166,13 +166,33 @@ def test_a_principal_without_the_role_is_refused_with_iothubs_401_iothubunauthor
     assert refused.value.response.headers["iothub-errorcode"] == "IotHubUnauthorized"
     assert (f"Principal {stack.principals[OPERATOR].object_id} is not authorized for GET on /devices/{device_id} "
             "due to no assigned permissions") in refused.value.response.json()["Message"]
-    # IoT Hub Registry Contributor is devices/* only: the app may not read twins.
+    # IoT Hub Registry Contributor is devices/*, IoT Hub Twin Contributor twins/*: the app has both.
     app = _trusting(IoTHubRegistryManager.from_token_credential(stack.iothub.hostname, credential_of(APP)), stack)
     assert app.get_device(device_id).status == "enabled"
-    with pytest.raises(HttpOperationError) as twins:
-        app.get_twin(device_id)
-    assert twins.value.response.status_code == 401
+    assert app.get_twin(device_id).device_id == device_id
     # A bulk update needs devices/write and devices/delete (Bulk Update Registry): the registry role has both.
     result = app.bulk_create_or_update_devices([ExportImportDevice(id=device_id, import_mode="update",
                                                                     status="disabled")])
     assert result.is_successful and stack.iothub.device_status(device_id) == "disabled"
+
+
+def test_twin_updates_merge_desired_properties_and_tags_at_the_twins_etag(stack, credential_of):
+    """UpdateTwin (PATCH /twins/{id}): a JSON merge patch of tags and desired properties (null removes), If-Match
+    against the twin's etag; reported properties are the device's."""
+    from azure.iot.hub.models import Twin, TwinProperties
+
+    device_id = f"twin-{secrets.token_hex(3)}"
+    stack.iothub.provision_device(device_id, initial_twin={"tags": {"line": "7"}, "properties": {"desired": {"a": 1}}})
+    app = _trusting(IoTHubRegistryManager.from_token_credential(stack.iothub.hostname, credential_of(APP)), stack)
+    before = app.get_twin(device_id)
+    after = app.update_twin(device_id, Twin(tags={"line": None, "site": "x"}, properties=TwinProperties(
+        desired={"pkiRenewal": {"requested": "2026-12-01"}})), before.etag)
+    assert after.tags == {"site": "x"}
+    assert after.properties.desired["pkiRenewal"] == {"requested": "2026-12-01"} and after.properties.desired["a"] == 1
+    assert after.properties.desired["$version"] == before.properties.desired["$version"] + 1
+    with pytest.raises(HttpOperationError) as stale:
+        app.update_twin(device_id, Twin(properties=TwinProperties(desired={"b": 2})), before.etag)
+    assert stale.value.response.status_code == 412
+    with pytest.raises(HttpOperationError) as reported:
+        app.update_twin(device_id, Twin(properties=TwinProperties(reported={"b": 2})), "*")
+    assert reported.value.response.status_code == 400

@@ -162,3 +162,30 @@ def test_a_sweep_that_fails_for_a_customer_is_retried_by_its_timer_policy_and_co
     assert world.keys.created == created + 2  # one new key per customer across both attempts
     runs = world.store.get(report_document(when.date())).data["runs"]
     assert [r["counts"]["intermediatesRenewed"] for r in runs] == [1, 2]
+
+
+def test_devices_in_the_renewal_window_are_asked_to_renew_through_their_twin_once_per_certificate(world):
+    from handlers.leases import stamp
+
+    from .worlds import HUB
+
+    def day(days: int) -> str:
+        return (NOW + dt.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    world.device("r-1", not_after=day(45))
+    world.device("r-2", not_after=day(45), registered=False)  # no twin to ask through
+    world.device("r-3", not_after=day(90))  # outside the window
+    report = world.sweep(NOW, renew_before_days=1)
+    assert report["devices"]["renewalRequests"] == 1 and report["devices"]["expiring"] == 0
+    asked = {"requested": stamp(NOW), "notAfter": day(45)}
+    assert world.hubs.devices[(HUB, "r-1")]["desired"] == {"pkiRenewal": asked}
+    assert "desired" not in world.hubs.devices[(HUB, "r-3")]
+    assert world.store.get(device_document("r-1")).data["renewalRequested"] == {**asked, "hub": HUB}
+    assert not world.notices()  # 45 days out: asked to renew, not yet noticed
+    calls = world.hubs.calls
+    assert world.sweep(NOW + dt.timedelta(days=1), renew_before_days=1)["devices"]["renewalRequests"] == 0
+    assert world.hubs.calls == calls  # once per certificate
+    doc = world.store.get(device_document("r-1"))  # a new certificate (a renewal or a reissue): asked again in time
+    world.store.replace(doc, {**doc.data, "notAfter": day(50)}, tags=device_tags({**doc.data, "notAfter": day(50)}))
+    assert world.sweep(NOW + dt.timedelta(days=2), renew_before_days=1)["devices"]["renewalRequests"] == 1
+    assert [e["device"] for e in world.audit.events if e["action"] == "sweep.renewal-request"] == ["r-1", "r-1"]

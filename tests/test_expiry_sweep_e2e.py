@@ -102,3 +102,25 @@ def test_two_concurrent_sweeps_renew_once_and_notify_once(env, stack, tmp_path):
     mine = [n for n in notices if n["customerId"] in customers]
     assert sorted(n["customerId"] for n in mine) == sorted(customers)
     assert all(n["count"] == 30 and len(n["devices"]) == 30 for n in mine)
+
+
+def test_the_app_asks_a_registered_device_in_the_renewal_window_to_renew_through_its_twin(env, stack, tmp_path):
+    """The sweep as the app (its identity: IoT Hub Twin Contributor) sets the desired property pkiRenewal on the
+    hub device DPS assigned, once."""
+    from azure.iot.hub import IoTHubRegistryManager
+
+    fleet = Fleet(env, stack, tmp_path)
+    fleet.issue(fleet.acme, ["ask-1"], "ask.jsonl")
+    assert fleet.register(fleet.acme, "ask-1") == stack.iothub.hostname
+    record = fleet.services.store.get(device_document("ask-1")).data
+    when = _at(record["notAfter"]) - dt.timedelta(days=40)
+    hub = IoTHubRegistryManager.from_connection_string(stack.iothub_connection_string)
+    hub.protocol.config.connection.verify = str(stack.ca_path)
+    version = hub.get_twin("ask-1").properties.desired["$version"]
+    sweep = fleet.services.sweep
+    for _ in range(2):
+        report = run_sweep(ports=fleet.services.commands, queue=fleet.services.queue, settings=sweep, now=when)
+    assert report["devices"]["renewalRequests"] == 0  # the first sweep asked
+    desired = hub.get_twin("ask-1").properties.desired
+    assert desired["pkiRenewal"] == {"requested": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "notAfter": record["notAfter"]}
+    assert desired["$version"] == version + 1  # one update
