@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .azurite import REPO, Azurite
+from .azurite import REPO, Azurite, free_port
 
 # Settings a person's shell has where the app has its identity's: on Azure an operator signs in with `az login`
 # (DefaultAzureCredential), so the Functions-host identity settings do not apply to them.
@@ -131,6 +132,9 @@ class LocalStack:
         self.azurite: Azurite | None = None
         self.emulators = None
         self.devhost: subprocess.Popen | None = None
+        # devhost's HTTP port and function key: the app's custom allocation webhook, which DPS calls
+        self.functions_port: int | None = None
+        self.function_key = secrets.token_urlsafe(24)
         self._platform: contextlib.ExitStack | None = None
 
     def start(self) -> LocalStack:
@@ -146,6 +150,7 @@ class LocalStack:
             self._platform = contextlib.ExitStack()
             self._platform.enter_context(platform_environment(self.emulators))
             if self.run_functions:
+                self.functions_port = free_port()
                 self.start_devhost()
         except BaseException:
             self.stop()
@@ -153,8 +158,14 @@ class LocalStack:
         return self
 
     def settings(self) -> dict[str, str]:
-        """The app's settings for this stack: endpoints and identities, no key (local.settings.json holds them)."""
-        return app_settings(self.azurite, self.emulators, **self.extra_settings)
+        """The app's settings for this stack: endpoints and identities, no account key (local.settings.json holds
+        them). With devhost running, groups allocate through its webhook (``DPS_ALLOCATION_WEBHOOK_URL``, with the
+        function key, as on Azure)."""
+        from handlers.renewal import ROUTE
+
+        webhook = {} if self.functions_port is None else {"DPS_ALLOCATION_WEBHOOK_URL": (
+            f"http://127.0.0.1:{self.functions_port}/api/{ROUTE}?code={self.function_key}")}
+        return app_settings(self.azurite, self.emulators, **webhook, **self.extra_settings)
 
     def settings_as(self, principal: str) -> dict[str, str]:
         """The settings of a person of the local tenant (``pki-operator``, ``pki-admin``), as their shell has them."""
@@ -163,7 +174,8 @@ class LocalStack:
     def start_devhost(self) -> None:
         with open(self.state_dir / "devhost.log", "ab") as log:  # the child keeps its own handle
             self.devhost = launch_devhost(["--script-root", str(self.script_root), "--concurrency",
-                                           str(self.concurrency)], {**os.environ, **self.settings()},
+                                           str(self.concurrency), "--webhook-port", str(self.functions_port)],
+                                          {**os.environ, **self.settings(), "DEVHOST_FUNCTION_KEY": self.function_key},
                                           cwd=self.script_root, stdout=log)
 
     def stop_devhost(self, *, kill: bool = False) -> None:

@@ -84,6 +84,11 @@ def sync_group(ports: Ports, customer: dict, now: dt.datetime) -> None:
         group = ports.dps.get_group(dps, customer["customerId"])
         if group is None:
             raise Rejected(f"enrollment group {customer['customerId']} is missing on {dps}: it was deleted by hand")
+        if group.data.get("allocationPolicy") == "custom" and wanted["allocationPolicy"] != "custom":
+            # DPS shows the webhook's key masked, so a group switched away from it cannot be switched back without
+            # the setting: refuse rather than let a run without it (a person's sweep, say) drop the webhook
+            raise Rejected(f"enrollment group {customer['customerId']} allocates through the custom allocation "
+                           "webhook: run with DPS_ALLOCATION_WEBHOOK_URL set as the app has it")
         if _same_group(group.data, wanted):
             return
         try:

@@ -2,7 +2,8 @@
 function_app): root CA, registered and verified in DPS, two customers onboarded through the queue
 (and a rejection), a device batch for
 each, a device exported and registered over mutual TLS, the device disabled by an operator command and
-refused, an intermediate renewed, an expiry sweep rehearsed with a date override.
+refused, an intermediate renewed, an expiry sweep rehearsed with a date override, and a device renewing its own
+certificate through DPS.
 
 It exits 0 only if every step did what it says, and it leaves no process and no file behind.
 """
@@ -199,6 +200,31 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
                   f"{message['devices'][0]['deviceId']} notAfter {message['devices'][0]['notAfter']}", file=out)
         if sorted(m["customerId"] for m in messages) != ["contoso-gmbh", "fabrikam"]:
             print("FAILED: expected one notice per customer", file=out)
+            return 1
+
+        step("10. a device renews its own certificate through DPS: a new key and CSR in its registration payload, "
+             "presenting its current certificate; the app's custom allocation webhook issues from contoso-gmbh's "
+             "intermediate (`pkictl device renew`, acting as the device)")
+        current, renewed_dir = Path(workdir) / "sensor-0001", Path(workdir) / "sensor-0001-renewed"
+        scope = ["--id-scope", records["contoso-gmbh"]["dps"]["idScope"]]
+        if not ok(["device", "export", "contoso-gmbh", "sensor-0001", "--out", str(current), "--include-key"], env):
+            return 1
+        if not ok(["device", "renew", "--cert", str(current / "cert.pem"), "--chain", str(current / "chain.pem"),
+                   "--key", str(current / "device.key"), "--out", str(renewed_dir), *scope], env):
+            return 1
+        print("the renewed certificate registers:", file=out)
+        if not ok(["device", "register", "--cert", str(renewed_dir / "cert.pem"), "--chain",
+                   str(renewed_dir / "chain.pem"), "--key", str(renewed_dir / "device.key"), *scope], env):
+            return 1
+        shown = io.StringIO()
+        if main(["device", "show", "contoso-gmbh", "sensor-0001"], env=env, out=shown) != 0:
+            return 1
+        history = json.loads(shown.getvalue())["certificates"]
+        for certificate in history:
+            print(f"certificate {certificate['serial'][:16]}... issued by {certificate['issuedBy']}, notAfter "
+                  f"{certificate['notAfter']}{' (current)' if certificate.get('current') else ''}", file=out)
+        if [c["issuedBy"] for c in history] != ["renewal", "batch"]:
+            print("FAILED: device show does not list the renewal then the batch certificate", file=out)
             return 1
         if inspect is not None:
             inspect(stack, env)

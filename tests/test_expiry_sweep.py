@@ -189,3 +189,20 @@ def test_devices_in_the_renewal_window_are_asked_to_renew_through_their_twin_onc
     world.store.replace(doc, {**doc.data, "notAfter": day(50)}, tags=device_tags({**doc.data, "notAfter": day(50)}))
     assert world.sweep(NOW + dt.timedelta(days=2), renew_before_days=1)["devices"]["renewalRequests"] == 1
     assert [e["device"] for e in world.audit.events if e["action"] == "sweep.renewal-request"] == ["r-1", "r-1"]
+
+
+def test_a_sweep_whose_identity_may_not_update_twins_warns_once_and_does_the_rest(world):
+    from handlers.errors import NotPermitted
+
+    def refused(*_args):
+        raise NotPermitted("twin of r-1: not permitted (HTTP 401)")
+
+    for device in ("r-1", "r-2"):
+        world.device(device, not_after=(NOW + dt.timedelta(days=20)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    world.hubs.set_desired = refused
+    report = world.sweep(NOW, renew_before_days=1)
+    assert report["devices"]["renewalRequests"] == 0 and report["devices"]["expiring"] == 2
+    assert [w for w in report["warnings"] if "IoT Hub Twin Contributor" in w] == [
+        ("devices were not asked to renew: this identity may not update device twins (IoT Hub Twin Contributor, "
+        "which the app holds); the app's own sweep asks them")]
+    assert len(world.notices()) == 1 and "renewalRequested" not in world.store.get(device_document("r-1")).data

@@ -16,7 +16,7 @@ from pki.keys import KeyType
 
 from .fakes import run_concurrently
 from .worlds import POOL, World
-from .x509_helpers import assert_ca_cert, openssl_verify
+from .x509_helpers import NOW, assert_ca_cert, openssl_verify
 
 
 @pytest.fixture
@@ -205,3 +205,22 @@ def test_with_the_allocation_webhook_configured_groups_allocate_through_it_and_t
     assert group["iotHubs"] == ["hub1.azure-devices.net"]
     record = world.store.get(customer_document("acme")).data
     assert record["parameters"]["allocationPolicy"] == "static" and record["status"] == "active"
+
+
+def test_a_run_without_the_webhook_setting_refuses_to_switch_a_custom_group_back(tmp_path):
+    import dataclasses
+
+    from handlers.enrollments import sync_group
+    from handlers.errors import Rejected
+    from handlers.ports import Ports
+
+    world = World(tmp_path)
+    with_webhook = dataclasses.replace(world.settings, allocation_webhook_url="https://app/api/dps-allocation?code=k")
+    world.settings = with_webhook
+    world.onboard({"customerId": "acme"})
+    customer = world.store.get(customer_document("acme")).data
+    ports = Ports(store=world.store, keys=world.keys, dps=world.groups, hubs=None, files=None, audit=world.audit,
+                  settings=dataclasses.replace(with_webhook, allocation_webhook_url=None))
+    with pytest.raises(Rejected, match="DPS_ALLOCATION_WEBHOOK_URL"):
+        sync_group(ports, {**customer, "status": "disabled"}, NOW)
+    assert world.groups.groups["dps1"]["acme"]["allocationPolicy"] == "custom"
