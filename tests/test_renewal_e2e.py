@@ -45,7 +45,7 @@ def test_a_device_from_a_batch_renews_through_the_webhook_devhost_serves_with_it
                                                                                                  stack):
     settings = {k: v for k, v in env.items() if not k.startswith("_")}
     services = onboarded(settings, "acme", stack)
-    batch = tmp_path / "line.csv"
+    batch = tmp_path / "renew-webhook.csv"  # batch names are per customer in the module's shared Azurite
     batch.write_text("deviceId\nrenew-001\n")
     port, key = free_port(), "e2e-" + os.urandom(12).hex()
     worker = devhost({**env, "DEVHOST_FUNCTION_KEY": key}, "--event-grid", "webhook", "--webhook-port", str(port))
@@ -93,7 +93,7 @@ def test_a_device_exported_from_a_batch_renews_through_dps_and_registers_with_it
     services = onboarded(settings, "acme", stack)
     group = services.groups.get_group("dps1", "acme").data
     assert group["allocationPolicy"] == "custom" and group["customAllocationDefinition"]["webhookUrl"].endswith("?****")
-    batch = tmp_path / "line.csv"
+    batch = tmp_path / "renew-dps.csv"
     batch.write_text("deviceId\nrenew-002\n")
     operator = person_settings(settings, env["_OPERATOR"])
     worker = devhost({**env, **settings, "DEVHOST_FUNCTION_KEY": key}, "--event-grid", "webhook", "--webhook-port",
