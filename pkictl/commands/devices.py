@@ -56,6 +56,19 @@ def _registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
 
 
+def _write_files(out: Path, files: Mapping[str, bytes]) -> Path:
+    """``files`` into ``out``: the device's key material (``device.*``) owner-only, the certificates 0644; an old
+    file is removed first, so a key is never written through its mode or a symlink."""
+    out.mkdir(parents=True, exist_ok=True)
+    for filename, content in files.items():
+        target = out / filename
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if filename.startswith("device.") else 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+    return out
+
+
 def device_export(cli: Cli, args: argparse.Namespace) -> int:
     from handlers.device_files import factory_files
     from handlers.errors import InvalidMessage
@@ -66,15 +79,7 @@ def device_export(cli: Cli, args: argparse.Namespace) -> int:
                                         secrets=services.secrets, with_key=args.include_key)
     except InvalidMessage as exc:
         raise UsageError(f"--include-key: {exc.reason}") from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for filename, content in written.items():
-        target = out / filename
-        target.unlink(missing_ok=True)  # never write a key through an old file's mode or a symlink
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                     0o600 if filename.startswith("device.") else 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
+    out = _write_files(Path(args.out), written)
     cli.say(f"wrote {', '.join(written)} to {out} (serial {record.serial}, notAfter {record.not_after})")
     if args.include_key:
         cli.say("device.key is unencrypted: hand it to the factory line and delete it")
@@ -133,16 +138,9 @@ def device_renew(cli: Cli, args: argparse.Namespace) -> int:
     if problem:
         cli.say(f"{device_id}: the returned certificate was not written: {problem}")
         return PROBLEM
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for filename, content, mode in (("cert.pem", export.cert_pem(renewed), 0o644),
-                                    ("chain.pem", export.chain_pem([renewed, *chain]), 0o644),
-                                    ("device.key", export.key_pem(key), 0o600)):
-        target = out / filename
-        target.unlink(missing_ok=True)  # never write a key through an old file's mode or a symlink
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
+    out = _write_files(Path(args.out), {"cert.pem": export.cert_pem(renewed),
+                                        "chain.pem": export.chain_pem([renewed, *chain]),
+                                        "device.key": export.key_pem(key)})
     cli.say(f"{device_id}: renewed, serial {answer['serial']}, notAfter {answer['notAfter']}; wrote cert.pem, "
             f"chain.pem, device.key to {out}")
     return OK
