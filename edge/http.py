@@ -34,6 +34,10 @@ def run_http(req: func.HttpRequest, *, route: str, services: Callable[[], Servic
     now = dt.datetime.now(dt.UTC)
     try:
         wired = services()
+    except Exception:
+        log.exception("cannot start: settings or clients are broken", extra=context)
+        return _failed(request_id)
+    try:
         answer = handle(body, wired)
     except Rejected as exc:
         where = record_rejection(wired.store, queue=route, message_id=request_id, body=body, reason=exc.reason,
@@ -43,9 +47,13 @@ def run_http(req: func.HttpRequest, *, route: str, services: Callable[[], Servic
         return _json(400, {"error": exc.reason, "field": exc.field, "requestId": request_id})
     except Exception as exc:
         log.exception("request %s to %s failed: %s: %s", request_id, route, type(exc).__name__, exc, extra=context)
-        return _json(500, {"error": "the request could not be completed; try again", "requestId": request_id})
+        return _failed(request_id)
     log.info("request %s to %s: done", request_id, route, extra=context)
     return _json(200, answer)
+
+
+def _failed(request_id: str) -> func.HttpResponse:
+    return _json(500, {"error": "the request could not be completed; try again", "requestId": request_id})
 
 
 def _json(status: int, body: dict) -> func.HttpResponse:
