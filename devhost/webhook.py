@@ -1,9 +1,10 @@
 """The host's HTTP endpoint: its HTTP triggers and the blob extension's webhook.
 
-HTTP triggers: ``/api/{route}`` (host.json's default ``routePrefix``), the methods the trigger lists. A trigger of
-``authLevel`` function takes the function key in the ``code`` query parameter or the ``x-functions-key`` header,
-else 401 (learn.microsoft.com/azure/azure-functions/function-keys-how-to); devhost's one key is
-``DEVHOST_FUNCTION_KEY`` (random, and so unknown, when unset). A function that raises answers 500.
+HTTP triggers: ``/api/{route}`` (``routePrefix`` defaults to ``api``: learn.microsoft.com/azure/azure-functions/
+functions-bindings-http-webhook#hostjson-settings), only the methods the trigger lists (all when it lists none; devhost
+serves GET and POST). A trigger of ``authLevel`` function takes the function key in the ``code`` query parameter or
+the ``x-functions-key`` header, else 401 (learn.microsoft.com/azure/azure-functions/function-keys-how-to); devhost's
+one key is ``DEVHOST_FUNCTION_KEY`` (random, and so unknown, when unset). A function that raises answers 500.
 
 The blob extension webhook, as Event Grid calls it and Core Tools serves it:
 ``POST /runtime/webhooks/blobs?functionName=Host.Functions.NAME`` with header ``aeg-event-type``

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import requests
 from cryptography import x509
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
@@ -59,8 +60,10 @@ PRECONDITION_FAILED = 412001
 # An attestation that passed but could not be completed: the assigned hub did not take the device. DPS documents
 # only the status (500, internal error) for this, so the detail digits are the emulator's pick.
 ASSIGNMENT_FAILED = 500000
-# The custom allocation webhook failed or answered what DPS cannot apply (learn.microsoft.com/azure/iot-dps/
-# concepts-custom-allocation: "If the webhook ... fails, the registration fails"); the digits are the emulator's pick.
+# The custom allocation webhook failed or answered what DPS cannot apply. concepts-custom-allocation has the webhook
+# return the hub ("This must be one of the IoT hubs passed in the linkedHubs property"); without a usable answer there
+# is no hub to assign, so the emulator fails the registration (the stricter reading; DPS documents no code for it,
+# so the digits are the emulator's pick).
 CUSTOM_ALLOCATION_FAILED = 400209
 WEBHOOK_TIMEOUT_S = 30
 
@@ -585,10 +588,10 @@ class DpsInstance:
                     previous: _Registration | None, payload: Any) -> tuple[dict | None, str | None]:
         """POST the AllocationRequest (concepts-custom-allocation) to the entry's webhook; its answer, or why the
         registration fails: the webhook unreachable or answering non-2xx, or a hub that is not linked."""
-        import requests
-
         shown = self._response(_GROUP if group_id is not None else _INDIVIDUAL, _Record(body, {})).body
         shown["attestation"] = {"type": "x509"}  # as the docs' example shows it: the type, no certificates
+        # concepts-custom-allocation says only that x509 "contains certificate details"; webhooks in the field read
+        # the presented certificate from x509.clientCertificate as base64 DER, which is what is sent here
         context: dict[str, Any] = {"registrationId": registration_id,
                                    "x509": {"clientCertificate": base64.b64encode(der(leaf)).decode()}}
         if previous is not None and previous.state.get("assignedHub"):
@@ -704,6 +707,9 @@ class DpsDeviceEndpoint:
         if body is not None and (not isinstance(body, dict)
                                  or body.get("registrationId", registration_id) != registration_id):
             raise dps_error(400, INVALID_ARGUMENT, "registrationId in the body differs from the one in the URI")
+        if body and body.get("payload") is not None and not isinstance(body["payload"], dict):
+            # how-to-send-additional-data: "The payload property must be a JSON object"
+            raise dps_error(400, INVALID_ARGUMENT, "payload must be a JSON object")
         state = instance.register(registration_id, request.peer_chain, utc_now(),
                                   payload=body.get("payload") if body else None)
         operation_id = f"5.{secrets.token_hex(8)}.{uuid.uuid4()}"

@@ -184,6 +184,18 @@ def _merge_patch(target: dict, patch: dict) -> dict:
     return merged
 
 
+def _bad_twin_key(document: dict) -> str | None:
+    """The first key, at any depth, that a twin may not hold (iot-hub-devguide-device-twins)."""
+    for key, value in document.items():
+        if not key or any(c in ".$ " or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in key):
+            return key
+        if isinstance(value, dict):
+            nested = _bad_twin_key(value)
+            if nested is not None:
+                return nested
+    return None
+
+
 def _authentication(body: Any) -> dict:
     """The stored authentication of a device; IoT Hub generates SAS keys when none are given."""
     body = body or {"type": "sas"}
@@ -373,9 +385,11 @@ class IotHubEmulator:
         return Response(200, twin, {"ETag": f'"{twin["etag"]}"'})
 
     def _patch_twin(self, request: Request, device_id: str) -> Response:
-        """UpdateTwin (PATCH /twins/{id}): ``tags`` and ``properties.desired`` merged into the twin as a JSON merge
-        patch (a null removes the key), ``If-Match`` against the twin's etag (``*`` or absent: any); reported
-        properties are the device's and cannot be set here. Returns the twin with its new version."""
+        """UpdateTwin (PATCH /twins/{id}, the IoT Hub service API): ``tags`` and ``properties.desired`` merged into
+        the twin as a JSON merge patch (a null removes the key), ``If-Match`` against the twin's etag (``*`` or
+        absent: any). Reported properties "can be written only by the device" and twin keys exclude control
+        characters, '.', '$' and space (learn.microsoft.com/azure/iot-hub/iot-hub-devguide-device-twins): both are
+        refused. Returns the twin with its new version."""
         self._authorize(request, "twins/write")
         body = request.json()
         if not isinstance(body, dict):
@@ -386,6 +400,10 @@ class IotHubEmulator:
         desired, tags = properties.get("desired") or {}, body.get("tags") or {}
         if not isinstance(desired, dict) or not isinstance(tags, dict):
             raise _hub_error(400, "ArgumentInvalid", "tags and properties.desired must be objects")
+        bad = _bad_twin_key(desired) or _bad_twin_key(tags)
+        if bad is not None:
+            raise _hub_error(400, "ArgumentInvalid", f"twin key {bad!r}: keys exclude control characters, '.', '$' "
+                             "and space")
         if_match = request.header("if-match")
         with self._lock:
             device = self._find(unquote(device_id))
@@ -393,7 +411,7 @@ class IotHubEmulator:
             if if_match is not None and _unquote_etag(if_match) not in ("*", twin_etag):
                 raise _hub_error(412, "PreconditionFailed", f"Precondition failed: the twin of {device_id!r} has "
                                  f"etag {twin_etag!r}, the request sent If-Match {if_match}.")
-            device.desired = _merge_patch(device.desired, {k: v for k, v in desired.items() if not k.startswith("$")})
+            device.desired = _merge_patch(device.desired, desired)
             device.tags = _merge_patch(device.tags, tags)
             device.twin_version += 1
             device.twin_updated = utc_now()

@@ -76,6 +76,7 @@ class _Sweep:
         self.day = now.date()
         self.owner = secrets.token_hex(8)
         self.warnings: list[str] = []
+        self._placements: dict[str, str | None] = {}
         self.notice_tags = {"kind": "expiry-notice", "date": self.day.strftime("%Y%m%d")}
 
     def notices_of_the_day(self) -> list[dict]:
@@ -198,8 +199,7 @@ class _Sweep:
         is asked again by tomorrow's sweep."""
         if doc is None or (doc.data.get("renewalRequested") or {}).get("notAfter") == device.not_after:
             return doc, 0
-        customer = self.ports.store.get(customer_document(device.customer_id))
-        dps = (customer.data.get("dps") or {}).get("name") if customer else None
+        dps = self._dps_of(device.customer_id)
         placement = hub_placement(self.ports.dps.registration(dps, device.device_id), device.hub) if dps else None
         if placement is None:
             return doc, 0  # never registered: no twin to ask through
@@ -216,6 +216,13 @@ class _Sweep:
         self.ports.audit.append({"at": stamp(self.now), "action": "sweep.renewal-request", "effect": "changed",
                                  "customer": device.customer_id, "device": device.device_id, **value})
         return self._mark(doc, renewalRequested={**value, "hub": placement["name"]}), 1
+
+    def _dps_of(self, customer_id: str) -> str | None:
+        """The DPS instance holding the customer's group, read once per sweep."""
+        if customer_id not in self._placements:
+            customer = self.ports.store.get(customer_document(customer_id))
+            self._placements[customer_id] = (customer.data.get("dps") or {}).get("name") if customer else None
+        return self._placements[customer_id]
 
     def _mark(self, doc: Document, **changes: Any) -> Document | None:
         """Apply ``changes`` on top of the device as it is (a command may have changed it meanwhile)."""

@@ -344,6 +344,9 @@ def test_a_custom_allocation_group_asks_its_webhook_and_a_failing_webhook_fails_
         assert presented == chain.device.public_bytes(serialization.Encoding.DER)
         assert request["linkedHubs"] == [stack.iothub.hostname]
         assert request["enrollmentGroup"]["customAllocationDefinition"]["webhookUrl"].endswith("?****")
+        with pytest.raises(RegistrationRefused) as not_an_object:  # how-to-send-additional-data: a JSON object
+            device(["not", "an", "object"])
+        assert not_an_object.value.error_code == 400004 and len(seen) == 1
         for answer in ((500, {}), (200, {"iotHubHostName": "elsewhere.azure-devices.net"})):
             answers.append(answer)
             with pytest.raises(RegistrationRefused) as refused:

@@ -196,3 +196,7 @@ def test_twin_updates_merge_desired_properties_and_tags_at_the_twins_etag(stack,
     with pytest.raises(HttpOperationError) as reported:
         app.update_twin(device_id, Twin(properties=TwinProperties(reported={"b": 2})), "*")
     assert reported.value.response.status_code == 400
+    for key in ("$version", "a.b", "with space"):  # twin keys exclude '.', '$' and space, at any depth
+        with pytest.raises(HttpOperationError) as bad:
+            app.update_twin(device_id, Twin(properties=TwinProperties(desired={"ok": {key: 1}})), "*")
+        assert bad.value.response.status_code == 400 and key in bad.value.response.json()["Message"]
