@@ -24,10 +24,10 @@ from pki.csr import accept_csr
 from pki.errors import InvalidInput
 from pki.ids import registration_id_problem
 from pki.keys import KeyType, generate_key
-from pki.signing import remote_key
 
 from . import batch_format
 from .chunk_leases import Heartbeat, claim_chunk
+from .enrollments import intermediate_signer
 from .errors import AlreadyExists, Conflict, InvalidMessage, TransientError
 from .leases import release, stamp, update
 from .ports import (
@@ -78,8 +78,7 @@ class _Issuer:
         issuer_pem = customer.intermediate.get("issuerCertificatePem")
         root = x509.load_pem_x509_certificate(issuer_pem.encode()) if issuer_pem else load_root(store, keys).certificate
         self.cas = [self.intermediate, root]
-        key = keys.get_key(customer.key["name"], customer.key["version"])
-        self.signer = remote_key(key.public_key, keys.signer(key))
+        self.signer = intermediate_signer(customer, keys)
 
     def row(self, row: batch_format.Row, duplicate_of: int | None, same_key_as: int | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {"row": row.index, "deviceId": row.device_id}

@@ -9,11 +9,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from pki import export, profiles
+from pki.keys import PrivateKey
+from pki.signing import remote_key
 
 from .dps_pool import DpsInstance, OnboardingSettings
 from .errors import Conflict, Rejected, TransientError
 from .leases import stamp
 from .ports import DocumentStore, KeyStore, Ports
+from .records import CustomerRecord
 from .root import load_root, root_signer
 
 _ATTEMPTS = 8
@@ -25,6 +28,12 @@ def placed_instance(pool: Sequence[DpsInstance], record: dict) -> DpsInstance:
             return instance
     raise Rejected(f"customer {record['customerId']} is placed on DPS instance {record['dps']['name']!r}, which is "
                    "no longer in DPS_INSTANCES; restore it there")
+
+
+def intermediate_signer(customer: CustomerRecord, keys: KeyStore) -> PrivateKey:
+    """The customer's current intermediate key as a signer: each signature is made in the key store."""
+    key = keys.get_key(customer.key["name"], customer.key["version"])
+    return remote_key(key.public_key, keys.signer(key))
 
 
 def issue_intermediate(record: dict, public_key, *, store: DocumentStore, keys: KeyStore,

@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pki import export, profiles
 from pki.csr import accept_csr
 from pki.errors import InvalidInput
-from pki.signing import remote_key
 
+from .enrollments import intermediate_signer
 from .errors import Conflict, InvalidMessage
 from .leases import stamp
 from .ports import AuditLog, DocumentStore, KeyStore
@@ -208,10 +208,8 @@ class _Renewal:
                 x509.load_pem_x509_certificate(device.certificate_pem.encode()).public_key()):
             raise _Refused("pkiRenewal.csr: its key is the current certificate's; a renewal needs a new key")
         intermediate = x509.load_pem_x509_certificate(customer.intermediate["certificatePem"].encode())
-        key = self.keys.get_key(customer.key["name"], customer.key["version"])
-        signer = remote_key(key.public_key, self.keys.signer(key))  # Key Vault signs
-        issued = profiles.issue_device(issuer=intermediate, issuer_key=signer, public_key=public_key,
-                                       device_id=request.registration_id, now=self.now,
+        issued = profiles.issue_device(issuer=intermediate, issuer_key=intermediate_signer(customer, self.keys),
+                                       public_key=public_key, device_id=request.registration_id, now=self.now,
                                        validity_days=self.settings.validity_days)
         summary = export.summary(issued.certificate)
         pem = export.cert_pem(issued.certificate).decode()
