@@ -208,6 +208,13 @@ class _TlsIO(io.RawIOBase):
         return len(data)
 
 
+def presented_chain(conn: SSL.Connection) -> list[x509.Certificate]:
+    """The certificates the client presented in the handshake, leaf first, unverified."""
+    leaf = conn.get_peer_certificate(as_cryptography=True)
+    chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+    return ([leaf] if leaf is not None else []) + [c for c in chain if c != leaf]
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: EmulatorServer
@@ -227,9 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile = io.BytesIO()
             return
         if self.server.client_auth:
-            leaf = self.connection.get_peer_certificate(as_cryptography=True)
-            chain = self.connection.get_peer_cert_chain(as_cryptography=True) or []
-            self.peer_chain = ([leaf] if leaf is not None else []) + [c for c in chain if c != leaf]
+            self.peer_chain = presented_chain(self.connection)
         self.rfile = io.BufferedReader(_TlsIO(self.connection))
         self.wfile = _TlsIO(self.connection)
 
@@ -289,9 +294,11 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, name: str, routes: list[Route], identity: ServerIdentity | None, *, client_auth: bool = False,
                  port: int = 0, faults: Faults | None = None, recorder: list | None = None,
-                 refusal: Refusal = key_vault_refusal):
+                 refusal: Refusal = key_vault_refusal, host: str = "127.0.0.1",
+                 handler: type[socketserver.BaseRequestHandler] = _Handler):
         """``identity`` None serves plain HTTP: only for the managed identity endpoint, which is plain HTTP on
-        loopback on Azure as well (``IDENTITY_ENDPOINT`` is ``http://localhost:.../msi/token``)."""
+        loopback on Azure as well (``IDENTITY_ENDPOINT`` is ``http://localhost:.../msi/token``). ``handler``: another
+        protocol on the same TLS (the DPS MQTT endpoint, emulators/dps_mqtt.py)."""
         self.name = name
         self.routes = routes
         self.client_auth = client_auth
@@ -300,7 +307,7 @@ class EmulatorServer(socketserver.ThreadingTCPServer):
         self._connections: set[SSL.Connection] = set()
         self._lock = threading.Lock()
         self._context = self._make_context(identity, client_auth) if identity is not None else None
-        super().__init__(("127.0.0.1", port), _Handler)
+        super().__init__((host, port), handler)
         self.port = self.server_address[1]
         self._thread: threading.Thread | None = None
 

@@ -691,26 +691,34 @@ class DpsDeviceEndpoint:
             route("GET", registration + r"/operations/(?P<operation_id>[^/]+)", self._operation),
         ]
 
-    def _instance(self, request: Request, id_scope: str) -> DpsInstance:
-        if not request.query.get("api-version"):
+    def _instance(self, id_scope: str, api_version: str | None) -> DpsInstance:
+        if not api_version:
             raise dps_error(400, INVALID_ARGUMENT, "api-version is required")
-        instance = self.instances.get(unquote(id_scope))
+        instance = self.instances.get(id_scope)
         if instance is None:
-            raise dps_error(404, UNKNOWN_ID_SCOPE, f"ID scope {unquote(id_scope)!r} not found")
+            raise dps_error(404, UNKNOWN_ID_SCOPE, f"ID scope {id_scope!r} not found")
         return instance
 
     def _register(self, request: Request, id_scope: str, registration_id: str) -> Response:
-        """Attest now (DPS answers an X.509 refusal on the register call itself); the device then polls."""
-        instance = self._instance(request, id_scope)
-        registration_id = unquote(registration_id)
-        body = request.json()
+        return self.register(unquote(id_scope), unquote(registration_id), request.query.get("api-version"),
+                             request.peer_chain, request.json())
+
+    def _operation(self, request: Request, id_scope: str, registration_id: str, operation_id: str) -> Response:
+        return self.operation_status(unquote(id_scope), unquote(registration_id), request.query.get("api-version"),
+                                     request.peer_chain, unquote(operation_id))
+
+    def register(self, id_scope: str, registration_id: str, api_version: str | None,
+                 peer_chain: list[x509.Certificate], body: Any) -> Response:
+        """Attest now (DPS answers an X.509 refusal on the register call itself); the device then polls. The same
+        for HTTPS and MQTT (emulators/dps_mqtt.py): only how the answer travels differs."""
+        instance = self._instance(id_scope, api_version)
         if body is not None and (not isinstance(body, dict)
                                  or body.get("registrationId", registration_id) != registration_id):
             raise dps_error(400, INVALID_ARGUMENT, "registrationId in the body differs from the one in the URI")
         if body and body.get("payload") is not None and not isinstance(body["payload"], dict):
             # how-to-send-additional-data: "The payload property must be a JSON object"
             raise dps_error(400, INVALID_ARGUMENT, "payload must be a JSON object")
-        state = instance.register(registration_id, request.peer_chain, utc_now(),
+        state = instance.register(registration_id, peer_chain, utc_now(),
                                   payload=body.get("payload") if body else None)
         operation_id = f"5.{secrets.token_hex(8)}.{uuid.uuid4()}"
         with self._lock:
@@ -718,24 +726,24 @@ class DpsDeviceEndpoint:
         return Response(202, {"operationId": operation_id, "status": "assigning"},
                         {"Retry-After": str(self.retry_after_s)})
 
-    def _operation(self, request: Request, id_scope: str, registration_id: str, operation_id: str) -> Response:
+    def operation_status(self, id_scope: str, registration_id: str, api_version: str | None,
+                         peer_chain: list[x509.Certificate], operation_id: str) -> Response:
         """The first poll answers 202 "assigning" (so clients must honour Retry-After and poll again), then 200
         with the outcome: ``assigned``, ``disabled`` or ``failed``, and the registration state
         (device.json: OperationStatusLookup declares 202 while the operation runs and 200 when it is done)."""
-        instance = self._instance(request, id_scope)
-        registration_id = unquote(registration_id)
-        if not request.peer_chain or _common_name(request.peer_chain[0]) != registration_id:
+        instance = self._instance(id_scope, api_version)
+        if not peer_chain or _common_name(peer_chain[0]) != registration_id:
             raise dps_error(401, UNAUTHORIZED, "Unauthorized: present the certificate of the registering device")
         with self._lock:
-            operation = self._operations.get(unquote(operation_id))
+            operation = self._operations.get(operation_id)
             if operation is None or (operation.id_scope, operation.registration_id) != (instance.id_scope,
                                                                                         registration_id):
-                raise dps_error(404, NOT_FOUND, f"operation {unquote(operation_id)!r} not found for registration "
+                raise dps_error(404, NOT_FOUND, f"operation {operation_id!r} not found for registration "
                                 f"{registration_id!r}")
             operation.polls += 1
             if operation.polls == 1:
-                return Response(202, {"operationId": unquote(operation_id), "status": "assigning"},
+                return Response(202, {"operationId": operation_id, "status": "assigning"},
                                 {"Retry-After": str(self.retry_after_s)})
             state = copy.deepcopy(operation.registration_state)
-            return Response(200, {"operationId": unquote(operation_id), "status": state["status"],
+            return Response(200, {"operationId": operation_id, "status": state["status"],
                                   "registrationState": state})

@@ -26,6 +26,7 @@ from pathlib import Path
 from .arm import ResourceManagerEmulator, arm_refusal
 from .core import EmulatorServer, Faults, Refusal, key_vault_refusal
 from .dps import DpsDeviceEndpoint, DpsInstance, dps_refusal
+from .dps_mqtt import DpsMqttServer
 from .identity import DPS, IOT_HUB, VAULT, EntraGuard, LocalIdentity, TokenIssuer
 from .iothub import IotHubEmulator, hub_refusal
 from .keyvault import KeyVaultEmulator
@@ -138,7 +139,9 @@ class EmulatorStack:
             self.iothub.hostname = f"127.0.0.1:{hub_server.port}"
             for dps in self.dps:
                 dps.endpoint = self._serve(dps.name, dps.routes(), dps_refusal).url
-            self._serve("dps-device", self.device_endpoint.routes(), dps_refusal, client_auth=True)
+            device = self._serve("dps-device", self.device_endpoint.routes(), dps_refusal, client_auth=True)
+            # the same registrations over MQTT, as the device SDKs reach DPS; one quota for both
+            self.servers["dps-mqtt"] = DpsMqttServer(self.device_endpoint, self.tls, device.gate).start()
             self._serve("arm", self.arm.routes(), arm_refusal)
         except Exception:
             self.stop()
@@ -158,7 +161,8 @@ class EmulatorStack:
         self.servers.clear()
 
     def faults(self, service: str, **settings) -> None:
-        """Set injected faults on one service (``keyvault``, ``rootvault``, ``iothub``, ``dps1``..., ``dps-device``)."""
+        """Set injected faults on one service (``keyvault``, ``rootvault``, ``iothub``, ``dps1``..., ``dps-device``,
+        which is the MQTT endpoint's as well)."""
         self.servers[service].gate.faults = Faults.from_dict(settings)
 
     def azure_quotas(self) -> None:
@@ -192,6 +196,11 @@ class EmulatorStack:
         return self.servers["dps-device"].url
 
     @property
+    def device_mqtt_host(self) -> str:
+        """The DPS MQTT endpoint's address (port 8883): a device SDK's ``provisioning_host``."""
+        return self.servers["dps-mqtt"].host
+
+    @property
     def iothub_connection_string(self) -> str:
         return (f"HostName={self.iothub.hostname};SharedAccessKeyName=iothubowner;"
                 f"SharedAccessKey={self.iothub.shared_access_key}")
@@ -212,8 +221,10 @@ class EmulatorStack:
             "keyVaultUrl": self.keyvault_url, "rootKeyVaultUrl": self.rootvault_url,
             "iotHub": {"hostname": self.iothub.hostname, "connectionString": self.iothub_connection_string},
             "dps": [d.as_dict() for d in self.dps_info()],
-            "dpsDeviceEndpoint": self.device_endpoint_url, "armEndpoint": self.arm_url,
-            "admin": {name: f"{server.url}/_emulator/faults" for name, server in self.servers.items()},
+            "dpsDeviceEndpoint": self.device_endpoint_url, "dpsMqttHost": self.device_mqtt_host,
+            "armEndpoint": self.arm_url,
+            "admin": {name: f"{server.url}/_emulator/faults" for name, server in self.servers.items()
+                      if name != "dps-mqtt"},  # its quota is dps-device's
         }
 
     def __enter__(self) -> EmulatorStack:

@@ -61,7 +61,8 @@ def _describe(stack: LocalStack, settings_path: Path) -> dict:
         "keyVault": emulators.keyvault_url, "rootKeyVault": emulators.rootvault_url,
         "iotHub": emulators.iothub.hostname,
         "dps": [{"name": d.name, "endpoint": d.endpoint, "idScope": d.id_scope} for d in emulators.dps_info()],
-        "dpsDeviceEndpoint": emulators.device_endpoint_url, "emulatorCa": str(emulators.ca_path),
+        "dpsDeviceEndpoint": emulators.device_endpoint_url, "dpsMqttHost": emulators.device_mqtt_host,
+        "emulatorCa": str(emulators.ca_path),
         "devhostLog": str(stack.state_dir / "devhost.log") if stack.run_functions else None,
     }
 
@@ -74,7 +75,8 @@ def _print_summary(info: dict, out: TextIO) -> None:
           file=out)
     for dps in info["dps"]:
         print(f"  DPS {dps['name']:<15} {dps['endpoint']}  idScope {dps['idScope']}", file=out)
-    print(f"  DPS device endpoint {info['dpsDeviceEndpoint']}", file=out)
+    print(f"  DPS device endpoint {info['dpsDeviceEndpoint']}  (HTTPS); MQTT {info['dpsMqttHost']}:8883 (device SDKs' "
+          "provisioning_host)", file=out)
     print(f"  IoT Hub emulator    {info['iotHub']}", file=out)
     print(f"  identity endpoint   {info['identityEndpoint']}  (IDENTITY_ENDPOINT, as on Azure Functions)", file=out)
     if info.get("devhostLog"):
