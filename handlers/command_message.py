@@ -14,10 +14,12 @@ from .records import check_customer_id
 QUEUE = "pki-commands"
 
 
-COMMANDS = ("disable-device", "enable-device", "disable-customer", "enable-customer", "renew-intermediate")
+COMMANDS = ("disable-device", "enable-device", "disable-customer", "enable-customer", "renew-intermediate",
+            "enable-custom-allocation", "disable-custom-allocation")
 
 
 DEVICE_COMMANDS = ("disable-device", "enable-device")
+ALLOCATION_COMMANDS = ("enable-custom-allocation", "disable-custom-allocation")
 
 
 @dataclass(frozen=True)

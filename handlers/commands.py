@@ -1,5 +1,5 @@
 """Use case: an operator command from ``pki-commands`` -> devices and customers disabled/enabled in IoT Hub
-and DPS, intermediates renewed.
+and DPS, a customer's group switched to or from custom allocation (the webhook), intermediates renewed.
 
 Each target record (device or customer) keeps the last command applied to it (``lastCommand``: its id,
 its order key and whether its side effects are done). A command is ordered by its enqueue time, then its
@@ -8,7 +8,8 @@ audited; one of the same second, which insertion times cannot order, is applied 
 enable of one device racing on two instances end in the state of the later one. The record is written first (the
 desired state), then DPS and IoT Hub are brought to it; a run that finds a newer desired state after its side
 effects applies that one too, so the last writer's state is what DPS and the hub end with. A redelivered command
-finds its state applied: a no-op.
+finds its state applied: a no-op. A customer's allocation is a state of its own, with its own last command
+(``lastAllocationCommand``): a status command never supersedes an allocation command, or the other way round.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import datetime as dt
 import time
 from typing import Any
 
-from .command_message import DEVICE_COMMANDS, Command, command_id, enqueued_before, order_key
+from .command_message import ALLOCATION_COMMANDS, DEVICE_COMMANDS, Command, command_id, enqueued_before, order_key
 from .enrollments import sync_group
 from .errors import AlreadyExists, Conflict, Rejected, TransientError
 from .hubs import assigned, hub_placement, registered_through, remember_hub_devices
@@ -37,6 +38,8 @@ from .records import (
 
 _ATTEMPTS = 8
 SAME_COMMAND_WAIT_S = 20.0  # how long a second delivery waits for the first to finish before taking over
+# Each state a command sets, and the field of the record that keeps the last command applied to it.
+_LAST = {"status": "lastCommand", "allocation": "lastAllocationCommand"}
 
 
 class _Run:
@@ -44,6 +47,8 @@ class _Run:
         self.command, self.delivery, self.ports, self.now, self.sleep = command, delivery, ports, now, sleep
         self.order = order_key(command, delivery)
         self.id = command_id(command, delivery)
+        self.field = "allocation" if command.command in ALLOCATION_COMMANDS else "status"  # the state it sets
+        self.slot = _LAST[self.field]
 
     def audit(self, effect: str, before: Any, after: Any, **extra: Any) -> None:
         self.ports.audit.append({
@@ -65,12 +70,14 @@ class _Run:
                            "finish its onboarding first", field="customerId")
         return doc
 
-    def desire(self, name: str, read, wanted: str, changes) -> tuple[Any, str | None]:
-        """Record the desired state; returns the record and None, or the record and the no-op reason."""
+    def desire(self, name: str, read, wanted: str, changes, current=None) -> tuple[Any, str | None]:
+        """Record the desired state (the record's ``self.field``; ``current`` reads it where the record may not
+        hold it yet); returns the record and None, or the record and the no-op reason."""
+        current = current or (lambda data: data.get(self.field))
         waited = 0.0
         for _ in range(_ATTEMPTS + int(SAME_COMMAND_WAIT_S / 0.5)):
             doc = read()
-            last = doc.data.get("lastCommand") or {}
+            last = doc.data.get(self.slot) or {}
             if last.get("id") == self.id:  # the same command again (redelivered, or sent twice with one requestId)
                 if last.get("applied"):
                     return doc, f"already applied by this command ({self.id})"
@@ -81,16 +88,15 @@ class _Run:
                 return doc, None  # that run is gone: finish its work
             if enqueued_before(self.order, last.get("order", "")):
                 return doc, f"superseded by the later {last.get('command')} ({last.get('id')})"
-            if doc.data["status"] == wanted and last.get("applied", True):
+            if current(doc.data) == wanted and last.get("applied", True):
                 if last.get("order", "") < self.order:  # remember it: an older, opposite command is superseded
-                    data = {**doc.data, "lastCommand": {**self.last(), "applied": True}}
+                    data = {**doc.data, self.slot: {**self.last(), "applied": True}}
                     try:
                         doc = self.ports.store.replace(doc, data, tags=self.tags(data))
                     except Conflict:
                         continue
-                return doc, f"already {wanted}"
-            data = {**changes(doc.data), "status": wanted, "lastCommand": self.last(),
-                    "updatedAt": stamp(self.now)}
+                return doc, f"already {wanted}" if self.field == "status" else f"{self.field} already {wanted}"
+            data = {**changes(doc.data), self.field: wanted, self.slot: self.last(), "updatedAt": stamp(self.now)}
             try:
                 return self.ports.store.replace(doc, data, tags=self.tags(data)), None
             except Conflict:
@@ -104,15 +110,20 @@ class _Run:
         """Bring DPS/IoT Hub to the record's desired state until no newer command has landed meanwhile, then
         mark the command applied. Whoever writes a desired state last also applies last. ``apply`` may return
         fields it learned (where the device lives) to keep in the record."""
+        def orders(data: dict) -> list[str | None]:
+            return [(data.get(slot) or {}).get("order") for slot in _LAST.values()]
+
         for _ in range(_ATTEMPTS):
             doc = read()
             learned = apply(doc.data) or {}
             again = read()
-            if (again.data.get("lastCommand") or {}).get("order") != (doc.data.get("lastCommand") or {}).get("order"):
-                continue  # a newer command changed the desired state while this one applied: apply that too
-            last = {**again.data["lastCommand"], "applied": True}
+            if orders(again.data) != orders(doc.data):
+                # a newer command (of either state: both shape the group) changed the desired state while this one
+                # applied: apply that too
+                continue
+            last = {**again.data[self.slot], "applied": True}
             try:
-                return self.ports.store.replace(again, {**again.data, **learned, "lastCommand": last},
+                return self.ports.store.replace(again, {**again.data, **learned, self.slot: last},
                                                 tags=self.tags(again.data))
             except Conflict:
                 continue
@@ -274,11 +285,39 @@ def _customer_command(run: _Run) -> str:
             + (f", {len(touched)} hub devices" if touched else ""))
 
 
+def _allocation_command(run: _Run) -> str:
+    """``enable-custom-allocation``: the customer's group allocates through the app's webhook (and so its devices
+    can renew through DPS); ``disable-custom-allocation``: DPS allocates by the customer's recorded policy itself,
+    and renewal payloads go unanswered. The record keeps the choice (``allocation``: ``custom`` or ``direct``)."""
+    command, ports = run.command, run.ports
+    url = ports.settings.allocation_webhook_url
+    wanted = "custom" if command.command == "enable-custom-allocation" else "direct"
+    if wanted == "custom" and not url:
+        raise Rejected("the app has no DPS_ALLOCATION_WEBHOOK_URL, so DPS has no webhook to call: set it (README, "
+                       "Settings) before enabling custom allocation", field="command")
+    customer = run.customer().data
+    group = ports.dps.get_group(customer["dps"]["name"], command.customer_id)
+    # before: as the group in DPS has it (a record without a choice follows the setting, which groups take only when
+    # the service next rewrites them)
+    before = "custom" if group is not None and group.data.get("allocationPolicy") == "custom" else "direct"
+    # only the record's own choice counts as done: the command makes the group follow it
+    doc, noop = run.desire(customer_document(command.customer_id), run.customer, wanted, lambda data: data,
+                           current=lambda data: data.get("allocation"))
+    if noop:
+        run.audit("no-op", before, wanted, why=noop)
+        return f"customer {command.customer_id}: {noop} (no-op)"
+    run.settle(run.customer, lambda customer: sync_group(ports, customer, run.now))
+    run.audit("changed", before, wanted, policy=doc.data["parameters"].get("allocationPolicy") or "hashed")
+    return f"customer {command.customer_id}: allocation {before} -> {wanted}"
+
+
 def run_command(command: Command, delivery: Delivery, *, ports: Ports, now: dt.datetime,
                 sleep=time.sleep) -> str:
     run = _Run(command, delivery, ports, now, sleep)
     if command.command in DEVICE_COMMANDS:
         return _device_command(run)
+    if command.command in ALLOCATION_COMMANDS:
+        return _allocation_command(run)
     if command.command == "renew-intermediate":
         run.customer()
         outcome = renew_intermediate(command.customer_id, renewal_id=run.id, reason=command.reason,

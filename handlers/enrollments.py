@@ -55,6 +55,13 @@ def issue_intermediate(record: dict, public_key, *, store: DocumentStore, keys: 
 WEBHOOK_API_VERSION = "2021-10-01"
 
 
+def allocation_of(record: dict, webhook_url: str | None) -> str:
+    """How the customer's group allocates: ``custom`` (through the app's webhook) or ``direct`` (DPS applies the
+    recorded policy). The record's ``allocation`` (set by ``enable``/``disable-custom-allocation``) decides; a
+    record without one follows the app: custom when ``DPS_ALLOCATION_WEBHOOK_URL`` is set."""
+    return record.get("allocation") or ("custom" if webhook_url else "direct")
+
+
 def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = None,
                webhook_url: str | None = None) -> dict:
     """The DPS enrollment group for a customer (camelCase, as the DPS REST API takes it): its intermediate as
@@ -77,7 +84,7 @@ def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = No
     }
     if parameters.get("initialTwin"):
         body["initialTwin"] = parameters["initialTwin"]
-    if webhook_url:
+    if webhook_url and allocation_of(record, webhook_url) == "custom":
         body["allocationPolicy"] = "custom"
         body["customAllocationDefinition"] = {"webhookUrl": webhook_url, "apiVersion": WEBHOOK_API_VERSION}
     return body
@@ -93,9 +100,11 @@ def sync_group(ports: Ports, customer: dict, now: dt.datetime) -> None:
         group = ports.dps.get_group(dps, customer["customerId"])
         if group is None:
             raise Rejected(f"enrollment group {customer['customerId']} is missing on {dps}: it was deleted by hand")
-        if group.data.get("allocationPolicy") == "custom" and wanted["allocationPolicy"] != "custom":
+        if (group.data.get("allocationPolicy") == "custom" and wanted["allocationPolicy"] != "custom"
+                and customer.get("allocation") != "direct"):
             # DPS shows the webhook's key masked, so a group switched away from it cannot be switched back without
-            # the setting: refuse rather than let a run without it (a person's sweep, say) drop the webhook
+            # the setting: refuse rather than let a run without it (a person's sweep, say) drop the webhook (unless
+            # the record asks for direct allocation: disable-custom-allocation)
             raise Rejected(f"enrollment group {customer['customerId']} allocates through the custom allocation "
                            "webhook: run with DPS_ALLOCATION_WEBHOOK_URL set as the app has it")
         if _same_group(group.data, wanted):

@@ -54,6 +54,10 @@ from .root import ROOT_DOCUMENT
 
 ROUTE = "dps-allocation"  # https://{app host}/api/dps-allocation?code={function key}: the group's webhookUrl
 MAX_REQUEST_BYTES = 64 * 1024  # a group, a device's certificate and a payload: a few KiB
+# The renewal request's own limit. DPS documents none for the registration payload (how-to-send-additional-data,
+# concepts-custom-allocation, about-iot-dps#quotas-and-limits, iot-mqtt-connect-to-iot-dps say nothing of a size), so
+# the service sets its own: an RSA-8192 CSR, larger than any a device would make, is under 3 KiB in base64.
+MAX_RENEWAL_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,9 @@ class _Renewal:
             return {"status": "refused", "reason": str(refused)}
 
     def _csr(self, asked: Any) -> bytes:
+        size = len(json.dumps(asked).encode())
+        if size > MAX_RENEWAL_BYTES:  # refused before anything is read from it, let alone issued
+            raise _Refused(f"pkiRenewal: is {size} bytes; a renewal request is at most {MAX_RENEWAL_BYTES}")
         csr = asked.get("csr") if isinstance(asked, Mapping) else None
         if not isinstance(csr, str) or not csr:
             raise _Refused("pkiRenewal.csr: is required, a base64 DER PKCS#10 request")

@@ -338,3 +338,80 @@ def test_a_command_enqueued_a_second_before_the_recorded_one_is_superseded(world
     outcome = world.send({**customer, "command": "enable-customer", "requestId": "cli-ffff"},
                          at=at - dt.timedelta(seconds=1))
     assert "superseded" in outcome and world.customer()["status"] == "disabled"
+
+
+WEBHOOK = "https://pki.example/api/dps-allocation?code=k"
+
+
+def _with_webhook(world: CommandWorld, url: str | None = WEBHOOK) -> None:
+    world.settings = dataclasses.replace(world.settings, allocation_webhook_url=url)
+    world.ports = dataclasses.replace(world.ports, settings=world.settings)
+
+
+def allocation(enable: bool, customer: str = "contoso", **extra) -> dict:
+    return {"command": f"{'enable' if enable else 'disable'}-custom-allocation", "customerId": customer,
+            "reason": "renewals through DPS", **extra}
+
+
+def test_custom_allocation_switches_one_customers_group_either_way_and_once(world):
+    """#18: an operator command switches an existing customer's group to the webhook (custom allocation) and back
+    to its recorded policy; the other customer's group is untouched, and a repeat is a no-op."""
+    _with_webhook(world)
+    contoso = world.groups.groups["dps1"]["contoso"]
+    assert contoso["allocationPolicy"] == "hashed"  # onboarded before the webhook existed
+    fabrikam_dps = world.customer("fabrikam")["dps"]["name"]
+    fabrikam_before = dict(world.groups.groups[fabrikam_dps]["fabrikam"])
+
+    assert world.send(allocation(True)) == "customer contoso: allocation direct -> custom"
+    group = world.groups.groups["dps1"]["contoso"]
+    assert group["allocationPolicy"] == "custom"
+    assert group["customAllocationDefinition"] == {"webhookUrl": WEBHOOK, "apiVersion": "2021-10-01"}
+    assert world.customer()["allocation"] == "custom"
+    assert world.send(allocation(True)).endswith("allocation already custom (no-op)")
+
+    assert world.send(allocation(False)) == "customer contoso: allocation custom -> direct"
+    group = world.groups.groups["dps1"]["contoso"]
+    assert group["allocationPolicy"] == "hashed" and "customAllocationDefinition" not in group
+    assert world.customer()["allocation"] == "direct"
+    assert world.groups.groups[fabrikam_dps]["fabrikam"] == fabrikam_before
+    assert world.effects("enable-custom-allocation") == ["changed", "no-op"]
+    assert world.effects("disable-custom-allocation") == ["changed"]
+    event = next(e for e in world.audit.events if e["action"] == "disable-custom-allocation")
+    assert (event["before"], event["after"], event["policy"]) == ("custom", "direct", "hashed")
+
+
+def test_a_group_switched_to_direct_stays_so_when_other_commands_rewrite_it(world):
+    """The record's choice is what every later rewrite (a status command, a renewal, the sweep) applies: the guard
+    that refuses to drop the webhook for want of its setting does not fire for a customer switched off on purpose."""
+    _with_webhook(world)
+    world.send(allocation(True))
+    world.send(allocation(False))
+    world.send({"command": "disable-customer", "customerId": "contoso", "reason": "unpaid"})
+    group = world.groups.groups["dps1"]["contoso"]
+    assert (group["provisioningStatus"], group["allocationPolicy"]) == ("disabled", "hashed")
+    _with_webhook(world, None)  # a person's run without the setting: direct needs none
+    world.send({"command": "enable-customer", "customerId": "contoso", "reason": "paid"})
+    assert world.groups.groups["dps1"]["contoso"]["provisioningStatus"] == "enabled"
+
+
+def test_enabling_custom_allocation_without_a_webhook_is_rejected_naming_the_setting(world):
+    with pytest.raises(Rejected) as refused:
+        world.send(allocation(True))
+    assert refused.value.field == "command" and "DPS_ALLOCATION_WEBHOOK_URL" in str(refused.value)
+    assert world.groups.groups["dps1"]["contoso"]["allocationPolicy"] == "hashed"
+    assert "allocation" not in world.customer()
+
+
+def test_a_status_command_never_supersedes_an_allocation_command_or_the_other_way_round(world):
+    """Each state keeps its own last command: a disable-customer enqueued before an allocation switch that landed
+    first is applied, not superseded, and both end in the group."""
+    _with_webhook(world)
+    later, earlier = NOW + dt.timedelta(minutes=5), NOW + dt.timedelta(minutes=1)
+    world.send(allocation(True), at=later)
+    world.send({"command": "disable-customer", "customerId": "contoso", "reason": "unpaid"}, at=earlier)
+    group = world.groups.groups["dps1"]["contoso"]
+    assert (group["provisioningStatus"], group["allocationPolicy"]) == ("disabled", "custom")
+    assert world.effects("disable-customer") == ["changed"]
+    world.send(allocation(False), at=earlier)  # older than the recorded allocation command: superseded
+    assert world.effects("disable-custom-allocation") == ["no-op"]
+    assert world.groups.groups["dps1"]["contoso"]["allocationPolicy"] == "custom"

@@ -93,6 +93,11 @@ def test_the_same_request_twice_gets_the_same_certificate_issued_once(app):
     assert [e["effect"] for e in app.wired.audit.events if e["action"] == "renew-device"] == ["changed", "no-op"]
 
 
+def _padded(body: dict) -> dict:
+    body["deviceRuntimeContext"]["payload"]["pkiRenewal"]["note"] = "x" * 8192
+    return body
+
+
 @pytest.mark.parametrize("case, reason", [
     ("csr for another device", "does not match deviceId"),
     ("garbled csr", "pkiRenewal.csr: unreadable"),
@@ -103,6 +108,7 @@ def test_the_same_request_twice_gets_the_same_certificate_issued_once(app):
     ("another device's certificate presented", "not one this service issued to it"),
     ("no certificate presented", "no client certificate"),
     ("another customer's device", "was not issued by this service in this group"),
+    ("oversized payload", "a renewal request is at most 8192"),
 ])
 def test_bad_renewals_are_refused_with_a_reason_and_nothing_is_issued(app, tmp_path, case, reason):
     current = _certificate(app, "acme-2")
@@ -120,6 +126,8 @@ def test_bad_renewals_are_refused_with_a_reason_and_nothing_is_issued(app, tmp_p
                                                                 make_csr("acme-2")),
         "no certificate presented": lambda: _body("acme-2", None, make_csr("acme-2")),
         "another customer's device": lambda: _body("globex-0", _certificate(app, "globex-0"), make_csr("globex-0")),
+        # a good CSR, padded past the service's own limit (DPS documents none): refused before it is read
+        "oversized payload": lambda: _padded(_body("acme-2", current, make_csr("acme-2"))),
     }[case]()
     before = {d: app.store.get(device_document(d)).data["serial"] for d in ("acme-2", "globex-0")}
     response = _allocate(app, body)

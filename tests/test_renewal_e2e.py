@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from devhost.azurite import free_port
 from devhost.stack import person_settings
-from handlers.records import device_document
+from handlers.records import customer_document, device_document
 from handlers.renewal import ROUTE
 from pkictl.cli import main
 
@@ -27,6 +27,7 @@ from .test_batches_e2e import devhost, stop
 from .test_batches_e2e import env as env
 from .test_batches_e2e import stack as stack
 from .test_batches_e2e import storage as storage
+from .worlds import wait_for
 from .x509_helpers import make_csr
 
 pytestmark = pytest.mark.integration
@@ -103,7 +104,7 @@ def _exported_device(env, tmp_path, stack, device_id: str):
                      f"http://127.0.0.1:{port}"], env=operator, out=out) == 0, out.getvalue()
         assert main(["device", "export", "acme", device_id, "--out", str(tmp_path / "factory"), "--include-key"],
                     env=operator, out=out) == 0, out.getvalue()
-        yield operator
+        yield operator, services
     finally:
         output = stop(worker)
     assert key not in output
@@ -125,7 +126,7 @@ def test_a_device_exported_from_a_batch_renews_through_dps_and_registers_with_it
     """#18's acceptance on the local stack: `pkictl device renew` acts as the device (a new key and CSR in the
     registration payload, over mutual TLS with its current certificate), and the new certificate registers;
     `device show` has it as current."""
-    with _exported_device(env, tmp_path, stack, "renew-002") as operator:
+    with _exported_device(env, tmp_path, stack, "renew-002") as (operator, services):
         factory, renewed = tmp_path / "factory", tmp_path / "renewed"
         old = x509.load_pem_x509_certificate((factory / "cert.pem").read_bytes())
         out = io.StringIO()
@@ -145,6 +146,23 @@ def test_a_device_exported_from_a_batch_renews_through_dps_and_registers_with_it
         assert _certificates_shown(operator, "renew-002") == [
             (format(new.serial_number, "X"), "renewal", True), (format(old.serial_number, "X"), "batch", False)]
 
+        # the operator switches the customer's group off the webhook (DPS allocates by the recorded policy, and a
+        # renewal goes unanswered while the device still registers), then back on
+        def policy() -> str:
+            return services.groups.get_group("dps1", "acme").data["allocationPolicy"]
+
+        for command, wanted in (("disable-custom-allocation", "hashed"), ("enable-custom-allocation", "custom")):
+            assert main(["send", "command", command, "--customer", "acme", "--reason", "e2e"], env=operator,
+                        out=io.StringIO()) == 0
+            wait_for(lambda wanted=wanted: policy() == wanted, 60, f"{command} in DPS")
+            if wanted == "hashed":
+                out = io.StringIO()
+                assert main(["device", "renew", "--cert", str(renewed / "cert.pem"), "--chain",
+                             str(renewed / "chain.pem"), "--key", str(renewed / "device.key"), "--out",
+                             str(tmp_path / "unanswered")], env=operator, out=out) == 1
+                assert "no pkiRenewal answer in the payload" in out.getvalue()
+        assert services.store.get(customer_document("acme")).data["allocation"] == "custom"
+
 
 def test_the_azure_iot_device_sdk_registers_and_renews_over_mqtt_with_the_readme_sample(env, tmp_path, stack):
     """#18: the real `azure-iot-device` ProvisioningDeviceClient, over MQTT on port 8883 against the local DPS, runs
@@ -152,7 +170,7 @@ def test_the_azure_iot_device_sdk_registers_and_renews_over_mqtt_with_the_readme
     its factory certificate, renews with a CSR in the provisioning payload, and registers with the new one."""
     from samples.device_renewal import register, renew
 
-    with _exported_device(env, tmp_path, stack, "renew-sdk") as operator:
+    with _exported_device(env, tmp_path, stack, "renew-sdk") as (operator, _):
         factory = tmp_path / "factory"
         old = x509.load_pem_x509_certificate((factory / "cert.pem").read_bytes())
         where = {"provisioning_host": stack.device_mqtt_host, "id_scope": stack.dps[0].id_scope,
