@@ -240,7 +240,7 @@ def _query_page(request: Request, items: list[dict], item_type: str) -> Response
     return Response(200, items[int(start):end], headers)
 
 
-def _common_name(cert: x509.Certificate) -> str | None:
+def common_name(cert: x509.Certificate) -> str | None:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if len(names) == 1 else None
 
@@ -538,9 +538,9 @@ class DpsInstance:
         if not chain:
             raise dps_error(401, UNAUTHORIZED, "Unauthorized: the device presented no client certificate")
         leaf = chain[0]
-        common_name = _common_name(leaf)
-        if common_name != registration_id:
-            raise dps_error(401, UNAUTHORIZED, f"Unauthorized: the certificate's CN ({common_name!r}) is not the "
+        cn = common_name(leaf)
+        if cn != registration_id:
+            raise dps_error(401, UNAUTHORIZED, f"Unauthorized: the certificate's CN ({cn!r}) is not the "
                             f"registration id ({registration_id!r})")
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
             raise dps_error(401, UNAUTHORIZED, f"Unauthorized: the device certificate is not valid at {iso(now)} "
@@ -732,7 +732,7 @@ class DpsDeviceEndpoint:
         with the outcome: ``assigned``, ``disabled`` or ``failed``, and the registration state
         (device.json: OperationStatusLookup declares 202 while the operation runs and 200 when it is done)."""
         instance = self._instance(id_scope, api_version)
-        if not peer_chain or _common_name(peer_chain[0]) != registration_id:
+        if not peer_chain or common_name(peer_chain[0]) != registration_id:
             raise dps_error(401, UNAUTHORIZED, "Unauthorized: present the certificate of the registering device")
         with self._lock:
             operation = self._operations.get(operation_id)

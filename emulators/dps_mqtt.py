@@ -2,29 +2,38 @@
 speak to DPS, over the same registration logic as the HTTPS endpoint (``DpsDeviceEndpoint``).
 
 Behaviour, from learn.microsoft.com/azure/iot/iot-mqtt-connect-to-iot-dps ("Communicate with DPS using the MQTT
-protocol") unless marked otherwise:
+protocol"; quoted) and the MQTT 3.1.1 standard (section numbers), unless marked as the emulator's own choice:
 
-- MQTT v3.1.1 on port 8883, TLS 1.2 or later, X.509 client certificates (no SAS here: the emulator attests X.509
-  only). The SDK connects to port 8883 and nothing else (azure/iot/device/common/mqtt_transport.py), so each stack
-  gets its own loopback address (``127.x.y.z``) with the same CA's certificate for it.
+- "MQTT v3.1.1 on port 8883" (MQTT over WebSocket on 443 is not served), and "the client must connect over TLS 1.2":
+  the TLS version is capped at 1.2. X.509 client certificates only (the emulator attests X.509, no SAS). The SDK's
+  MQTT transport connects to port 8883 when not on WebSocket (azure/iot/device/common/mqtt_transport.py), so each
+  stack gets a loopback address of its own (``127.x.y.z``), with the same CA's certificate for it.
 - CONNECT: "For the ClientId field, use registrationId"; "For the Username field, use
-  ``{idScope}/registrations/{registration_id}/api-version=2019-03-31``". A client id other than the username's
-  registration id is refused (CONNACK 2, identifier rejected); a username not of that form, or without an
-  api-version, CONNACK 4; a connection with no client certificate, CONNACK 5 (MQTT 3.1.1 section 3.2.2.3). The
-  leaf's CN is checked against the registration id on register, as over HTTPS (401002).
+  ``{idScope}/registrations/{registration_id}/api-version=2019-03-31``"; "The {registration_id} in the Username field
+  must match the common name" of the device certificate. Refusals come in CONNACK (section 3.2.2.3): protocol level
+  not 4, UNACCEPTABLE_PROTOCOL; a client id other than the username's registration id, IDENTIFIER_REJECTED; a
+  username not of that form or another api-version, BAD_USERNAME_OR_PASSWORD; no client certificate, or a CN other
+  than the registration id, NOT_AUTHORIZED. The page does not say which codes DPS uses: these are the emulator's
+  picks under table 3.1. A protocol name other than "MQTT" closes the connection with no CONNACK (3.1.2.1).
 - "DPS doesn't support persistent sessions. It treats every session as non-persistent, regardless of the value of
   the CleanSession flag": CONNACK never reports a present session, and nothing outlives the connection.
-- SUBSCRIBE: only ``$dps/registrations/res/#`` ("DPS only supports documented topic names and topic filters");
-  any other filter is refused in the SUBACK (0x80). "If a device app subscribes to a topic with QoS 2, DPS grants
-  maximum QoS level 1": granted ``min(requested, 1)``, and answers go out at the granted QoS.
+- SUBSCRIBE: "DPS only supports documented topic names and topic filters": only ``$dps/registrations/res/#`` is
+  granted, any other filter gets 0x80 in the SUBACK (3.9.3). "When a device app subscribes to a topic with QoS 2,
+  DPS grants maximum QoS level 1 in the SUBACK packet": ``min(requested, 1)``, and answers go out at the granted
+  QoS. A requested QoS above 2 or an empty list closes the connection (3.8.3-3, 3.8.3-4).
 - PUBLISH ``$dps/registrations/PUT/iotdps-register/?$rid={request_id}`` with the DeviceRegistration JSON, and
   ``$dps/registrations/GET/iotdps-get-operationstatus/?$rid={request_id}&operationId={operationId}`` to poll. Answers
   go to ``$dps/registrations/res/{status}/?$rid={request_id}``, with ``&retry-after={seconds}`` on a 202, and the
-  body the HTTPS endpoint would answer (RegistrationOperationStatus, or DPS's error body). A device not subscribed to
-  ``res/#`` gets no answer, as from any pub/sub service. A publish to any other topic, or at QoS 2 (which DPS does
-  not grant), ends the connection: MQTT 3.1.1 has no other way to refuse a publish.
+  body the HTTPS endpoint would answer (RegistrationOperationStatus, or DPS's error body); ``$rid`` comes back exactly
+  as sent. The page describes answers to a device that "has already subscribed to the ``$dps/registrations/res/#``
+  topic"; the emulator's stricter reading: a device not subscribed gets no answer. A publish to any other topic, or
+  at QoS 2, closes the connection: the emulator's reading of "only supports documented topic names" (MQTT 3.1.1 has
+  no other way for a server to refuse a publish; the page says nothing of QoS 2 publishes).
+- Keep-alive: a connection silent for one and a half keep-alive periods is closed (3.1.2.10); before CONNECT, the
+  emulator waits 10 s.
 - The device registration quota (the ``dps-device`` gate, ``EmulatorStack.azure_quotas``) counts MQTT registrations
   and polls as well: beyond it the answer is ``res/429`` with DPS's throttling body.
+- An emulator bug answers ``res/500`` and is logged, as the HTTPS endpoints answer 500.
 
 Packets are read and written with ``amqtt``'s MQTT codec; the connection is the emulators' own pyOpenSSL TLS
 (emulators/core.py), which is what exposes the chain the device presented.
@@ -33,16 +42,19 @@ Packets are read and written with ``amqtt``'s MQTT codec; the connection is the 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
 import re
+import socket
 import socketserver
+import struct
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from amqtt.adapters import ReaderAdapter
-from amqtt.errors import AMQTTError, NoDataError
+from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
@@ -57,12 +69,14 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from .core import EmulatorServer, FaultGate, HttpError, Response, presented_chain
-from .dps import DpsDeviceEndpoint, dps_refusal
+from .dps import DpsDeviceEndpoint, common_name, dps_refusal
 from .tls import ServerIdentity
 
 log = logging.getLogger("emulators")
 
-MQTT_PORT = 8883  # the only port azure-iot-device's MQTT transport connects to (mqtt_transport.py)
+MQTT_PORT = 8883  # MQTT over TLS; azure-iot-device's transport connects to it when not on WebSocket
+API_VERSION = "2019-03-31"  # the username's, as the page gives it and the SDK sends it (provisioning constant.py)
+CONNECT_WAIT_S = 10.0
 RESPONSES = "$dps/registrations/res/#"
 _REGISTER = re.compile(r"\$dps/registrations/PUT/iotdps-register/\?(?P<query>.*)")
 _POLL = re.compile(r"\$dps/registrations/GET/iotdps-get-operationstatus/\?(?P<query>.*)")
@@ -103,6 +117,7 @@ class _Session(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         conn: SSL.Connection = self.request
+        self._receive_timeout(CONNECT_WAIT_S)
         try:
             conn.do_handshake()
         except (SSL.Error, OSError):
@@ -112,8 +127,15 @@ class _Session(socketserver.BaseRequestHandler):
         self.packet_ids = 0
         try:
             asyncio.run(self._run(_TlsReader(conn)))
-        except (_Closed, NoDataError, AMQTTError):
-            pass
+        except (_Closed, NoDataError, AMQTTError, MQTTError, CodecError, ValueError, UnicodeDecodeError):
+            pass  # a malformed packet or a closed connection: the connection ends, as a broker ends it
+
+    def _receive_timeout(self, seconds: float) -> None:
+        """How long a read may wait (SO_RCVTIMEO on the socket under TLS): a silent client does not pin a thread."""
+        whole = int(seconds)
+        # (an SSL.Connection hands socket methods it lacks to its socket)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
     def _send(self, packet: Any) -> None:
         try:
@@ -131,16 +153,23 @@ class _Session(socketserver.BaseRequestHandler):
         connect = await self._read(reader)
         if not isinstance(connect, ConnectPacket):  # MQTT 3.1.1 section 3.1: the first packet is CONNECT
             raise _Closed
+        if connect.proto_name != "MQTT":  # section 3.1.2.1: the server may disconnect without a CONNACK
+            raise _Closed
         code = self._connect(connect)
         self._send(ConnackPacket.build(0, code))  # session present: never (no persistent sessions)
         if code:
             raise _Closed
+        if connect.keep_alive:
+            self._receive_timeout(connect.keep_alive * 1.5)  # section 3.1.2.10
         while True:
             packet = await self._read(reader)
             kind = packet.fixed_header.packet_type
             if kind == SUBSCRIBE:
+                topics = packet.payload.topics
+                if not topics or any(qos > 2 for _, qos in topics):  # sections 3.8.3-3, 3.8.3-4
+                    raise _Closed
                 codes = []
-                for topic, qos in packet.payload.topics:
+                for topic, qos in topics:
                     if topic == RESPONSES:
                         self.granted = min(qos, QOS_1)
                         codes.append(self.granted)
@@ -166,14 +195,14 @@ class _Session(socketserver.BaseRequestHandler):
         if connect.proto_level != 4:
             return UNACCEPTABLE_PROTOCOL
         user = _USERNAME.fullmatch(connect.username or "")
-        if user is None or not parse_qs(user["query"]).get("api-version"):
+        if user is None or parse_qs(user["query"]).get("api-version") != [API_VERSION]:
             return BAD_USERNAME_OR_PASSWORD
         if connect.client_id != user["registration_id"]:
             return IDENTIFIER_REJECTED
-        if not self.chain:
+        if not self.chain or common_name(self.chain[0]) != user["registration_id"]:
             return NOT_AUTHORIZED
         self.id_scope, self.registration_id = user["id_scope"], user["registration_id"]
-        self.api_version = parse_qs(user["query"])["api-version"][0]
+        self.api_version = API_VERSION
         return 0
 
     def _publish(self, packet: PublishPacket) -> None:
@@ -181,15 +210,17 @@ class _Session(socketserver.BaseRequestHandler):
             raise _Closed
         topic = packet.topic_name or ""
         register, poll = _REGISTER.fullmatch(topic), _POLL.fullmatch(topic)
-        query = parse_qs((register or poll)["query"]) if register or poll else {}
+        # the raw values, split by hand: $rid goes back exactly as it came (decoding would turn %26 into a separator)
+        query = dict(part.partition("=")[::2] for part in (register or poll)["query"].split("&")) \
+            if register or poll else {}
         if not query.get("$rid"):
             raise _Closed
         if packet.qos == QOS_1:
             self._send(PubackPacket.build(packet.packet_id))
         answer = self.server.gate.check() or self._answer(register is not None, query, packet.data or b"")
-        self._respond(query["$rid"][0], answer)
+        self._respond(query["$rid"], answer)
 
-    def _answer(self, registering: bool, query: dict[str, list[str]], data: bytes) -> Response:
+    def _answer(self, registering: bool, query: dict[str, str], data: bytes) -> Response:
         endpoint = self.server.endpoint
         try:
             if registering:
@@ -198,11 +229,13 @@ class _Session(socketserver.BaseRequestHandler):
                 except ValueError:
                     return dps_refusal(400, "The registration request is not JSON")
                 return endpoint.register(self.id_scope, self.registration_id, self.api_version, self.chain, body)
-            operation = (query.get("operationId") or [""])[0]
             return endpoint.operation_status(self.id_scope, self.registration_id, self.api_version, self.chain,
-                                             operation)
+                                             unquote(query.get("operationId", "")))
         except HttpError as exc:
             return exc.response
+        except Exception as exc:  # an emulator bug answers 500, as over HTTPS (core.EmulatorServer.dispatch)
+            log.exception("dps-mqtt: %s for %s failed", "register" if registering else "poll", self.registration_id)
+            return dps_refusal(500, f"{type(exc).__name__}: {exc}")
 
     def _respond(self, request_id: str, answer: Response) -> None:
         if self.granted is None:
@@ -224,16 +257,20 @@ class DpsMqttServer(EmulatorServer):
 
     def __init__(self, endpoint: DpsDeviceEndpoint, identity: ServerIdentity, gate: FaultGate):
         self.endpoint = endpoint
+        pick = random.SystemRandom()  # not the seedable module state tests may set
         for _ in range(50):
-            address = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+            address = f"127.{pick.randint(1, 254)}.{pick.randint(0, 255)}.{pick.randint(1, 254)}"
             try:
                 super().__init__("dps-mqtt", [], identity.for_address(address), client_auth=True, port=MQTT_PORT,
                                  host=address, handler=_Session)
                 break
-            except OSError:  # that address's 8883 is taken (another stack); try another
-                continue
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:  # only Linux answers on all of 127.0.0.0/8; say so elsewhere
+                    raise
+                continue  # that address's 8883 is taken (another stack): try another
         else:
-            raise OSError(f"no free loopback address for port {MQTT_PORT}")
+            raise OSError(errno.EADDRINUSE, f"no free loopback address for port {MQTT_PORT}")
+        self._context.set_max_proto_version(SSL.TLS1_2_VERSION)  # "must connect over TLS 1.2"
         self.gate = gate
 
     @property

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from azure.iot.device.exceptions import ClientError, CredentialError
+from azure.iot.device.exceptions import ClientError
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
 from emulators.dps_mqtt import MQTT_PORT
@@ -95,27 +95,34 @@ def test_a_certificate_no_verified_ca_reaches_is_refused_with_dps_401_on_the_reg
 
 def test_the_server_certificate_is_checked_by_the_sdk(stack, device):
     registration_id, _, chain_file, key_file, _ = device
-    with pytest.raises((CredentialError, ClientError)):  # no server_verification_cert: the system roots only
+    with pytest.raises(ClientError) as refused:  # no server_verification_cert: the system roots only
         register(stack.device_mqtt_host, stack.dps[0].id_scope, registration_id, str(chain_file), str(key_file))
+    causes, cause = [], refused.value
+    while cause is not None:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    assert any(isinstance(c, ssl.SSLCertVerificationError) for c in causes), causes
 
 
 class _Bare:
     """A bare MQTT 3.1.1 client over the same mutual TLS, to send what the SDK never would."""
 
-    def __init__(self, stack, chain_file, key_file, client_id: str, username: str):
-        self.client = mqtt.Client(client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    def __init__(self, stack, chain_file, key_file, client_id: str, username: str, clean_session: bool = True):
+        self.client = mqtt.Client(client_id=client_id, protocol=mqtt.MQTTv311, clean_session=clean_session)
         context = ssl.create_default_context(cafile=str(stack.ca_path))
         context.load_cert_chain(str(chain_file), str(key_file))
         self.client.tls_set_context(context)
         self.client.username_pw_set(username)
         self.connack: int | None = None
+        self.session_present: int | None = None
         self.granted: list[int] = []
-        self.messages: list[tuple[str, bytes]] = []
+        self.messages: list[tuple[str, bytes, int]] = []  # topic, payload, QoS
         self.closed = threading.Event()
         self.events = threading.Condition()
-        self.client.on_connect = lambda c, u, f, rc: self._note("connack", rc)
+        self.client.on_connect = lambda c, u, flags, rc: (self._note("session_present", flags["session present"]),
+                                                           self._note("connack", rc))
         self.client.on_subscribe = lambda c, u, mid, qos: self._note("granted", list(qos))
-        self.client.on_message = lambda c, u, m: self._note("messages", [*self.messages, (m.topic, m.payload)])
+        self.client.on_message = lambda c, u, m: self._note("messages", [*self.messages, (m.topic, m.payload, m.qos)])
         self.client.on_disconnect = lambda c, u, rc: self.closed.set()
         self.client.connect(stack.device_mqtt_host, MQTT_PORT)
         self.client.loop_start()
@@ -142,6 +149,9 @@ def _username(stack, registration_id: str) -> str:
     ("other-device", None, 2),  # "For the ClientId field, use registrationId": identifier rejected
     (None, "no-registrations-in-it", 4),  # "{idScope}/registrations/{registration_id}/api-version=...": bad username
     (None, "SCOPE/registrations/{id}/ClientVersion=x", 4),  # no api-version
+    (None, "SCOPE/registrations/{id}/api-version=2021-06-01", 4),  # not the page's api-version=2019-03-31
+    # "The {registration_id} in the Username field must match the common name": not authorized
+    ("someone-else", "SCOPE/registrations/someone-else/api-version=2019-03-31", 5),
 ])
 def test_connect_refuses_a_client_id_or_username_not_of_the_documented_form(stack, device, client_id, username,
                                                                              code):
@@ -151,7 +161,6 @@ def test_connect_refuses_a_client_id_or_username_not_of_the_documented_form(stac
     try:
         bare.wait(lambda: bare.connack is not None)
         assert bare.connack == code
-        assert bare.closed.wait(5)
     finally:
         bare.stop()
 
@@ -160,19 +169,42 @@ def test_only_the_documented_filter_is_granted_at_qos_1_at_most_and_answers_come
     """"DPS only supports documented topic names and topic filters"; "If a device app subscribes to a topic with QoS
     2, DPS grants maximum QoS level 1"; "DPS doesn't support persistent sessions" (CONNACK: no session present)."""
     registration_id, _, chain_file, key_file, _ = device
-    bare = _Bare(stack, chain_file, key_file, registration_id, _username(stack, registration_id))
+    bare = _Bare(stack, chain_file, key_file, registration_id, _username(stack, registration_id), clean_session=False)
     try:
         bare.wait(lambda: bare.connack == 0)
+        assert bare.session_present == 0  # asked for a persistent session; DPS has none
         body = json.dumps({"registrationId": registration_id}).encode()
         bare.client.publish("$dps/registrations/PUT/iotdps-register/?$rid=1", body, qos=1)
         bare.client.subscribe([("$dps/registrations/res/#", 2), ("devices/+/messages", 1)])
         bare.wait(lambda: bare.granted)
         assert bare.granted == [1, 0x80]
-        bare.client.publish("$dps/registrations/PUT/iotdps-register/?$rid=2", body, qos=1)
+        bare.client.publish("$dps/registrations/PUT/iotdps-register/?$rid=a%26b", body, qos=1)
         bare.wait(lambda: bare.messages)
-        topic, _ = bare.messages[0]
-        assert topic.startswith("$dps/registrations/res/202/?$rid=2&retry-after=")  # rid 1 went unanswered
+        topic, answer, qos = bare.messages[0]  # rid 1 went unanswered: not subscribed then
+        assert topic == "$dps/registrations/res/202/?$rid=a%26b&retry-after=1"  # $rid back exactly as sent
+        assert qos == 1 and json.loads(answer)["status"] == "assigning"
+        operation = json.loads(answer)["operationId"]
+        for rid in ("p1", "p2"):  # the poll topic: 202 first (honour Retry-After), then the outcome
+            bare.client.publish(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId="
+                                f"{operation}", b" ", qos=1)
+        bare.wait(lambda: len(bare.messages) == 3)
+        assert bare.messages[1][0] == "$dps/registrations/res/202/?$rid=p1&retry-after=1"
+        assert bare.messages[2][0] == "$dps/registrations/res/200/?$rid=p2"
+        assert json.loads(bare.messages[2][1])["registrationState"]["status"] == "assigned"
         bare.client.publish("devices/x/messages/events/", b"{}", qos=1)  # not a DPS topic: DPS closes
+        assert bare.closed.wait(5)
+    finally:
+        bare.stop()
+
+
+def test_a_qos_2_publish_closes_the_connection(stack, device):
+    registration_id, _, chain_file, key_file, _ = device
+    bare = _Bare(stack, chain_file, key_file, registration_id, _username(stack, registration_id))
+    try:
+        bare.wait(lambda: bare.connack == 0)
+        assert not bare.closed.is_set()
+        bare.client.publish("$dps/registrations/PUT/iotdps-register/?$rid=1",
+                            json.dumps({"registrationId": registration_id}).encode(), qos=2)
         assert bare.closed.wait(5)
     finally:
         bare.stop()
@@ -192,9 +224,9 @@ def test_one_registration_quota_for_https_and_mqtt(stack, device):
         for rid in (7, 8):
             bare.client.publish(f"$dps/registrations/PUT/iotdps-register/?$rid={rid}", body, qos=1)
         bare.wait(lambda: len(bare.messages) == 2)
-        (first, _), (second, refusal) = sorted(bare.messages)
-        assert first.startswith("$dps/registrations/res/202/?$rid=7")
+        (first, _, _), (second, refusal, _) = sorted(bare.messages)
+        assert first == "$dps/registrations/res/202/?$rid=7&retry-after=1"
         assert second == "$dps/registrations/res/429/?$rid=8&retry-after=1"
-        assert json.loads(refusal)["errorCode"] // 1000 == 429
+        assert json.loads(refusal)["errorCode"] == 429001  # DPS's throttling code
     finally:
         bare.stop()
