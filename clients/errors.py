@@ -18,6 +18,7 @@ from azure.core.exceptions import (
 from handlers.errors import (
     AlreadyExists,
     Conflict,
+    NoCredential,
     NotFound,
     NotPermitted,
     TransientError,
@@ -30,7 +31,9 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 def not_permitted(what: str, status: int, message: str, codes: tuple[str, ...] = ()) -> NotPermitted:
     """The refusal in the service's own words (Key Vault names the caller, the action and the resource)."""
     text = " ".join(str(message).split())[:600]
-    where = " ".join([f"HTTP {status}" if status else "no token", "/".join(c for c in codes if c)]).strip()
+    if not status:  # the credential chain produced no token: the request never reached the service
+        return NoCredential(f"{what}: no token: {text}")
+    where = " ".join([f"HTTP {status}", "/".join(c for c in codes if c)]).strip()
     return NotPermitted(f"{what}: not permitted ({where}): {text}")
 
 

@@ -47,3 +47,8 @@ class NotPermitted(TransientError):
     """The service refused the caller's identity: no token, or no role granting the operation. Not the input's
     fault, and it may pass (a role assignment takes minutes to propagate): retried like a transient failure,
     and a message still refused lands in the poison queue with this reason."""
+
+
+class NoCredential(NotPermitted):
+    """No token at all: no credential in the chain could sign in (no managed identity here, no `az login`...).
+    The service treats it as any refusal of its identity; the CLI names the settings to check."""

@@ -5,11 +5,20 @@ The commands are in pkictl/commands, one module per group, each with its parsers
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 
-from handlers.errors import AlreadyExists, Conflict, InvalidMessage, NotFound, NotPermitted, TransientError
+from handlers.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidMessage,
+    NoCredential,
+    NotFound,
+    NotPermitted,
+    TransientError,
+)
 from pki import PkiError
 from settings import SettingsError
 
@@ -52,6 +61,8 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         except SettingsError as exc:
             print(f"error: {exc}", file=err)
             return USAGE
+    # azure-identity logs every credential of its chain it tried, as warnings; the CLI says it in one line instead
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)
     cli = Cli(env, out, connect)
     try:
         return args.run(cli, args)
@@ -60,6 +71,12 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         return USAGE
     except (AlreadyExists, Conflict, NotFound, Problem) as exc:
         print(f"error: {exc}", file=err)
+        return PROBLEM
+    except NoCredential as exc:
+        where = str(exc).split(": no token", 1)[0]
+        print(f"error: {where}: no Azure credential could sign in. People: run `az login`. The app's identity: "
+              "check AZURE_CLIENT_ID and AzureWebJobsStorage__clientId (its client id) and IDENTITY_ENDPOINT (set on "
+              "Azure; `pkictl local up` writes the local one to local.settings.json)", file=err)
         return PROBLEM
     except NotPermitted as exc:
         print(f"error: {exc} (your identity lacks a role: see docs/deploy.md, roles of people)", file=err)

@@ -130,6 +130,30 @@ def test_commands_needing_storage_name_the_missing_setting():
     assert "setting AzureWebJobsStorage: is not set" in err
 
 
+def test_no_azure_credential_is_one_line_naming_the_settings_to_check():
+    """#19: with no `az login` and no managed identity, DefaultAzureCredential's error lists every credential it
+    tried (tens of lines); the CLI says it in one line, naming what to do and the settings to check."""
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from clients.errors import translated
+
+    chain_error = "DefaultAzureCredential failed to retrieve a token from the included credentials.\n" + "\n".join(
+        f"{name}: unavailable." for name in ("EnvironmentCredential", "WorkloadIdentityCredential",
+                                             "ManagedIdentityCredential", "AzureCliCredential"))
+
+    def connect(env):
+        with translated("container pki-state"):
+            raise ClientAuthenticationError(chain_error)
+
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["root", "show"], env={"AzureWebJobsStorage": "unused"}, out=out, err=err, connect=connect) == 1
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: container pki-state: no Azure credential could sign in")
+    for hint in ("az login", "AZURE_CLIENT_ID", "AzureWebJobsStorage__clientId", "IDENTITY_ENDPOINT"):
+        assert hint in lines[0]
+
+
 def _pkictl(args, env, cwd):
     return subprocess.run([sys.executable, "-m", "pkictl", *args], cwd=cwd, capture_output=True, text=True,
                           env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env}, timeout=120)
