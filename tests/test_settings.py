@@ -149,3 +149,31 @@ def test_chunks_that_cannot_finish_well_inside_function_timeout_at_the_sign_rate
         check_chunk_time(load_settings({**KEY_VAULT, **extra}), limits)
     check_chunk_time(load_settings({**KEY_VAULT, **extra, "BATCH_CHUNK_ROWS": str(fits)}), limits)
     check_chunk_time(load_settings({**KEY_VAULT, **extra}), HostLimits(None, 16, 8))  # no timeout (-1)
+
+
+def test_the_example_settings_load_and_list_every_setting_the_app_reads():
+    """#19: `local.settings.example.json` holds working values (copied as Functions users copy it, the app starts):
+    they load, the schedule parses as the host's NCRONTAB, every value is a string (as the host requires), every
+    setting settings.py reads is there, and each is explained in the README's settings table."""
+    import re
+    from pathlib import Path
+
+    from devhost.schedule import Schedule
+
+    root = Path(__file__).resolve().parents[1]
+    document = json.loads((root / "local.settings.example.json").read_text())
+    values = document["Values"]
+    assert document["IsEncrypted"] is False
+    assert all(isinstance(v, str) for v in values.values())
+    settings = load_settings(values)
+    assert settings.key_vault_url == "https://pki-intermediates.vault.azure.net"
+    assert [i.name for i in settings.dps_pool] == ["dps1"]
+    assert settings.storage.credential == "managedidentity"
+    Schedule.parse(values["EXPIRY_SWEEP_SCHEDULE"])
+    read = set(re.findall(r'"([A-Z][A-Z0-9_]{3,})"', (root / "settings.py").read_text()))
+    assert read - set(values) == set()
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("## Settings"):readme.index("\n## ", readme.index("## Settings") + 1)]
+    unexplained = [name for name in values if name != "FUNCTIONS_WORKER_RUNTIME"
+                   and f"`{name}`" not in table and f"`__{name.split('__')[-1]}`" not in table]
+    assert unexplained == []
