@@ -35,8 +35,8 @@ def test_a_wheel_installed_into_a_fresh_venv_gives_a_pkictl_command(tmp_path):
     assert "usage: pkictl" in done.stdout
     for command in ("root", "customer", "device", "send", "local"):  # subcommands come from pkictl.commands
         assert command in done.stdout
-    imported = subprocess.run([str(fresh / "bin" / "python"), "-c", "import pkictl.cli, handlers.records, "
-                               "function_app; print(pkictl.cli.__file__)"], capture_output=True, text=True, env=env,
+    script = "import pkictl.cli, handlers.records, function_app; print(pkictl.cli.__file__)"
+    imported = subprocess.run([str(fresh / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
                               cwd=tmp_path, timeout=120)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith(str(fresh)), "the installed package, not the checkout"
