@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's marker: `activate-global-python-argcomplete` completes the console script)
 """``python -m pkictl``: exit 0 on success, 1 when a problem was found, 2 on bad usage or bad input.
 
 The commands are in pkictl/commands, one module per group, each with its parsers next to the functions they run."""
@@ -51,6 +52,10 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
+    if argv is None:  # a shell asking for completions (`eval "$(register-python-argcomplete pkictl)"`): answer, exit
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage already

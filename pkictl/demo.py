@@ -217,7 +217,7 @@ def run_demo(out: TextIO, main: Callable[..., int], inspect: Callable[[LocalStac
                    str(renewed_dir / "chain.pem"), "--key", str(renewed_dir / "device.key"), *scope], env):
             return 1
         shown = io.StringIO()
-        if main(["device", "show", "contoso-gmbh", "sensor-0001"], env=env, out=shown) != 0:
+        if main(["device", "show", "contoso-gmbh", "sensor-0001", "--json"], env=env, out=shown) != 0:
             return 1
         history = json.loads(shown.getvalue())["certificates"]
         for certificate in history:

@@ -320,7 +320,18 @@ def test_a_reissue_keeps_the_certificates_it_replaces_and_device_show_lists_them
         "serial": first["serial"], "notAfter": first["notAfter"], "issuedAt": first["issuedAt"],
         "thumbprintSha256": first["thumbprintSha256"], "issuedBy": "batch", "batch": "first.csv"}]
     out = io.StringIO()
-    assert pkictl(["device", "show", "acme", "hist-0"], env={}, out=out, err=out, connect=lambda _env: app.wired) == 0
+    assert pkictl(["device", "show", "acme", "hist-0", "--json"], env={}, out=out, err=out,
+                  connect=lambda _env: app.wired) == 0
     shown = json.loads(out.getvalue())
     assert [(c["serial"], c.get("current", False)) for c in shown["certificates"]] == [
         (second["serial"], True), (first["serial"], False)]
+    out = io.StringIO()  # without --json: a summary for people, the current certificate starred, newest first
+    assert pkictl(["device", "show", "acme", "hist-0"], env={}, out=out, err=out, connect=lambda _env: app.wired) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "device hist-0 of acme: issued"
+    assert lines[-2].split()[:3] == ["*", second["serial"], "batch"] and lines[-1].split()[:2] == [first["serial"],
+                                                                                               "batch"]
+    out = io.StringIO()
+    assert pkictl(["customer", "list", "--json"], env={}, out=out, err=out, connect=lambda _env: app.wired) == 0
+    listed = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert {c["customerId"]: c["status"] for c in listed}["acme"] == "active"

@@ -81,7 +81,8 @@ def test_send_batch_follows_progress_to_the_report_and_export_gives_the_factory_
     text = out.getvalue()
     assert (f"BlobCreated event delivered to http://127.0.0.1:{port}/runtime/webhooks/blobs?"
             "functionName=Host.Functions.device_batch") in text
-    assert "[##############################] batch line-7.csv: complete 40/40 (issued 40" in text
+    # not a terminal: plain progress lines, no bar redrawn with \r (#19)
+    assert "\nbatch line-7.csv: complete 40/40 (issued 40" in text and "\r" not in text and "[###" not in text
     assert "report: device-batches-results/acme/line-7.csv.json" in text and "Key Vault secret batch-acme-" in text
     result = report(services, "acme", "line-7.csv")
     assert sum(1 for r in result["rows"] if r.get("assignedHub")) == 2

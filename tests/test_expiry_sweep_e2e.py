@@ -65,8 +65,11 @@ def test_a_rehearsal_80_days_before_expiry_renews_and_both_generations_register(
     assert fleet.register(acme, "old-1") == stack.iothub.hostname
     assert fleet.register(acme, "new-1") == stack.iothub.hostname
     out = io.StringIO()
-    assert pkictl(["sweep", "show", when.date().isoformat()], env=fleet.operator_env, out=out) == 0
+    assert pkictl(["sweep", "show", when.date().isoformat(), "--json"], env=fleet.operator_env, out=out) == 0
     assert json.loads(out.getvalue())["counts"]["intermediatesRenewed"] >= 1
+    out = io.StringIO()
+    assert pkictl(["sweep", "show", when.date().isoformat()], env=fleet.operator_env, out=out) == 0
+    assert out.getvalue().startswith(f"expiry sweep {when.date().isoformat()}")  # the summary `sweep run` prints
 
 
 def test_two_concurrent_sweeps_renew_once_and_notify_once(env, stack, tmp_path):

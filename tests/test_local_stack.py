@@ -122,7 +122,7 @@ def test_local_up_runs_the_production_configuration_end_to_end_then_down_leaves_
         disable = pkictl(["send", "command", "disable-device", "--customer", "fabrikam", "--device", "sensor-0001",
                           "--reason", "acceptance: stolen"], tmp_path, operator)
         assert disable.returncode == 0, disable.stderr
-        shown = ["device", "show", "fabrikam", "sensor-0001"]
+        shown = ["device", "show", "fabrikam", "sensor-0001", "--json"]
         wait_for(lambda: (_record(shown, tmp_path, operator).get("lastCommand") or {}).get("applied"), 120,
                  "sensor-0001 disabled")
         record = _record(shown, tmp_path, operator)

@@ -293,3 +293,16 @@ def test_the_demo_runs_end_to_end_speaks_the_published_contracts_and_leaks_no_se
     assert unchecked == {"iothub", "identity"}
     print(f"contract: {len(exchanges)} exchanges, {sum(len(v) for v in seen.values())} operations checked: "
           f"{ {k: sorted(v) for k, v in seen.items()} }")
+
+
+@pytest.mark.parametrize(("line", "expected"), [("pkictl cust", "customer"), ("pkictl customer list --j", "--json")])
+def test_shell_completion_through_argcomplete(tmp_path, line, expected):
+    """#19: `eval "$(register-python-argcomplete pkictl)"` completes commands and options: the shell runs pkictl with
+    argcomplete's environment, and it answers with the completions and exits (argcomplete's protocol)."""
+    answer = tmp_path / "completions"
+    done = subprocess.run([sys.executable, "-m", "pkictl"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "_ARGCOMPLETE": "1",
+                               "COMP_LINE": line, "COMP_POINT": str(len(line)),
+                               "_ARGCOMPLETE_STDOUT_FILENAME": str(answer)})
+    assert done.returncode == 0, done.stderr
+    assert answer.read_text().split() == [expected]

@@ -112,7 +112,7 @@ def _exported_device(env, tmp_path, stack, device_id: str):
 
 def _certificates_shown(operator: dict, device_id: str) -> list[tuple[str, str, bool]]:
     out = io.StringIO()
-    assert main(["device", "show", "acme", device_id], env=operator, out=out) == 0
+    assert main(["device", "show", "acme", device_id, "--json"], env=operator, out=out) == 0
     return [(c["serial"], c["issuedBy"], c.get("current", False)) for c in json.loads(out.getvalue())["certificates"]]
 
 

@@ -18,8 +18,9 @@ def register(commands) -> None:
     shown.add_argument("--json", action="store_true", help="the whole record, with the intermediate's PEM")
     shown.add_argument("--pem", action="store_true", help="the intermediate certificate only")
     show.set_defaults(run=customer_show)
-    customer.add_parser("list", help="every customer: id, status, DPS instance, intermediate notAfter"
-                        ).set_defaults(run=customer_list)
+    listing = customer.add_parser("list", help="every customer: id, status, DPS instance, intermediate notAfter")
+    listing.add_argument("--json", action="store_true", help="one JSON object per customer, one per line")
+    listing.set_defaults(run=customer_list)
 
 
 def customer_show(cli: Cli, args: argparse.Namespace) -> int:
@@ -47,6 +48,12 @@ def customer_list(cli: Cli, args: argparse.Namespace) -> int:
         if doc is None:  # removed since it was listed
             continue
         record = CustomerRecord.from_json(doc.data)
-        cli.say(f"{customer_id:<40} {record.status.value:<20} {record.dps.get('name', '-'):<10} "
-                f"{(record.intermediate or {}).get('notAfter', '-')}")
+        summary = {"customerId": customer_id, "status": record.status.value, "dps": record.dps.get("name"),
+                   "intermediateNotAfter": (record.intermediate or {}).get("notAfter"),
+                   "allocation": doc.data.get("allocation")}
+        if args.json:
+            cli.say(json.dumps(summary))
+            continue
+        cli.say(f"{customer_id:<40} {record.status.value:<20} {summary['dps'] or '-':<10} "
+                f"{summary['intermediateNotAfter'] or '-'}")
     return OK

@@ -32,6 +32,7 @@ def register(commands) -> None:
                                           "and every certificate issued to it")
     show.add_argument("customer")
     show.add_argument("device")
+    show.add_argument("--json", action="store_true", help="the whole record and the certificate history as JSON")
     show.set_defaults(run=device_show)
     registration = device.add_parser("register", help="register with DPS over HTTPS with the device certificate "
                                      "(mutual TLS), as a device does on first boot")
@@ -92,8 +93,20 @@ def device_show(cli: Cli, args: argparse.Namespace) -> int:
     doc = read_device(cli.services.store, args.customer, args.device)
     if doc is None:
         raise NotFound(f"no device {args.device!r} for customer {args.customer!r}")
-    # the record, then every certificate issued to the device (the current one first, "current": true)
-    cli.say(json.dumps({**doc.data, "certificates": DeviceRecord.from_json(doc.data).certificates}, indent=2))
+    record = DeviceRecord.from_json(doc.data)
+    if args.json:  # the record, then every certificate issued to the device (the current one first, "current": true)
+        cli.say(json.dumps({**doc.data, "certificates": record.certificates}, indent=2))
+        return OK
+    data = doc.data
+    cli.say(f"device {args.device} of {args.customer}: {data['status']}"
+            + (f" ({data['disabledReason']})" if data.get("disabledReason") else ""))
+    hub = data.get("hub") or {}
+    cli.say(f"  key {data.get('keySource', '-')}; hub {hub.get('name', 'none known')}"
+            + (f" ({hub['status']})" if hub.get("status") else ""))
+    cli.say("  certificates, newest first:")
+    for entry in record.certificates:
+        cli.say(f"  {'*' if entry.get('current') else ' '} {entry['serial']:<40} {entry.get('issuedBy', '-'):<8} "
+                f"issued {entry.get('issuedAt', '-')}  notAfter {entry['notAfter']}")
     return OK
 
 

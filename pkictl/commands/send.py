@@ -119,21 +119,28 @@ def send_batch(cli: Cli, args: argparse.Namespace) -> int:
         _announce_upload(cli, ref.input_path(settings), args.functions_host)
     if args.no_wait:
         return OK
-    deadline, last = time.monotonic() + args.timeout, ""
+    # A progress bar redrawn in place on a terminal; elsewhere (a pipe, a log, CI) a plain line at most every 10 s
+    terminal = cli.out.isatty()
+    deadline, last, printed_at = time.monotonic() + args.timeout, "", 0.0
     while time.monotonic() < deadline:
         doc = cli.services.store.get(ref.document)
         if doc is not None:
-            line = batch_line(doc.data, bar=True)
-            if line != last:
+            line = batch_line(doc.data, bar=terminal)
+            finished = doc.data["status"] in ("complete", "rejected")
+            if terminal and line != last:
                 cli.out.write("\r" + line)
                 cli.out.flush()
-                last = line
-            if doc.data["status"] in ("complete", "rejected"):
-                cli.say("")
+            elif not terminal and line != last and (finished or time.monotonic() - printed_at >= 10):
+                cli.say(line)
+                printed_at = time.monotonic()
+            last = line
+            if finished:
+                if terminal:
+                    cli.say("")
                 return batch_show(cli, argparse.Namespace(customer=args.customer, batch=name, json=False)) \
                     if doc.data["status"] == "complete" else PROBLEM
         time.sleep(0.5)
-    cli.say(f"\nnot finished within {args.timeout:.0f}s; "
+    cli.say(f"{chr(10) if terminal else ''}not finished within {args.timeout:.0f}s; "
             f"follow it with `pkictl batch show {args.customer} {name}`")
     return PROBLEM
 

@@ -18,6 +18,7 @@ def register(commands) -> None:
     run.set_defaults(run=sweep_run)
     show = sweep.add_parser("show", help="a day's sweep report (default: today)")
     show.add_argument("date", nargs="?", metavar="DATE")
+    show.add_argument("--json", action="store_true", help="the whole report as JSON")
     show.set_defaults(run=sweep_show)
 
 
@@ -67,5 +68,8 @@ def sweep_show(cli: Cli, args: argparse.Namespace) -> int:
     doc = cli.services.store.get(report_document(day))
     if doc is None:
         raise NotFound(f"no expiry sweep report for {day}; `pkictl sweep run` makes one")
-    cli.say(json.dumps(doc.data, indent=2))
+    if args.json:
+        cli.say(json.dumps(doc.data, indent=2))
+    else:
+        _sweep_summary(cli, doc.data)
     return OK
