@@ -11,6 +11,7 @@ import azure.functions as func
 from edge.http import run_http
 from edge.queue import run_blob, run_queue_message, run_timer
 from edge.services import Services, services
+from edge.telemetry import configure as configure_telemetry
 from handlers import (
     batch_chunk,
     batch_intake,
@@ -23,6 +24,7 @@ from handlers import (
 )
 from handlers.messages import Delivery
 
+configure_telemetry()  # OpenTelemetry: Application Insights when its connection string is set (edge/telemetry.py)
 app = func.FunctionApp()
 
 

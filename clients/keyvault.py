@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from azure.core.credentials import TokenCredential
 from azure.keyvault.keys import JsonWebKey, KeyClient, KeyCurveName, KeyOperation, KeyVaultKey
@@ -39,6 +41,7 @@ from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
 
 from .errors import translated
+from .metrics import KEY_VAULT_SIGN_DURATION, KEY_VAULT_SIGNS, KEY_VAULT_THROTTLED
 from .retry import AdaptiveBucket, RateLimitPolicy, ThrottlingRetryPolicy
 from .signers import SigningPeers, SignInProgress
 from .storage import pooled_transport
@@ -110,6 +113,11 @@ class KeyVaultKeyStore:
         retry = {"retry_total": retry_total, "retry_backoff_factor": retry_backoff_factor,
                  "retry_backoff_max": retry_backoff_max}
         self._credential = credential
+        self._vault = {"vault": urlsplit(vault_url).netloc}  # the metrics' attributes
+
+        def throttled() -> None:
+            KEY_VAULT_THROTTLED.add(1, self._vault)
+
         # create_key is a POST that makes a version: retried on 429 only (then it was not executed).
         self._keys = KeyClient(vault_url, credential, **_client_options(
             connection_verify, verify_challenge_resource, ThrottlingRetryPolicy(**retry)))
@@ -119,7 +127,8 @@ class KeyVaultKeyStore:
         self._crypto_options = {
             key_type: _client_options(connection_verify, verify_challenge_resource, sign_retry, transport=transport,
                                       per_retry_policies=[
-                RateLimitPolicy(AdaptiveBucket(sign_rate(key_type, sign_rate_per_s), share=signers))],
+                RateLimitPolicy(AdaptiveBucket(sign_rate(key_type, sign_rate_per_s), share=signers),
+                                on_throttled=throttled)],
                                       per_call_policies=[SignInProgress(signers)] if signers else [])
             for key_type in _SIGN_LIMIT_PER_10S
         }
@@ -169,8 +178,12 @@ class KeyVaultKeyStore:
         what = f"key {key.name}/{key.version}: sign"
 
         def sign(algorithm: str, digest: bytes) -> bytes:
+            started = time.perf_counter()
             with translated(what):
-                return client.sign(algorithm, digest).signature
+                signature = client.sign(algorithm, digest).signature
+            KEY_VAULT_SIGN_DURATION.record(time.perf_counter() - started, self._vault)
+            KEY_VAULT_SIGNS.add(1, self._vault)
+            return signature
 
         return sign
 

@@ -183,8 +183,9 @@ class RateLimitPolicy(SansIOHTTPPolicy):
     """Takes a token from ``bucket`` before each attempt (placed after the retry policy), and tells it each
     attempt's answer (an ``AdaptiveBucket`` adapts to it)."""
 
-    def __init__(self, bucket: TokenBucket):
+    def __init__(self, bucket: TokenBucket, on_throttled: Callable[[], None] | None = None):
         self._bucket = bucket
+        self._on_throttled = on_throttled  # told of each 429 too (a metric)
 
     def on_request(self, request: PipelineRequest) -> None:
         self._bucket.acquire()
@@ -193,5 +194,7 @@ class RateLimitPolicy(SansIOHTTPPolicy):
         status = response.http_response.status_code
         if status == 429:
             self._bucket.throttled()
+            if self._on_throttled is not None:
+                self._on_throttled()
         elif status < 400:
             self._bucket.succeeded()

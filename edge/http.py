@@ -18,10 +18,12 @@ from collections.abc import Callable
 
 import azure.functions as func
 
+from clients.metrics import rejected
 from handlers.errors import Rejected
 from handlers.rejections import record_rejection
 
 from .services import Services
+from .telemetry import log_context, peek
 
 log = logging.getLogger("pki")
 
@@ -30,7 +32,13 @@ def run_http(req: func.HttpRequest, *, route: str, services: Callable[[], Servic
              handle: Callable[[bytes, Services], dict]) -> func.HttpResponse:
     body = req.get_body() or b""
     request_id = req.headers.get("x-ms-request-id") or req.headers.get("x-ms-client-request-id") or str(uuid.uuid4())
-    context = {"route": route, "requestId": request_id}
+    with log_context(**{**peek(body), "requestId": request_id}):
+        return _run_http(body, request_id, route, services, handle)
+
+
+def _run_http(body: bytes, request_id: str, route: str, services: Callable[[], Services],
+              handle: Callable[[bytes, Services], dict]) -> func.HttpResponse:
+    context = {"route": route}  # requestId and customerId: from log_context, on every record (edge/telemetry.py)
     now = dt.datetime.now(dt.UTC)
     try:
         wired = services()
@@ -42,6 +50,7 @@ def run_http(req: func.HttpRequest, *, route: str, services: Callable[[], Servic
     except Rejected as exc:
         where = record_rejection(wired.store, queue=route, message_id=request_id, body=body, reason=exc.reason,
                                  field=exc.field, now=now, request_id=request_id)
+        rejected(route, exc.field)
         log.warning("rejected request %s to %s: %s (recorded in %s)", request_id, route, exc, where,
                     extra={**context, "rejections": 1})
         return _json(400, {"error": exc.reason, "field": exc.field, "requestId": request_id})

@@ -15,11 +15,13 @@ from collections.abc import Callable
 
 import azure.functions as func
 
+from clients.metrics import rejected
 from handlers.errors import Rejected
 from handlers.messages import Delivery
 from handlers.rejections import record_failure, record_rejection
 
 from .services import Services
+from .telemetry import log_context, peek
 
 log = logging.getLogger("pki")
 
@@ -27,6 +29,12 @@ log = logging.getLogger("pki")
 def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
              handle: Callable[[str, Services], str]) -> None:
     """A blob trigger: the handler reads the blob itself (streaming), by its path ``container/name``."""
+    _, customer, batch = [*(blob.name or "").split("/", 2), "", ""][:3]
+    with log_context(customerId=customer, batch=batch):
+        _run_blob(blob, services, handle)
+
+
+def _run_blob(blob: func.InputStream, services: Callable[[], Services], handle: Callable[[str, Services], str]) -> None:
     context = {"blob": blob.name}
     now = dt.datetime.now(dt.UTC)
     wired = services()
@@ -37,6 +45,7 @@ def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
         version = (blob.blob_properties or {}).get("ETag", "") if hasattr(blob, "blob_properties") else ""
         where = record_rejection(wired.store, queue="device-batches", message_id=None, body=f"{blob.name} {version}",
                                  reason=exc.reason, field=exc.field, now=now)
+        rejected("device-batches", exc.field)
         log.warning("rejected blob %s: %s (recorded in %s)", blob.name, exc, where, extra={**context, "rejections": 1})
         return
     except Exception as exc:
@@ -50,7 +59,15 @@ def run_blob(blob: func.InputStream, *, services: Callable[[], Services],
 def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[[], Services],
                       handle: Callable[[bytes, Services, Delivery], str]) -> None:
     body = msg.get_body()
-    context = {"queue": queue, "messageId": msg.id, "dequeueCount": msg.dequeue_count, "requestId": _request_id(body)}
+    with log_context(messageId=msg.id, **peek(body)):
+        _run_queue_message(msg, body, queue, services, handle)
+
+
+def _run_queue_message(msg: func.QueueMessage, body: bytes, queue: str, services: Callable[[], Services],
+                       handle: Callable[[bytes, Services, Delivery], str]) -> None:
+    # messageId, requestId, customerId...: from log_context, on every record (edge/telemetry.py)
+    context = {"queue": queue, "dequeueCount": msg.dequeue_count}
+    request_id = peek(body).get("requestId")
     now = dt.datetime.now(dt.UTC)
     try:
         wired = services()
@@ -61,7 +78,8 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
         outcome = handle(body, wired, Delivery(msg.id, getattr(msg, "insertion_time", None)))
     except Rejected as exc:
         where = record_rejection(wired.store, queue=queue, message_id=msg.id, body=body, reason=exc.reason,
-                                 field=exc.field, now=now, request_id=context["requestId"])
+                                 field=exc.field, now=now, request_id=request_id)
+        rejected(queue, exc.field)
         log.warning("rejected message %s from %s: %s (recorded in %s)", msg.id, queue, exc, where,
                     extra={**context, "rejections": 1})
         return
@@ -71,18 +89,7 @@ def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[
         log.warning("message %s from %s failed (attempt %s), the host will retry: %s: %s", msg.id, queue,
                     msg.dequeue_count, type(exc).__name__, exc, extra=context)
         raise
-    log.info("message %s from %s (requestId %s): %s", msg.id, queue, context["requestId"], outcome, extra=context)
-
-
-def _request_id(body: bytes) -> str | None:
-    """The message's ``requestId`` if it can be read at all (a rejected message may be anything)."""
-    from handlers.messages import decode_json_message
-
-    try:
-        value = decode_json_message(body).get("requestId")
-    except Exception:  # noqa: BLE001 - unreadable: the rejection says so itself
-        return None
-    return value if isinstance(value, str) else None
+    log.info("message %s from %s (requestId %s): %s", msg.id, queue, request_id, outcome, extra=context)
 
 
 def run_timer(timer: func.TimerRequest, *, name: str, services: Callable[[], Services],

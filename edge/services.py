@@ -16,6 +16,7 @@ from clients.dps_certificates import DpsCaCertificates
 from clients.factory import DpsRegistrar, ca_certificates, enrollment_groups, hub_registries, key_store, secrets_store
 from clients.iothub import IotHubRegistries
 from clients.keyvault import sign_rate
+from clients.metrics import MeteredAuditLog
 from clients.storage import StorageQueues, blob_service, ca_path, state_store
 from handlers.dps_pool import OnboardingSettings
 from handlers.expiry_sweep import SweepSettings
@@ -57,7 +58,7 @@ class Services:
     store: DocumentStore = _Built(lambda s: state_store(s.settings))
     keys: KeyStore = _Built(lambda s: key_store(s.settings))
     groups: DpsEnrollmentGroups = _Built(lambda s: enrollment_groups(s.settings))
-    audit: AuditLog = _Built(lambda s: StoreAuditLog(s.store))
+    audit: AuditLog = _Built(lambda s: MeteredAuditLog(StoreAuditLog(s.store)))  # each event also counted
     files: BlobFiles = _Built(lambda s: BlobFiles(blob_service(s.settings)))
     queue: StorageQueues = _Built(lambda s: StorageQueues(s.settings))
     secrets: Secrets = _Built(lambda s: secrets_store(s.settings, s.keys))

@@ -217,7 +217,7 @@ def process_chunk(message: ChunkMessage, *, files: InputFiles, outputs: OutputFi
             release(store, ref.chunk_document(message.chunk), owner)  # the retry must not wait out this run's lease
             raise
     return _complete(ref, message.chunk, chunk_doc.data["results"], store=store, outputs=outputs, settings=settings,
-                     now=now, tally=tally)
+                     now=now, tally=tally, audit=audit)
 
 
 def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, files: InputFiles,
@@ -255,7 +255,8 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
                                    "doneAt": stamp(now)})
     # Every certificate this batch recorded for the chunk's devices, including those an earlier, crashed attempt
     # recorded (reported "already_issued" now): none goes unaudited.
-    issued = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "issued"]
+    issued = [{"device": r["deviceId"], "serial": r["serial"], "keySource": r.get("keySource")}
+              for r in results if r["status"] == "issued"]
     earlier = [{"device": r["deviceId"], "serial": r["serial"]} for r in results if r["status"] == "already_issued"]
     audit.append({"at": stamp(now), "action": "batch.issue", "effect": "changed" if issued else "no-op",
                   "customer": ref.customer_id, "batch": ref.batch_name, "chunk": n, "issued": issued,
@@ -264,7 +265,7 @@ def _issue_chunk(ref: BatchRef, n: int, batch: dict, chunk_doc, owner: str, *, f
 
 
 def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStore, outputs: OutputFiles,
-              settings: BatchSettings, now: dt.datetime, tally: Tally) -> str:
+              settings: BatchSettings, now: dt.datetime, tally: Tally, audit: AuditLog) -> str:
     """Count chunk ``n`` once; whoever completes the last chunk assembles the report."""
 
     def count(data: dict) -> dict | None:
@@ -294,7 +295,13 @@ def _complete(ref: BatchRef, n: int, results: list[dict], *, store: DocumentStor
     try:
         store.replace(doc, final, tags={"kind": "batch", "customer": ref.customer_id, "status": "complete"})
     except Conflict:
-        pass  # a concurrent assembler of the same (deterministic) report finished first
+        # a concurrent assembler of the same (deterministic) report finished first, and audited it
+        return f"batch {ref.customer_id}/{ref.batch_name}: complete ({data['counts']})"
+    # from the upload's intake to this report (the record's times, stamped by the use cases' clocks)
+    seconds = (now - dt.datetime.fromisoformat(data["createdAt"])).total_seconds() if data.get("createdAt") else None
+    audit.append({"at": stamp(now), "action": "batch.complete", "effect": "changed", "customer": ref.customer_id,
+                  "batch": ref.batch_name, "rows": data.get("rows"), "counts": data["counts"], "seconds": seconds,
+                  "requestId": (data.get("options") or {}).get("requestId")})
     return f"batch {ref.customer_id}/{ref.batch_name}: complete ({data['counts']})"
 
 

@@ -91,4 +91,5 @@ def published_fields(record: DeviceRecord) -> dict[str, Any]:
     return {"serial": record.serial, "thumbprintSha1": record.certificate.get("thumbprintSha1"),
             "thumbprintSha256": record.certificate.get("thumbprintSha256"), "notAfter": record.not_after,
             "output": record.output, "issuerSerial": record.intermediate_serial,
+            "keySource": record.key_source.value if record.key_source else None,
             "certificatePem": record.certificate_pem}

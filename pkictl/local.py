@@ -91,18 +91,23 @@ def _print_summary(info: dict, out: TextIO) -> None:
           "Stop it with `pkictl local down`.", file=out)
 
 
-def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO, azure_quotas: bool = False) -> int:
+def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO, azure_quotas: bool = False,
+       telemetry: str | None = None) -> int:
     running = _running(out)
     if running:
         print(f"a local stack is running already (pid {running['pid']}); `pkictl local down` stops it", file=out)
         return 1
     if detach:
-        return _up_detached(dps_instances, functions, out, azure_quotas)
+        return _up_detached(dps_instances, functions, out, azure_quotas, telemetry)
     settings_path = Path.cwd() / "local.settings.json"
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalStack(dps_instances=dps_instances, run_functions=functions, azure_quotas=azure_quotas) as stack:
+    if telemetry and telemetry.startswith("file:"):  # the app runs elsewhere (devhost's cwd): an absolute path
+        telemetry = "file:" + str(Path(telemetry.removeprefix("file:")).resolve())
+    extra = {"PKI_TELEMETRY_EXPORT": telemetry} if telemetry else {}
+    with LocalStack(dps_instances=dps_instances, run_functions=functions, azure_quotas=azure_quotas,
+                    extra_settings=extra) as stack:
         write_local_settings(stack.settings(), settings_path)
         info = _describe(stack, settings_path)
         from emulators.stack import write_private
@@ -121,7 +126,7 @@ def up(*, detach: bool, dps_instances: int, functions: bool, out: TextIO, azure_
     return 0
 
 
-def _up_detached(dps_instances: int, functions: bool, out: TextIO, azure_quotas: bool) -> int:
+def _up_detached(dps_instances: int, functions: bool, out: TextIO, azure_quotas: bool, telemetry: str | None) -> int:
     STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = STATE_DIR / "stack.log"
     args = [sys.executable, "-m", "pkictl", "local", "up", "--dps-instances", str(dps_instances)]
@@ -129,6 +134,8 @@ def _up_detached(dps_instances: int, functions: bool, out: TextIO, azure_quotas:
         args.append("--no-functions")
     if azure_quotas:
         args.append("--azure-quotas")
+    if telemetry:
+        args += ["--telemetry", telemetry]
     with open(log_path, "wb") as log:
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, cwd=Path.cwd())

@@ -28,6 +28,7 @@ import pytest
 from clients.audit import StoreAuditLog
 from clients.device_registration import RegistrationRefused, register
 from clients.local_keystore import LocalKeyStore
+from clients.metrics import MeteredAuditLog
 from devhost.stack import person_settings
 from emulators.stack import OPERATOR
 from handlers.command_message import Command
@@ -172,8 +173,9 @@ class FakeApp:
     handlers directly, one step at a time, with any port swapped."""
 
     def __init__(self, tmp_path: Path, batches: BatchSettings | None = None, now: dt.datetime | None = None):
+        # the audit log counted as in production (edge/services.py): metrics come from its events
         store, keys, audit = (MemoryDocumentStore(), CountingKeys(tmp_path / "keys", b"test-passphrase-123"),
-                              ListAuditLog())
+                              MeteredAuditLog(ListAuditLog()))
         dps, self.files, self.queue = FakeDps(), MemoryFiles(), MemoryQueue()
         onboarding = OnboardingSettings(pool=POOL[:1])
         self.wired = SimpleNamespace(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..common import Cli, command_group
+from ..common import Cli, UsageError, command_group
 
 
 def register(commands) -> None:
@@ -17,6 +17,9 @@ def register(commands) -> None:
     up.add_argument("--azure-quotas", action="store_true",
                     help="throttle like Azure's default quotas (DPS 1,000 registrations/min, IoT Hub S1 100 "
                          "registry operations/min, Key Vault 4,000 signs/10 s)")
+    up.add_argument("--telemetry", metavar="console|file:PATH",
+                    help="export the app's OpenTelemetry metrics and logs (PKI_TELEMETRY_EXPORT): to devhost's log "
+                         "(console) or appended to a file, one JSON object per line")
     up.set_defaults(run=stack)
     local.add_parser("down", help="stop a detached stack").set_defaults(run=stack)
     local.add_parser("status", help="where the running stack is").set_defaults(run=stack)
@@ -32,8 +35,10 @@ def stack(cli: Cli, args: argparse.Namespace) -> int:
     from .. import local
 
     if args.sub == "up":
+        if args.telemetry and args.telemetry != "console" and not args.telemetry.startswith("file:"):
+            raise UsageError(f"--telemetry: {args.telemetry!r} is not console or file:PATH")
         return local.up(detach=args.detach, dps_instances=args.dps_instances, functions=not args.no_functions,
-                        out=cli.out, azure_quotas=args.azure_quotas)
+                        out=cli.out, azure_quotas=args.azure_quotas, telemetry=args.telemetry)
     if args.sub == "down":
         return local.down(cli.out)
     if args.sub == "env":
