@@ -130,9 +130,11 @@ def send_batch(cli: Cli, args: argparse.Namespace) -> int:
             if terminal and line != last:
                 cli.out.write("\r" + line)
                 cli.out.flush()
-            elif not terminal and line != last and (finished or time.monotonic() - printed_at >= 10):
+            elif not terminal and line != last and not finished and time.monotonic() - printed_at >= 10:
                 cli.say(line)
                 printed_at = time.monotonic()
+            elif not terminal and finished and doc.data["status"] == "rejected":
+                cli.say(line)  # (a complete batch is summed up by batch show below)
             last = line
             if finished:
                 if terminal:
