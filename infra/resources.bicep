@@ -119,7 +119,7 @@ resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
 }
 
 resource rootVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
-  name: 'kv-pki-root-${token}'
+  name: 'kv-pkiroot-${token}' // Key Vault names: 3-24 characters
   location: location
   tags: tags
   properties: {
@@ -151,7 +151,7 @@ resource dpsOnHub 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource dps 'Microsoft.Devices/provisioningServices@2026-08-01' = {
+resource dps 'Microsoft.Devices/provisioningServices@2026-08-31' = {
   name: 'dps-iot-pki-${token}'
   location: location
   tags: tags
@@ -358,7 +358,8 @@ var assignments = [
   { principal: 'admin', role: 'Contributor', scope: 'dps' }
 ]
 
-// The groups are optional: their rows are left out when no group is given.
+// The groups are optional: their rows are left out when no group is given. The two groups must differ (their
+// assignments on pki-state would otherwise be one assignment twice).
 var active = filter(assignments, a => a.principal == 'app' || (a.principal == 'operator' && !empty(operatorGroupObjectId)) || (a.principal == 'admin' && !empty(adminGroupObjectId)))
 var principalIds = { operator: operatorGroupObjectId, admin: adminGroupObjectId }
 

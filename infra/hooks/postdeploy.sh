@@ -3,6 +3,7 @@
 # blobs extension's system key, which exists only once the deployed app has started, so it cannot be in the Bicep.
 # https://learn.microsoft.com/azure/azure-functions/functions-event-grid-blob-trigger (the webhook URL's form).
 set -eu
+az account set --subscription "$AZURE_SUBSCRIPTION_ID"  # azd's subscription, not az's default
 RG="$AZURE_RESOURCE_GROUP"
 APP="$PKI_FUNCTION_APP"
 HOST=$(az functionapp show --name "$APP" --resource-group "$RG" --query properties.defaultHostName -o tsv)
