@@ -135,8 +135,10 @@ def test_names_fit_their_services_rules_with_the_13_character_token():
     """uniqueString() gives 13 characters: Key Vault names are 3-24 of letters, digits and '-' (Vaults_CreateOrUpdate),
     storage account names 3-24 lowercase letters and digits."""
     token = "a" * 13
-    for prefix in re.findall(r"resource \w+ 'Microsoft\.KeyVault/vaults@[\w-]+' = \{\n  name: '([a-z-]+)\$\{token\}'",
-                             BICEP):
+    vaults = re.findall(r"resource \w+ 'Microsoft\.KeyVault/vaults@[\w-]+' = \{\n  name: '([a-z-]+)\$\{token\}'",
+                        BICEP)
+    assert len(vaults) == 2
+    for prefix in vaults:
         assert re.fullmatch(r"[a-zA-Z0-9-]{3,24}", prefix + token), prefix
     storage = re.search(r"resource storage '[^']+' = \{\n  name: '([a-z0-9]+)\$\{token\}'", BICEP)[1]
     assert re.fullmatch(r"[a-z0-9]{3,24}", storage + token)
