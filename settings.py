@@ -63,6 +63,7 @@ class Settings:
     key_vault_url: str | None = None  # KEY_VAULT_URL: the intermediates' keys and the batch PFX passwords
     root_key_vault_url: str | None = None  # ROOT_CA_KEY_VAULT_URL: the root key alone (docs/deploy.md, step 1)
     key_vault_sign_rate_per_s: float = 100.0
+    key_protection: str = "software"  # KEY_VAULT_KEY_PROTECTION: hsm makes new CA keys EC-HSM / RSA-HSM
     emulator_ca_path: Path | None = None
     local_keystore_dir: Path = Path(".pki-local/keystore")
     local_keystore_passphrase: str | None = field(default=None, repr=False)
@@ -197,6 +198,14 @@ def _dps_pool(env: Mapping[str, str]) -> tuple[DpsInstance, ...]:
     return tuple(pool)
 
 
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    """One of ``allowed`` (the first is the default)."""
+    value = env.get(name, "").strip().lower() or allowed[0]
+    if value not in allowed:
+        raise SettingsError(name, f"{value!r} must be {' or '.join(allowed)}")
+    return value
+
+
 def _https_url(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     if not value.startswith("https://"):
@@ -319,6 +328,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         dps_device_endpoint=env.get("DPS_DEVICE_ENDPOINT", "").strip() or "global.azure-devices-provisioning.net",
         arm_endpoint=_https_url(env, "ARM_ENDPOINT", "https://management.azure.com"),
         key_vault_sign_rate_per_s=float(_int(env, "KEY_VAULT_SIGN_RATE_PER_S", 100, 1, 4000)),
+        key_protection=_choice(env, "KEY_VAULT_KEY_PROTECTION", ("software", "hsm")),
         emulator_ca_path=Path(ca) if ca else None,
         state_container=_match(env, "STATE_CONTAINER", "pki-state", _CONTAINER,
                                "is not a blob container name (3-63 of a-z, 0-9, '-')"),

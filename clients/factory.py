@@ -47,7 +47,8 @@ def key_store(settings: Settings) -> KeyStore:
 
     def vault(url: str) -> KeyVaultKeyStore:  # each vault has its own sign limit, so its own rate limiter
         return KeyVaultKeyStore(url, credential_, sign_rate_per_s=settings.key_vault_sign_rate_per_s,
-                                signers=SigningPeers(state, url), **_vault_options(settings, url))
+                                signers=SigningPeers(state, url), hardware_protected=settings.key_protection == "hsm",
+                                **_vault_options(settings, url))
 
     return RootApartKeyStore(settings.root_key_name, root=vault(settings.root_key_vault_url),
                              intermediates=vault(settings.key_vault_url))

@@ -114,7 +114,8 @@ def check_chunk_time(settings: Settings, limits: HostLimits) -> None:
     Key Vault sign rate, so one chunk takes up to rows x concurrent chunks / rate. "Well inside" is half."""
     if limits.function_timeout_s is None or not settings.key_vault_url:
         return  # no time limit; or a local key store, which signs without a rate cap
-    rate = sign_rate(settings.intermediate_key_type, settings.key_vault_sign_rate_per_s)
+    rate = sign_rate(settings.intermediate_key_type, settings.key_vault_sign_rate_per_s,
+                     settings.key_protection == "hsm")
     worst = settings.batch_chunk_rows * limits.queue_concurrency / rate
     if worst <= limits.function_timeout_s / 2:
         return

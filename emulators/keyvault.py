@@ -104,6 +104,7 @@ class _KeyVersion:
     enabled: bool
     tags: dict[str, str] | None
     created: int
+    hsm: bool = False  # kty EC-HSM / RSA-HSM: the JWK says so
 
 
 @dataclass
@@ -135,11 +136,16 @@ _AKV_CODES = {"missing": "AKV10000", "audience": "AKV10022", "issuer": "AKV10032
 class KeyVaultEmulator:
     """One vault, in memory, guarded by ``guard`` (the local tenant's tokens and the vault's role assignments)."""
 
-    def __init__(self, guard: EntraGuard, *, name: str = "pkilocal"):
+    def __init__(self, guard: EntraGuard, *, name: str = "pkilocal", sku: str = "standard"):
+        """``sku``: ``standard`` refuses HSM-protected keys, ``premium`` holds them (key-vault/general/overview:
+        "Premium tier: ... HSM-protected keys")."""
         if guard.resource != VAULT:
             raise ValueError(f"guard: a vault's tokens are for {VAULT}, not {guard.resource}")
+        if sku not in ("standard", "premium"):
+            raise ValueError(f"sku: {sku!r} is not standard or premium")
         self.guard = guard
         self.name = name
+        self.sku = sku
         self._lock = threading.Lock()
         self._keys: dict[str, _Versions] = {}
         self._secrets: dict[str, _Versions] = {}
@@ -261,6 +267,8 @@ class KeyVaultEmulator:
     def _key_bundle(self, request: Request, name: str, record: _KeyVersion) -> dict[str, Any]:
         jwk = {"kid": f"{self._vault(request)}/keys/{name}/{record.version}", **_public_jwk(record.key),
                "key_ops": list(record.key_ops)}
+        if record.hsm:
+            jwk["kty"] += "-HSM"
         bundle: dict[str, Any] = {"key": jwk, "attributes": {"enabled": record.enabled, "created": record.created,
                                                              "updated": record.created, "exportable": False,
                                                              **_RECOVERY}}
@@ -274,6 +282,13 @@ class KeyVaultEmulator:
         if attributes.get("exportable") or body.get("release_policy"):
             raise _bad("Exportable keys and release policies are refused: keys held here never leave the vault.")
         kty = body.get("kty")
+        hsm = isinstance(kty, str) and kty in ("EC-HSM", "RSA-HSM")
+        if hsm and self.sku != "premium":
+            # what Key Vault answers (az keyvault key create --kty RSA-HSM on a standard vault: MicrosoftDocs/
+            # azure-docs#63888, Azure/azure-sdk-for-net#6551; "Forbidden": MicrosoftDocs/azure-docs#34948)
+            raise _error(403, "Forbidden", "Hardware key operation not allowed on standard vault")
+        if hsm:
+            kty = kty.removesuffix("-HSM")
         if kty == "EC":
             crv = body.get("crv") or "P-256"
             if not isinstance(crv, str) or crv not in _CURVES:
@@ -285,12 +300,13 @@ class KeyVaultEmulator:
                 raise _bad(f"Property 'key_size': {size!r} is not supported here; use 2048, 3072 or 4096.")
             key_type = _RSA_SIZES[size]
         else:
-            raise _bad(f"Property 'kty': {kty!r} is not supported here; use EC or RSA.")
+            raise _bad(f"Property 'kty': {kty!r} is not supported here; use EC, RSA, EC-HSM or RSA-HSM.")
         key_ops = body.get("key_ops") or _DEFAULT_KEY_OPS[kty]
         if not (isinstance(key_ops, list) and all(isinstance(op, str) for op in key_ops)):
             raise _bad("Property 'key_ops' must be a list of operation names.")
         record = _KeyVersion(version=secrets.token_hex(16), key=generate_key(key_type), key_ops=key_ops,
-                             enabled=attributes.get("enabled", True), tags=self._tags(body), created=int(time.time()))
+                             enabled=attributes.get("enabled", True), tags=self._tags(body), created=int(time.time()),
+                             hsm=hsm)
         stored_name = self._add(self._keys, name, record)
         return Response(200, self._key_bundle(request, stored_name, record))
 

@@ -92,16 +92,17 @@ class EmulatorStack:
     """``with EmulatorStack(state_dir) as stack:`` - everything up; ``stack.describe()`` says where."""
 
     def __init__(self, state_dir: Path, *, dps_instances: int = 1, max_groups_per_dps: int = 100,
-                 tls: ServerIdentity | None = None, record: bool = False):
-        """``record``: keep every request and answer in ``exchanges`` (what the contract tests check)."""
+                 tls: ServerIdentity | None = None, record: bool = False, vault_sku: str = "standard"):
+        """``record``: keep every request and answer in ``exchanges`` (what the contract tests check).
+        ``vault_sku``: both vaults' (infra/main.bicep's keyVaultSku; premium holds HSM-protected keys)."""
         self.state_dir = Path(state_dir)
         self.exchanges: list[dict] | None = [] if record else None
         self.tls = tls or make_server_identity()
         self.issuer = TokenIssuer()
         self.principals: dict[str, LocalIdentity] = {name: self.issuer.add_identity(name) for name in LOCAL_ROLES}
-        self.keyvault = KeyVaultEmulator(self._guard(VAULT, "keyvault"))
+        self.keyvault = KeyVaultEmulator(self._guard(VAULT, "keyvault"), sku=vault_sku)
         # The root key's vault: another vault with its own role assignments, as on Azure (docs/deploy.md, step 1).
-        self.rootvault = KeyVaultEmulator(self._guard(VAULT, "rootvault"), name="pkilocal-root")
+        self.rootvault = KeyVaultEmulator(self._guard(VAULT, "rootvault"), name="pkilocal-root", sku=vault_sku)
         self.iothub = IotHubEmulator(shared_access_key=_key(), guard=self._guard(IOT_HUB, "iothub"))
         self.dps: list[DpsInstance] = [
             DpsInstance(name=f"dps{i + 1}", id_scope=f"0ne{secrets.token_hex(4).upper()}", shared_access_key=_key(),

@@ -217,6 +217,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   properties: {
     serverFarmId: plan.id
     httpsOnly: true
+    keyVaultReferenceIdentity: identity.id // Key Vault references (DPS_ALLOCATION_WEBHOOK_URL, docs/deploy.md step 8)
     functionAppConfig: {
       deployment: {
         storage: {
@@ -238,6 +239,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'KEY_VAULT_URL', value: keyVault.properties.vaultUri }
         { name: 'ROOT_CA_KEY_VAULT_URL', value: rootVault.properties.vaultUri }
         { name: 'KEY_VAULT_SIGN_RATE_PER_S', value: string(keyVaultSignRatePerSecond) }
+        { name: 'KEY_VAULT_KEY_PROTECTION', value: keyVaultSku == 'premium' ? 'hsm' : 'software' }
         { name: 'DPS_INSTANCES', value: dpsInstances }
         { name: 'EXPIRY_SWEEP_SCHEDULE', value: '0 0 2 * * *' }
         { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: insights.properties.ConnectionString }

@@ -348,3 +348,52 @@ def test_the_burst_reading_caps_each_100ms_window():
 
     gate = FaultGate(Faults(rate_per_s=50))  # window_s 0: 5 per 100 ms
     assert sum(gate.check() is None for _ in range(8)) == 5
+
+
+def test_a_standard_vault_refuses_hsm_keys_as_key_vault_does(keys, name):
+    """kty EC-HSM / RSA-HSM need a premium vault: Key Vault answers 403 "Hardware key operation not allowed on
+    standard vault" (az keyvault key create --kty RSA-HSM on a standard vault: MicrosoftDocs/azure-docs#63888)."""
+    for create in (lambda: keys.create_ec_key(name, hardware_protected=True),
+                   lambda: keys.create_rsa_key(name, hardware_protected=True)):
+        with pytest.raises(HttpResponseError) as refused:
+            create()
+        assert refused.value.status_code == 403
+        assert "Hardware key operation not allowed on standard vault" in str(refused.value)
+    with pytest.raises(ResourceNotFoundError):
+        keys.get_key(name)
+
+
+def test_a_premium_vault_holds_hsm_keys_and_the_app_makes_them_when_told(fresh_stack, name):
+    """KEY_VAULT_KEY_PROTECTION=hsm (infra: a premium vault): the app's key store creates EC-HSM / RSA-HSM keys,
+    whose JWK says so, and signs with them."""
+    from azure.identity import ManagedIdentityCredential
+
+    from clients.keyvault import KeyVaultKeyStore
+    from pki.keys import KeyType
+
+    with fresh_stack(vault_sku="premium") as premium:
+        app = ManagedIdentityCredential(client_id=premium.client_id(APP))  # that stack's identity endpoint
+        store = KeyVaultKeyStore(premium.keyvault_url, app, connection_verify=str(premium.ca_path),
+                                 verify_challenge_resource=False, hardware_protected=True)
+        try:
+            for key_type, kty in ((KeyType.EC_P256, "EC-HSM"), (KeyType.RSA_2048, "RSA-HSM")):
+                ref = store.create_key(f"{name[:60]}-{key_type.value}", key_type)
+                with KeyClient(premium.keyvault_url, app, verify_challenge_resource=False,
+                               connection_verify=str(premium.ca_path)) as client:
+                    assert client.get_key(ref.name).key.kty == kty
+                algorithm = "ES256" if key_type.is_ec else "RS256"
+                digest = hashlib.sha256(b"hsm").digest()
+                signature = store.signer(ref)(algorithm, digest)
+                assert signature
+        finally:
+            store.close()
+
+
+def test_hsm_keys_halve_the_sign_budget():
+    """service-limits: HSM EC / RSA-2048 keys sign 2,000 per 10 s per vault against 4,000 for software keys."""
+    from clients.keyvault import sign_rate
+    from pki.keys import KeyType
+
+    assert sign_rate(KeyType.EC_P256, 100) == 100
+    assert sign_rate(KeyType.EC_P256, 100, hardware_protected=True) == 50
+    assert sign_rate(KeyType.RSA_4096, 100, hardware_protected=True) == 100 * 500 / 4000 / 2

@@ -6,6 +6,7 @@ subpackages and console script)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,7 +22,12 @@ def _pip(*args: str) -> None:
 
 
 def test_a_wheel_installed_into_a_fresh_venv_gives_a_pkictl_command(tmp_path):
-    _pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist"), str(ROOT))
+    # built from a copy: setuptools builds in the source tree (build/), which must not be this checkout
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "node_modules", ".pki-local", "__pycache__", "*.egg-info", "build", ".pytest_cache",
+        ".hypothesis"))
+    _pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist"), str(source))
     (wheel,) = (tmp_path / "dist").glob("iot_pki-*.whl")
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False)

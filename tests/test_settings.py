@@ -177,3 +177,13 @@ def test_the_example_settings_load_and_list_every_setting_the_app_reads():
     unexplained = [name for name in values if name != "FUNCTIONS_WORKER_RUNTIME"
                    and f"`{name}`" not in table and f"`__{name.split('__')[-1]}`" not in table]
     assert unexplained == []
+
+
+def test_key_protection_is_software_unless_hsm_is_asked_for():
+    from settings import load_settings as load
+
+    base = {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}
+    assert load(base).key_protection == "software"
+    assert load({**base, "KEY_VAULT_KEY_PROTECTION": "HSM"}).key_protection == "hsm"
+    with pytest.raises(SettingsError, match="KEY_VAULT_KEY_PROTECTION"):
+        load({**base, "KEY_VAULT_KEY_PROTECTION": "hardware"})
