@@ -39,11 +39,30 @@ class Cli:
 
 
 def connect_to(env: Mapping[str, str]):
-    """The services for the settings in ``env``."""
+    """The services for the settings in ``env``, once a token shows that this shell can sign in at all."""
     from edge.services import build_services
     from settings import load_settings
 
-    return build_services(load_settings(env))
+    settings = load_settings(env)
+    _signed_in(settings)
+    return build_services(settings)
+
+
+def _signed_in(settings) -> None:
+    """One storage token before anything else. Without any credential (no `az login`, no managed identity) the
+    storage client would retry its token failure with backoff for a minute and more before saying so; this says
+    it at once (``NoCredential``: one line, the settings to check)."""
+    if settings.storage.connection_string:
+        return
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from clients.errors import not_permitted
+    from clients.identity import app_credential, storage_credential
+
+    try:
+        storage_credential(settings.storage, app_credential(settings)).get_token("https://storage.azure.com/.default")
+    except ClientAuthenticationError as exc:  # CredentialUnavailableError included
+        raise not_permitted(f"storage {settings.storage.blob_service_uri}", 0, exc.message or str(exc)) from None
 
 
 def default_env() -> dict[str, str]:

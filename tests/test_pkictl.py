@@ -154,9 +154,22 @@ def test_no_azure_credential_is_one_line_naming_the_settings_to_check():
         assert hint in lines[0]
 
 
-def _pkictl(args, env, cwd):
+def test_with_no_credential_at_all_a_command_says_so_at_once_in_one_line(tmp_path):
+    """No `az login`, no managed identity: the storage client would retry its token failure with backoff for a
+    minute and more; pkictl asks for one token first and answers at once (the subprocess gets no identity
+    endpoint, whatever this test process has)."""
+    env = {"HOME": str(tmp_path), "AzureWebJobsStorage__blobServiceUri": "https://127.0.0.1:9",
+           "AzureWebJobsStorage__queueServiceUri": "https://127.0.0.1:9",
+           "AzureWebJobsStorage__credential": "managedidentity"}
+    done = _pkictl(["root", "show"], env, tmp_path, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()]
+    assert "no Azure credential could sign in" in done.stderr and "IDENTITY_ENDPOINT" in done.stderr
+
+
+def _pkictl(args, env, cwd, timeout: float = 120):
     return subprocess.run([sys.executable, "-m", "pkictl", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env}, timeout=120)
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env}, timeout=timeout)
 
 
 @pytest.mark.integration
