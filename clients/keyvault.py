@@ -35,7 +35,7 @@ from azure.keyvault.keys.crypto import CryptographyClient
 from azure.keyvault.secrets import SecretClient
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from handlers.errors import AlreadyExists, Rejected
+from handlers.errors import AlreadyExists, NotPermitted, Rejected
 from handlers.ports import KeyRef
 from pki.keys import KeyType, PublicKey
 from pki.signing import SignFn
@@ -154,6 +154,13 @@ class KeyVaultKeyStore:
                 else:
                     key = self._keys.create_rsa_key(name, size=key_type.rsa_bits, key_operations=_KEY_OPERATIONS,
                                                     hardware_protected=self._hsm, exportable=False)
+        except NotPermitted as exc:
+            if self._hsm and "Hardware key operation not allowed" in str(exc):
+                raise Rejected(f"key {name}: KEY_VAULT_KEY_PROTECTION=hsm needs a premium vault, and "
+                               f"{self._vault['vault']} is standard (Key Vault: \"Hardware key operation not allowed "
+                               "on standard vault\"): make the vault premium or the setting software, then send the "
+                               "message again") from None
+            raise
         except AlreadyExists:
             # Key Vault answers 409 to a create on a soft-deleted name (soft delete is on by default): no retry
             # can pass that; an operator must recover or purge the key.

@@ -8,17 +8,20 @@ already writes at each state change: one source for what happened, whether read 
 |---|---|---|
 | ``pki.certificates.issued`` | certificate | ``customer``, ``keySource`` (generated, csr), ``issuedBy`` |
 | ``pki.rejections`` | message | ``queue`` (queue, container or route), ``field`` (the field named, or message) |
+|   |   | (the first 50 fields per queue by name, later ones as ``other``: inputs choose them) |
 | ``pki.keyvault.signs`` | sign | ``vault`` (host) |
 | ``pki.keyvault.throttled`` | response | ``vault``: each 429 on a sign attempt (retried by the client) |
 | ``pki.keyvault.sign.duration`` | s | ``vault``: one sign, retries and waits included |
 | ``pki.batch.duration`` | s | ``customer``: a batch from its upload's intake to its report |
 | ``pki.batch.rate`` | device/s | ``customer``: devices of the batch per second of ``pki.batch.duration`` |
 | ``pki.renewals`` | renewal | ``customer``, ``effect`` (changed: issued, no-op: the same CSR again, rejected) |
-| ``pki.commands`` | command | ``command``, ``effect`` (changed, no-op, rejected...) |
+| ``pki.commands`` | command | ``command``, ``effect`` (changed, no-op, superseded...): commands from the queue |
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +31,12 @@ from handlers.command_message import COMMANDS
 from handlers.ports import AuditLog
 
 _meter = metrics.get_meter("iot-pki")
+log = logging.getLogger("pki")
+# A rejection's field is named by the input, which may be anything a sender chose (an unknown JSON key, an unknown
+# blob metadata key): the first few distinct fields per queue keep their names, later ones count as "other".
+MAX_FIELDS_PER_QUEUE = 50
+_fields: dict[str, set[str]] = {}
+_fields_lock = threading.Lock()
 
 CERTIFICATES_ISSUED = _meter.create_counter(
     "pki.certificates.issued", unit="{certificate}", description="certificates issued (batches and renewals)")
@@ -69,7 +78,7 @@ def observe(event: Mapping[str, Any]) -> None:
         RENEWALS.add(1, {"customer": customer, "effect": effect or ""})
         if effect == "changed":
             CERTIFICATES_ISSUED.add(1, {"customer": customer, "keySource": "csr", "issuedBy": "renewal"})
-    elif action in COMMANDS:
+    elif action in COMMANDS and event.get("messageId"):  # a command from the queue (not the sweep's own renewals)
         COMMANDS_RUN.add(1, {"command": action, "effect": effect or ""})
 
 
@@ -81,7 +90,10 @@ class MeteredAuditLog:
 
     def append(self, event: Mapping[str, Any]) -> None:
         self._inner.append(event)
-        observe(event)
+        try:
+            observe(event)
+        except Exception:  # a metric must never fail (and so redo) the work it counts
+            log.exception("metrics: could not count audit event %s", event.get("action"))
 
     def __getattr__(self, name: str) -> Any:  # query() and the like
         return getattr(self._inner, name)
@@ -90,4 +102,12 @@ class MeteredAuditLog:
 def rejected(queue: str, field: str | None) -> None:
     """An input refused and recorded (by ``edge``, or a batch by its intake): counted by where it came and the
     field it named."""
-    REJECTIONS.add(1, {"queue": queue, "field": field or "message"})
+    label = field or "message"
+    with _fields_lock:
+        seen = _fields.setdefault(queue, set())
+        if label not in seen:
+            if len(seen) >= MAX_FIELDS_PER_QUEUE:
+                label = "other"
+            else:
+                seen.add(label)
+    REJECTIONS.add(1, {"queue": queue, "field": label})

@@ -7,9 +7,11 @@ locally.
   "OpenTelemetry"`` in host.json and ``PYTHON_ENABLE_OPENTELEMETRY=true``, so the host does not log them twice).
   Locally ``PKI_TELEMETRY_EXPORT`` = ``console`` or ``file:PATH`` (JSON lines) exports metrics and logs with the
   OpenTelemetry SDK; unset, nothing is exported and the instruments are no-ops.
-- ``log_context(...)``: every log record made inside it carries ``customerId``, ``requestId``, ``messageId``,
-  ``batch`` and ``chunk`` as attributes (empty when not known). OpenTelemetry's logging handler turns a record's
-  extra attributes into log attributes, so they are queryable in Application Insights (``customDimensions``).
+- ``log_context(...)``: every log record made inside it and handled by the root logger's handlers carries
+  ``customerId``, ``requestId``, ``messageId``, ``batch`` and ``chunk`` as attributes (empty when not known; the
+  ``customerId`` of a message as the message claims it, before it is validated). OpenTelemetry's logging handler
+  turns a record's extra attributes into log attributes, so they are queryable in Application Insights
+  (``customDimensions``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import Any
 CONTEXT_FIELDS = ("customerId", "requestId", "messageId", "batch", "chunk")
 EXPORT_SETTING = "PKI_TELEMETRY_EXPORT"
 _current: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("pki_log_context", default=None)
-_installed = False
 
 
 @contextlib.contextmanager
@@ -39,23 +40,24 @@ def log_context(**fields: Any) -> Iterator[None]:
         _current.reset(token)
 
 
-def install_log_context() -> None:
-    """Give every log record made from now on the context's fields (a record factory: every logger, the SDKs'
-    included). Idempotent."""
-    global _installed
-    if _installed:
-        return
-    previous = logging.getLogRecordFactory()
+class ContextFilter(logging.Filter):
+    """Gives a record the context's fields it does not already carry (a logging call's own ``extra=`` wins)."""
 
-    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        made = previous(*args, **kwargs)
+    def filter(self, record: logging.LogRecord) -> bool:
         context = _current.get() or {}
-        for name in CONTEXT_FIELDS:  # so a logging call must not pass these as extra= (logging refuses overwrites)
-            setattr(made, name, context.get(name, ""))
-        return made
+        for name in CONTEXT_FIELDS:
+            if not hasattr(record, name):
+                setattr(record, name, context.get(name, ""))
+        return True
 
-    logging.setLogRecordFactory(record)
-    _installed = True
+
+def install_log_context(*handlers: logging.Handler) -> None:
+    """Put the context filter on every handler of the root logger (where the Functions worker's and the exporters'
+    handlers are) and on ``handlers``. A filter, not a record factory: a record factory's attributes would make
+    any logging call passing one of these names in ``extra=`` fail. Idempotent."""
+    for handler in [*logging.getLogger().handlers, *handlers]:
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.addFilter(ContextFilter())
 
 
 def peek(body: bytes | str | None) -> dict[str, str]:
@@ -82,18 +84,23 @@ def configure(env: Mapping[str, str] | None = None) -> str:
     """Set up the exporters ``env`` asks for; returns which (``azure-monitor``, ``console``, ``file:PATH`` or
     ``none``)."""
     env = os.environ if env is None else env
-    install_log_context()
-    if env.get("APPLICATIONINSIGHTS_CONNECTION_STRING"):
-        from azure.monitor.opentelemetry import configure_azure_monitor
-
-        configure_azure_monitor()  # reads the connection string; logs from the root logger, metrics, traces
-        return "azure-monitor"
     target = env.get(EXPORT_SETTING, "").strip()
-    if not target:
-        return "none"
-    if target != "console" and not target.startswith("file:"):
+    if target and target != "console" and not target.startswith("file:"):
         raise ValueError(f"{EXPORT_SETTING}: {target!r} is not console or file:PATH")
-    _local_sdk(target)
+    try:
+        if env.get("APPLICATIONINSIGHTS_CONNECTION_STRING"):
+            from azure.monitor.opentelemetry import configure_azure_monitor
+
+            configure_azure_monitor()  # reads the connection string; logs from the root logger, metrics, traces
+            target = "azure-monitor"
+        elif target:
+            _local_sdk(target)
+        else:
+            target = "none"
+    except Exception as exc:  # noqa: BLE001 - telemetry must never stop the app from loading its functions
+        logging.getLogger("pki").error("telemetry is off: %s: %s", type(exc).__name__, exc)
+        target = "none"
+    install_log_context()
     return target
 
 

@@ -54,15 +54,13 @@ def _signed_in(settings) -> None:
     it at once (``NoCredential``: one line, the settings to check)."""
     if settings.storage.connection_string:
         return
-    from azure.core.exceptions import ClientAuthenticationError
-
-    from clients.errors import not_permitted
+    from clients.errors import translated
     from clients.identity import app_credential, storage_credential
 
-    try:
+    # no credential: NoCredential (one line); an identity endpoint that does not answer (a local stack that is not
+    # running): TransientError naming it
+    with translated(f"storage {settings.storage.blob_service_uri}"):
         storage_credential(settings.storage, app_credential(settings)).get_token("https://storage.azure.com/.default")
-    except ClientAuthenticationError as exc:  # CredentialUnavailableError included
-        raise not_permitted(f"storage {settings.storage.blob_service_uri}", 0, exc.message or str(exc)) from None
 
 
 def default_env() -> dict[str, str]:

@@ -5,6 +5,7 @@ runs on the local platform: ``IDENTITY_ENDPOINT`` / ``IDENTITY_HEADER`` name the
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 
 import pytest
@@ -13,6 +14,11 @@ from azure.storage.blob import BlobServiceClient
 from clients.blob_state import BlobDocumentStore
 from devhost.azurite import Azurite
 from devhost.stack import app_settings, platform_environment
+
+# The tests export telemetry nowhere: a shell's Application Insights connection string or local exporter would make
+# importing function_app send the tests' telemetry there (and take the place of tests/test_telemetry.py's readers).
+for _setting in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "PKI_TELEMETRY_EXPORT"):
+    os.environ.pop(_setting, None)
 
 # The settings that say where storage is and who the app is (no Key Vault, DPS or hub).
 _STORAGE_AND_IDENTITY = ("AzureWebJobsStorage__", "AZURE_CLIENT_ID", "IDENTITY_", "EMULATOR_CA_PATH")

@@ -363,6 +363,22 @@ def test_a_standard_vault_refuses_hsm_keys_as_key_vault_does(keys, name):
         keys.get_key(name)
 
 
+def test_the_app_told_to_make_hsm_keys_in_a_standard_vault_says_it_is_a_configuration_error(stack, app, name):
+    """Not "your identity lacks a role" (a 403 usually means that): the setting and the vault's tier, named."""
+    from clients.keyvault import KeyVaultKeyStore
+    from handlers.errors import Rejected
+    from pki.keys import KeyType
+
+    store = KeyVaultKeyStore(stack.keyvault_url, app, connection_verify=str(stack.ca_path),
+                             verify_challenge_resource=False, hardware_protected=True)
+    try:
+        with pytest.raises(Rejected) as refused:
+            store.create_key(name[:100], KeyType.EC_P256)
+    finally:
+        store.close()
+    assert "KEY_VAULT_KEY_PROTECTION=hsm needs a premium vault" in refused.value.reason
+
+
 def test_a_premium_vault_holds_hsm_keys_and_the_app_makes_them_when_told(fresh_stack, name):
     """KEY_VAULT_KEY_PROTECTION=hsm (infra: a premium vault): the app's key store creates EC-HSM / RSA-HSM keys,
     whose JWK says so, and signs with them."""

@@ -167,6 +167,18 @@ def test_with_no_credential_at_all_a_command_says_so_at_once_in_one_line(tmp_pat
     assert "no Azure credential could sign in" in done.stderr and "IDENTITY_ENDPOINT" in done.stderr
 
 
+def test_an_identity_endpoint_that_does_not_answer_is_named_in_one_line(tmp_path):
+    """The local stack's settings with the stack stopped: the identity endpoint refuses connections."""
+    env = {"HOME": str(tmp_path), "AzureWebJobsStorage__blobServiceUri": "https://127.0.0.1:9",
+           "AzureWebJobsStorage__queueServiceUri": "https://127.0.0.1:9",
+           "AzureWebJobsStorage__credential": "managedidentity", "IDENTITY_ENDPOINT": "http://127.0.0.1:9/msi/token",
+           "IDENTITY_HEADER": "x"}
+    done = _pkictl(["root", "show"], env, tmp_path, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "storage https://127.0.0.1:9" in done.stderr and "unexpected" not in done.stderr
+
+
 def _pkictl(args, env, cwd, timeout: float = 120):
     return subprocess.run([sys.executable, "-m", "pkictl", *args], cwd=cwd, capture_output=True, text=True,
                           env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env}, timeout=timeout)

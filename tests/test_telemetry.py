@@ -16,7 +16,7 @@ from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordP
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from edge.telemetry import CONTEXT_FIELDS, configure, peek
+from edge.telemetry import CONTEXT_FIELDS, configure, install_log_context, peek
 from handlers.records import device_document
 
 from .worlds import FakeApp
@@ -56,6 +56,7 @@ def telemetry():
     logs.add_log_record_processor(SimpleLogRecordProcessor(seen.logs))
     _logs.set_logger_provider(logs)
     handler = LoggingHandler(level=logging.INFO, logger_provider=logs)
+    install_log_context(handler)  # as configure() puts the context filter on the exporters' handlers
     app_log = logging.getLogger("pki")
     level = app_log.level
     app_log.setLevel(logging.INFO)  # as the Functions worker passes the app's Information logs on
@@ -149,10 +150,27 @@ def test_key_vault_signs_their_latency_and_429s_are_counted_per_vault(telemetry,
     assert telemetry.total("pki.keyvault.throttled", vault=vault) - throttled >= 1
 
 
-def test_configure_picks_the_exporter_the_settings_ask_for():
+def test_configure_picks_the_exporter_the_settings_ask_for_and_never_stops_the_app(tmp_path, caplog):
     assert configure({}) == "none"
     with pytest.raises(ValueError, match="PKI_TELEMETRY_EXPORT"):
         configure({"PKI_TELEMETRY_EXPORT": "somewhere"})
+    # a broken connection string or an unwritable file: the app still loads its functions, and the log says why
+    assert configure({"APPLICATIONINSIGHTS_CONNECTION_STRING": "not a connection string"}) == "none"
+    assert configure({"PKI_TELEMETRY_EXPORT": f"file:{tmp_path}/no/such/dir/t.jsonl"}) == "none"
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "pki"] == ["telemetry is off"] * 2
+
+
+def test_a_logging_call_with_its_own_context_fields_in_extra_keeps_them(telemetry):
+    """The context is added by a filter, only where a record lacks the field: a caller's extra= wins, and never
+    fails (a record factory would make logging refuse to overwrite the attribute)."""
+    import logging
+
+    from edge.telemetry import log_context
+
+    with log_context(customerId="from-context", requestId="r-ctx"):
+        logging.getLogger("pki").info("explicit fields", extra={"customerId": "from-extra"})
+    record = _records(telemetry, "explicit fields")[-1]
+    assert (record.attributes["customerId"], record.attributes["requestId"]) == ("from-extra", "r-ctx")
 
 
 def test_peek_reads_the_context_fields_and_nothing_from_what_it_cannot_read():
@@ -189,12 +207,27 @@ def test_a_local_file_export_writes_metrics_and_logs_as_json_lines(tmp_path):
         "logging.getLogger('pki').setLevel(logging.INFO)\n"
         "with log_context(customerId='file-co', requestId='r-1'):\n"
         "    logging.getLogger('pki').info('hello from the app')\n"
-        "observe({'action': 'disable-customer', 'effect': 'changed', 'customer': 'file-co'})\n")
+        "observe({'action': 'disable-customer', 'effect': 'changed', 'customer': 'file-co', 'messageId': 'm1'})\n")
+    unset = ("APPLICATIONINSIGHTS_CONNECTION_STRING", "PKI_TELEMETRY_EXPORT")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1], env={**os.environ})
+                          cwd=Path(__file__).resolve().parents[1], env=env)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     log = next(item for item in lines if item.get("body") == "hello from the app")
     assert log["attributes"]["customerId"] == "file-co" and log["attributes"]["requestId"] == "r-1"
     exported = json.dumps([item for item in lines if "resource_metrics" in item])
     assert '"pki.commands"' in exported and '"disable-customer"' in exported
+
+
+def test_rejection_fields_a_sender_chooses_cannot_grow_the_metric_without_bound(telemetry):
+    """An unknown JSON key or metadata key names the rejection's field: past 50 distinct fields per queue the metric
+    counts them as "other"."""
+    from clients.metrics import MAX_FIELDS_PER_QUEUE, rejected
+
+    for i in range(MAX_FIELDS_PER_QUEUE + 10):
+        rejected("cardinality-queue", f"metadata.x{i}")
+    fields = {p.attributes["field"] for p in telemetry.points()["pki.rejections"]
+              if p.attributes["queue"] == "cardinality-queue"}
+    assert len(fields) == MAX_FIELDS_PER_QUEUE + 1 and "other" in fields
+    assert telemetry.total("pki.rejections", queue="cardinality-queue", field="other") == 10

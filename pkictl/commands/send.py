@@ -130,12 +130,12 @@ def send_batch(cli: Cli, args: argparse.Namespace) -> int:
             if terminal and line != last:
                 cli.out.write("\r" + line)
                 cli.out.flush()
+                last = line
             elif not terminal and line != last and not finished and time.monotonic() - printed_at >= 10:
                 cli.say(line)
-                printed_at = time.monotonic()
+                printed_at, last = time.monotonic(), line  # a held-back line is printed at the next chance
             elif not terminal and finished and doc.data["status"] == "rejected":
                 cli.say(line)  # (a complete batch is summed up by batch show below)
-            last = line
             if finished:
                 if terminal:
                     cli.say("")
