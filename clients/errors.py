@@ -32,7 +32,7 @@ def not_permitted(what: str, status: int, message: str, codes: tuple[str, ...] =
     """The refusal in the service's own words (Key Vault names the caller, the action and the resource)."""
     text = " ".join(str(message).split())[:600]
     if not status:  # the credential chain produced no token: the request never reached the service
-        return NoCredential(f"{what}: no token: {text}")
+        return NoCredential(what, text)
     where = " ".join([f"HTTP {status}", "/".join(c for c in codes if c)]).strip()
     return NotPermitted(f"{what}: not permitted ({where}): {text}")
 

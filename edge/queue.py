@@ -59,15 +59,15 @@ def _run_blob(blob: func.InputStream, services: Callable[[], Services], handle: 
 def run_queue_message(msg: func.QueueMessage, *, queue: str, services: Callable[[], Services],
                       handle: Callable[[bytes, Services, Delivery], str]) -> None:
     body = msg.get_body()
-    with log_context(messageId=msg.id, **peek(body)):
-        _run_queue_message(msg, body, queue, services, handle)
+    carried = peek(body)
+    with log_context(messageId=msg.id, **carried):
+        _run_queue_message(msg, body, queue, services, handle, carried.get("requestId"))
 
 
 def _run_queue_message(msg: func.QueueMessage, body: bytes, queue: str, services: Callable[[], Services],
-                       handle: Callable[[bytes, Services, Delivery], str]) -> None:
+                       handle: Callable[[bytes, Services, Delivery], str], request_id: str | None) -> None:
     # messageId, requestId, customerId...: from log_context, on every record (edge/telemetry.py)
     context = {"queue": queue, "dequeueCount": msg.dequeue_count}
-    request_id = peek(body).get("requestId")
     now = dt.datetime.now(dt.UTC)
     try:
         wired = services()

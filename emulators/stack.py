@@ -171,7 +171,8 @@ class EmulatorStack:
         registrations and 1,000 service operations per minute per instance (learn.microsoft.com/azure/iot-dps/
         about-iot-dps#quotas-and-limits), IoT Hub S1 100 registry operations per minute per unit (iot-hub-devguide-
         quotas-throttling), Key Vault 4,000 EC signs per 10 s per vault (key-vault/general/service-limits)."""
-        # a premium vault holds HSM keys, which Key Vault allows half the signs (2,000 per 10 s): the stricter reading
+        # a premium vault holds HSM keys, which Key Vault allows half the signs (2,000 per 10 s for EC and RSA-2048,
+        # key-vault/general/service-limits): the stricter reading for the whole vault
         vault_rate = 400.0 if self.keyvault.sku == "standard" else 200.0
         for name, rate in ({"keyvault": vault_rate, "rootvault": vault_rate, "iothub": 100 / 60,
                             "dps-device": 1000 / 60} |

@@ -70,10 +70,10 @@ class _Run:
                            "finish its onboarding first", field="customerId")
         return doc
 
-    def desire(self, name: str, read, wanted: str, changes, current=None) -> tuple[Any, str | None]:
-        """Record the desired state (the record's ``self.field``; ``current`` reads it where the record may not
-        hold it yet); returns the record and None, or the record and the no-op reason."""
-        current = current or (lambda data: data.get(self.field))
+    def desire(self, name: str, read, wanted: str, changes) -> tuple[Any, str | None]:
+        """Record the desired state (the record's ``self.field``); returns the record and None, or the record and
+        the no-op reason. A record without the field has no state recorded yet (a customer's allocation that
+        follows the app's setting): the command records it."""
         waited = 0.0
         for _ in range(_ATTEMPTS + int(SAME_COMMAND_WAIT_S / 0.5)):
             doc = read()
@@ -88,7 +88,7 @@ class _Run:
                 return doc, None  # that run is gone: finish its work
             if enqueued_before(self.order, last.get("order", "")):
                 return doc, f"superseded by the later {last.get('command')} ({last.get('id')})"
-            if current(doc.data) == wanted and last.get("applied", True):
+            if doc.data.get(self.field) == wanted and last.get("applied", True):
                 if last.get("order", "") < self.order:  # remember it: an older, opposite command is superseded
                     data = {**doc.data, self.slot: {**self.last(), "applied": True}}
                     try:
@@ -300,9 +300,7 @@ def _allocation_command(run: _Run) -> str:
     # before: as the group in DPS has it (a record without a choice follows the setting, which groups take only when
     # the service next rewrites them)
     before = "custom" if group is not None and group.data.get("allocationPolicy") == "custom" else "direct"
-    # only the record's own choice counts as done: the command makes the group follow it
-    doc, noop = run.desire(customer_document(command.customer_id), run.customer, wanted, lambda data: data,
-                           current=lambda data: data.get("allocation"))
+    doc, noop = run.desire(customer_document(command.customer_id), run.customer, wanted, lambda data: data)
     if noop:
         run.audit("no-op", before, wanted, why=noop)
         return f"customer {command.customer_id}: {noop} (no-op)"

@@ -55,11 +55,10 @@ def issue_intermediate(record: dict, public_key, *, store: DocumentStore, keys: 
 WEBHOOK_API_VERSION = "2021-10-01"
 
 
-def allocation_of(record: dict, webhook_url: str | None) -> str:
-    """How the customer's group allocates: ``custom`` (through the app's webhook) or ``direct`` (DPS applies the
-    recorded policy). The record's ``allocation`` (set by ``enable``/``disable-custom-allocation``) decides; a
-    record without one follows the app: custom when ``DPS_ALLOCATION_WEBHOOK_URL`` is set."""
-    return record.get("allocation") or ("custom" if webhook_url else "direct")
+def wants_webhook(record: dict) -> bool:
+    """Whether the customer's group should allocate through the app's webhook when the app has one: unless the
+    record says ``direct`` (``disable-custom-allocation``); a record without a choice follows the app."""
+    return record.get("allocation") != "direct"
 
 
 def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = None,
@@ -84,7 +83,7 @@ def group_body(record: dict, instance: DpsInstance, now: dt.datetime | None = No
     }
     if parameters.get("initialTwin"):
         body["initialTwin"] = parameters["initialTwin"]
-    if webhook_url and allocation_of(record, webhook_url) == "custom":
+    if webhook_url and wants_webhook(record):
         body["allocationPolicy"] = "custom"
         body["customAllocationDefinition"] = {"webhookUrl": webhook_url, "apiVersion": WEBHOOK_API_VERSION}
     return body
@@ -101,7 +100,7 @@ def sync_group(ports: Ports, customer: dict, now: dt.datetime) -> None:
         if group is None:
             raise Rejected(f"enrollment group {customer['customerId']} is missing on {dps}: it was deleted by hand")
         if (group.data.get("allocationPolicy") == "custom" and wanted["allocationPolicy"] != "custom"
-                and customer.get("allocation") != "direct"):
+                and wants_webhook(customer)):
             # DPS shows the webhook's key masked, so a group switched away from it cannot be switched back without
             # the setting: refuse rather than let a run without it (a person's sweep, say) drop the webhook (unless
             # the record asks for direct allocation: disable-custom-allocation)

@@ -51,4 +51,9 @@ class NotPermitted(TransientError):
 
 class NoCredential(NotPermitted):
     """No token at all: no credential in the chain could sign in (no managed identity here, no `az login`...).
-    The service treats it as any refusal of its identity; the CLI names the settings to check."""
+    The service treats it as any refusal of its identity; the CLI names the settings to check. ``what``: the
+    resource the token was for."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: no token: {reason}")
+        self.what = what

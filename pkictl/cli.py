@@ -78,8 +78,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         print(f"error: {exc}", file=err)
         return PROBLEM
     except NoCredential as exc:
-        where = str(exc).split(": no token", 1)[0]
-        print(f"error: {where}: no Azure credential could sign in. People: run `az login`. The app's identity: "
+        print(f"error: {exc.what}: no Azure credential could sign in. People: run `az login`. The app's identity: "
               "check AZURE_CLIENT_ID and AzureWebJobsStorage__clientId (its client id) and IDENTITY_ENDPOINT (set on "
               "Azure; `pkictl local up` writes the local one to local.settings.json)", file=err)
         return PROBLEM

@@ -331,3 +331,18 @@ def test_shell_completion_through_argcomplete(tmp_path, line, expected):
                                "_ARGCOMPLETE_STDOUT_FILENAME": str(answer)})
     assert done.returncode == 0, done.stderr
     assert answer.read_text().split() == [expected]
+
+
+def test_device_renew_writes_a_returned_certificate_only_if_the_chain_doctor_and_the_new_key_agree():
+    """`pkictl device renew` checks what the webhook returned with the chain doctor (pki/doctor.py: CN, profile,
+    validity, the chain up to its self-signed root) and that it is for the key it just made."""
+    from pkictl.commands.devices import _renewal_problem
+
+    good = make_chain(device_id="renew-9", now=dt.datetime.now(dt.UTC))
+    other = make_chain(device_id="renew-9", now=dt.datetime.now(dt.UTC))
+    chain = [good.intermediate, good.root]
+    assert _renewal_problem(good.device, chain, good.device_key, "renew-9") is None
+    assert _renewal_problem(good.device, chain, other.device_key, "renew-9") == "it is not for the new key"
+    assert _renewal_problem(good.device, chain, good.device_key, "renew-10")  # another CN
+    assert _renewal_problem(good.device, [other.intermediate, other.root], good.device_key, "renew-9")  # not its chain
+    assert _renewal_problem(good.device, [good.intermediate], good.device_key, "renew-9")  # no root
